@@ -1,0 +1,3 @@
+from drivers.echo import main
+
+main()

@@ -1,0 +1,331 @@
+"""Driver supervision and routing, after MINIX's reincarnation server and Majordomo.
+
+Each driver is an OS process the kernel starts (`python -m drivers.<name>`) and
+watches. A driver instance has an epoch and a routing id `<name>.<epoch>`; replies
+from any other id (an older instance) are dropped and counted. A driver that exits
+or misses `driver_liveness` heartbeats is killed and restarted after an
+exponential backoff; its calls in flight are retried once when the syscall is
+idempotent and answered EIO otherwise. Calls for a driver that is not ready wait in
+its backlog for up to `driver_wait_s`, then get EIO.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import secrets
+import signal
+import subprocess
+import sys
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import zmq
+
+from syscalls import Errno, Syscall, SyscallError, WireError, decode, encode
+
+if TYPE_CHECKING:
+    from ._kernel import Kernel
+    from ._proctable import Process
+
+log = logging.getLogger("llmos.supervisor")
+
+BACKOFF_FIRST_S = 0.1
+BACKOFF_MAX_S = 5.0
+STABLE_S = 10.0       # a driver up this long has its backoff reset
+READY_TIMEOUT_S = 15.0
+
+
+@dataclass
+class Call:
+    """A syscall routed to a driver and not yet finally answered."""
+    call: Syscall
+    pid: int
+    uid: int
+    args: dict
+    bulk: list
+    conn: bytes
+    seq: int
+    t0: float
+    queued_at: float = 0.0
+    retried: bool = False
+
+
+@dataclass
+class Driver:
+    name: str
+    epoch: int = 0
+    state: str = "down"               # down | starting | ready
+    popen: subprocess.Popen | None = None
+    ident: bytes = b""
+    token: str = ""
+    started_at: float = 0.0
+    last_seen: float = 0.0
+    restarts: int = 0
+    backoff: float = BACKOFF_FIRST_S
+    restart_at: float = 0.0
+    inflight: dict[int, Call] = field(default_factory=dict)
+    backlog: deque[Call] = field(default_factory=deque)
+    last_exit: str = ""
+
+
+class Supervisor:
+    def __init__(self, kernel: "Kernel", sock: zmq.Socket) -> None:
+        self.kernel = kernel
+        self.sock = sock
+        cfg = kernel.config
+        self.hb_s: float = cfg["driver_heartbeat_s"]
+        self.dead_after_s: float = cfg["driver_heartbeat_s"] * cfg["driver_liveness"]
+        self.wait_s: float = cfg["driver_wait_s"]
+        self.drivers: dict[str, Driver] = {name: Driver(name) for name in cfg["drivers"]}
+        self.by_ident: dict[bytes, Driver] = {}
+        self.next_id = 1
+        self.next_hb = 0.0
+
+    # -- starting and stopping ------------------------------------------------------
+
+    def start_all(self) -> None:
+        for d in self.drivers.values():
+            self._start(d)
+
+    def _start(self, d: Driver) -> None:
+        d.epoch += 1
+        d.ident = f"{d.name}.{d.epoch}".encode()
+        d.token = secrets.token_hex(16)
+        env = dict(os.environ)
+        env.update(LLMOS_HOME=str(self.kernel.home.root), LLMOS_DRIVER_ID=d.ident.decode(),
+                   LLMOS_DRIVER_TOKEN=d.token, LLMOS_KERNEL_PID=str(os.getpid()),
+                   PYTHONPATH=os.pathsep.join(filter(None, [_project_root(),
+                                                            env.get("PYTHONPATH")])))
+        logdir = self.kernel.home.log / "drivers"
+        logdir.mkdir(parents=True, exist_ok=True)
+        with open(logdir / f"{d.name}.log", "ab") as out:
+            d.popen = subprocess.Popen([sys.executable, "-m", f"drivers.{d.name}"], env=env,
+                                       stdin=subprocess.DEVNULL, stdout=out,
+                                       stderr=subprocess.STDOUT)
+        self.by_ident[d.ident] = d
+        d.state = "starting"
+        d.started_at = d.last_seen = time.monotonic()
+        log.info("driver %s epoch %d started (os pid %d)", d.name, d.epoch, d.popen.pid)
+
+    def _died(self, d: Driver, why: str) -> None:
+        """Declare the current instance dead: kill it, settle its calls, plan a restart."""
+        log.warning("driver %s epoch %d is dead: %s", d.name, d.epoch, why)
+        d.last_exit = why
+        if d.popen is not None and d.popen.poll() is None:
+            d.popen.kill()
+            d.popen.wait()
+        self.by_ident.pop(d.ident, None)
+        d.state = "down"
+        now = time.monotonic()
+        if now - d.started_at > STABLE_S:
+            d.backoff = BACKOFF_FIRST_S
+        d.restart_at = now + d.backoff
+        d.backoff = min(BACKOFF_MAX_S, d.backoff * 2)
+        d.restarts += 1
+        for call in d.inflight.values():
+            if call.call.idempotent and not call.retried:
+                call.retried = True
+                call.queued_at = now
+                d.backlog.appendleft(call)
+            else:
+                self._fail(call, Errno.EIO, f"driver {d.name} died while serving "
+                           f"{call.call.name} ({why})")
+        d.inflight.clear()
+
+    def stop_all(self) -> None:
+        for d in self.drivers.values():
+            if d.state != "down":
+                self._send(d, {"t": "stop"})
+            for call in [*d.inflight.values(), *d.backlog]:
+                self._fail(call, Errno.EIO, "llmos is shutting down")
+            d.inflight.clear()
+            d.backlog.clear()
+        deadline = time.monotonic() + 3.0
+        for d in self.drivers.values():
+            if d.popen is None:
+                continue
+            try:
+                d.popen.wait(max(0.0, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                d.popen.send_signal(signal.SIGTERM)
+                try:
+                    d.popen.wait(1.0)
+                except subprocess.TimeoutExpired:
+                    d.popen.kill()
+                    d.popen.wait()
+
+    # -- routing --------------------------------------------------------------------
+
+    def route(self, call: Syscall, proc: "Process", args: dict, bulk: list, conn: bytes,
+              seq: int, t0: float) -> None:
+        d = self.drivers.get(call.service)
+        if d is None:
+            raise SyscallError(Errno.ENOSYS, f"{call.name}: no {call.service} driver "
+                               "is configured")
+        inflight = self.kernel.inflight.get(proc.pid, 0)
+        if inflight >= self.kernel.config["max_inflight_per_process"]:
+            raise SyscallError(Errno.EAGAIN, f"{call.name}: process {proc.pid} has "
+                               f"{inflight} calls in flight; wait for some replies")
+        self.kernel.inflight[proc.pid] = inflight + 1
+        c = Call(call, proc.pid, proc.uid, args, bulk, conn, seq, t0, time.monotonic())
+        if d.state == "ready":
+            self._dispatch(d, c)
+        else:
+            d.backlog.append(c)
+
+    def _dispatch(self, d: Driver, c: Call) -> None:
+        rid = self.next_id
+        self.next_id += 1
+        d.inflight[rid] = c
+        head = {"t": "req", "i": rid, "n": c.call.number, "a": c.args,
+                "c": {"pid": c.pid, "uid": c.uid}}
+        if not self._send(d, head, c.bulk):
+            del d.inflight[rid]
+            self._fail(c, Errno.EIO, f"driver {d.name} cannot take requests")
+
+    def _send(self, d: Driver, head: dict, bulk: list = ()) -> bool:
+        try:
+            self.sock.send_multipart([d.ident, *encode(head, bulk)], zmq.NOBLOCK)
+            return True
+        except zmq.Again:
+            self.kernel.stats.drop("driver_queue_full")
+        except zmq.ZMQError as e:
+            if e.errno != zmq.EHOSTUNREACH:
+                raise
+            self.kernel.stats.drop("driver_unroutable")
+        return False
+
+    def _fail(self, c: Call, errno: Errno, message: str) -> None:
+        self._settle(c)
+        self.kernel.finish(c.call, c.conn, c.seq, c.t0, error=SyscallError(errno, message))
+
+    def _settle(self, c: Call) -> None:
+        n = self.kernel.inflight.get(c.pid, 0)
+        if n > 1:
+            self.kernel.inflight[c.pid] = n - 1
+        else:
+            self.kernel.inflight.pop(c.pid, None)
+
+    # -- messages from drivers --------------------------------------------------------
+
+    def on_message(self, frames: list[bytes]) -> None:
+        ident = frames[0]
+        try:
+            head = decode(frames[1:], refs=True)
+        except WireError:
+            self.kernel.stats.drop("driver_malformed")
+            return
+        kind = head.get("t")
+        d = self.by_ident.get(ident)
+        if d is None:
+            self.kernel.stats.drop("stale_driver")
+            return
+        d.last_seen = time.monotonic()
+        if kind == "rep":
+            self._on_reply(d, head, frames[2:])
+        elif kind == "ready":
+            self._on_ready(d, head)
+        elif kind != "hb":
+            self.kernel.stats.drop("driver_malformed")
+
+    def _on_ready(self, d: Driver, head: dict) -> None:
+        if head.get("token") != d.token or d.state != "starting":
+            self.kernel.stats.drop("driver_bad_ready")
+            return
+        d.state = "ready"
+        log.info("driver %s epoch %d is ready", d.name, d.epoch)
+        live = [p.pid for p in self.kernel.table.live()]
+        self._send(d, {"t": "welcome", "live": live})
+        while d.backlog:
+            self._dispatch(d, d.backlog.popleft())
+
+    def _on_reply(self, d: Driver, head: dict, bulk: list) -> None:
+        rid = head.get("i")
+        c = d.inflight.get(rid) if type(rid) is int else None
+        if c is None:
+            self.kernel.stats.drop("driver_unknown_reply")
+            return
+        final = not head.get("p")
+        if final:
+            del d.inflight[rid]
+            self._settle(c)
+        proc = self.kernel.table.get(c.pid)
+        if proc is None or proc.state != "running" or proc.conn != c.conn:
+            self.kernel.stats.drop("reply_to_gone_process")
+            return
+        self._account(proc, head.get("res"))
+        if "e" in head:
+            errno = head["e"] if type(head["e"]) is int else int(Errno.EIO)
+            msg = head.get("m") if type(head.get("m")) is str else ""
+            self.kernel.finish(c.call, c.conn, c.seq, c.t0, error=SyscallError(errno, msg))
+        elif final:
+            self.kernel.finish(c.call, c.conn, c.seq, c.t0, head.get("r"), bulk=bulk)
+        else:
+            self.kernel.reply(c.conn, c.seq, head.get("r"), bulk, partial=True)
+
+    @staticmethod
+    def _account(proc: "Process", changes: Any) -> None:
+        """Apply a driver's resource changes, [[op, kind, id], ...] with op + or -."""
+        if type(changes) is not list:
+            return
+        for ch in changes:
+            if type(ch) is list and len(ch) == 3 and all(type(x) is str for x in ch):
+                op, kind, rid = ch
+                held = proc.resources.setdefault(kind, set())
+                if op == "+":
+                    held.add(rid)
+                elif op == "-":
+                    held.discard(rid)
+
+    def notify_exit(self, pid: int) -> None:
+        """Tell every ready driver that a process ended, so it reclaims what it held."""
+        for d in self.drivers.values():
+            if d.state == "ready":
+                self._send(d, {"t": "exit", "pid": pid})
+            for c in [c for c in d.backlog if c.pid == pid]:
+                d.backlog.remove(c)
+                self._settle(c)
+
+    # -- periodic work ----------------------------------------------------------------
+
+    def tick(self, now: float) -> None:
+        send_hb = now >= self.next_hb
+        if send_hb:
+            self.next_hb = now + self.hb_s
+        for d in self.drivers.values():
+            if d.state == "down":
+                if now >= d.restart_at and self.kernel.running:
+                    self._start(d)
+                else:
+                    self._expire_backlog(d, now)
+                continue
+            rc = d.popen.poll() if d.popen is not None else None
+            if rc is not None:
+                self._died(d, f"exited with status {rc}")
+            elif d.state == "starting" and now - d.started_at > READY_TIMEOUT_S:
+                self._died(d, "never became ready")
+            elif d.state == "ready" and now - d.last_seen > self.dead_after_s:
+                self._died(d, "missed its heartbeats")
+            elif send_hb and d.state == "ready":
+                self._send(d, {"t": "hb"})
+            self._expire_backlog(d, now)
+
+    def _expire_backlog(self, d: Driver, now: float) -> None:
+        while d.backlog and now - d.backlog[0].queued_at > self.wait_s:
+            self._fail(d.backlog.popleft(), Errno.EIO,
+                       f"driver {d.name} is not available ({d.last_exit or 'starting'})")
+
+    def describe(self) -> list[dict]:
+        now = time.monotonic()
+        return [{"name": d.name, "state": d.state, "epoch": d.epoch,
+                 "os_pid": d.popen.pid if d.popen is not None and d.state != "down" else None,
+                 "restarts": d.restarts, "uptime_s": round(now - d.started_at, 3)
+                 if d.state == "ready" else None, "inflight": len(d.inflight),
+                 "backlog": len(d.backlog), "last_exit": d.last_exit}
+                for d in self.drivers.values()]
+
+
+def _project_root() -> str:
+    return os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

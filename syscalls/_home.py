@@ -1,0 +1,99 @@
+"""LLMOS_HOME: where one llmos instance keeps its state on disk.
+
+    config.toml         optional settings (see DEFAULTS)
+    run/                kernel.sock, drivers.sock, kernel.pid, kernel.lock, secret
+    log/                kernel.log, drivers/<name>.log, proc/<pid>.log
+
+Shared by the kernel, drivers and userland so they agree on every path.
+"""
+from __future__ import annotations
+
+import os
+import tomllib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+DEFAULTS: dict[str, Any] = {
+    "default_uid": 1000,           # uid of a process attaching from the host
+    "drivers": ["echo"],           # driver packages the kernel starts
+    "driver_heartbeat_s": 1.0,     # kernel <-> driver heartbeat period
+    "driver_liveness": 3,          # missed heartbeats before a driver is dead
+    "client_heartbeat_s": 0.5,     # userland heartbeat period
+    "client_liveness": 3,          # missed heartbeats before a process is lost
+    "driver_wait_s": 10.0,         # how long a request waits for a restarting driver
+    "max_inflight_per_process": 256,
+    "max_processes": 4096,
+}
+
+# ipc:// paths live in sun_path, 108 bytes on Linux.
+_MAX_SOCKET_PATH = 100
+
+
+def default_home() -> Path:
+    return Path(os.environ.get("LLMOS_HOME") or Path.home() / ".llmos")
+
+
+@dataclass(frozen=True)
+class Home:
+    root: Path
+
+    @classmethod
+    def resolve(cls, root: str | os.PathLike | None = None) -> "Home":
+        return cls(Path(root).expanduser().absolute() if root else default_home().absolute())
+
+    @property
+    def run(self) -> Path:
+        return self.root / "run"
+
+    @property
+    def log(self) -> Path:
+        return self.root / "log"
+
+    def socket(self, name: str) -> str:
+        path = self.run / f"{name}.sock"
+        if len(str(path)) > _MAX_SOCKET_PATH:
+            raise ValueError(f"LLMOS_HOME {self.root} is too deep: the socket path "
+                             f"{path} is over {_MAX_SOCKET_PATH} characters")
+        return f"ipc://{path}"
+
+    @property
+    def kernel_endpoint(self) -> str:
+        return self.socket("kernel")
+
+    @property
+    def driver_endpoint(self) -> str:
+        return self.socket("drivers")
+
+    @property
+    def pidfile(self) -> Path:
+        return self.run / "kernel.pid"
+
+    @property
+    def lockfile(self) -> Path:
+        return self.run / "kernel.lock"
+
+    @property
+    def secretfile(self) -> Path:
+        return self.run / "secret"
+
+    def config(self) -> dict[str, Any]:
+        cfg = dict(DEFAULTS)
+        path = self.root / "config.toml"
+        if path.exists():
+            with open(path, "rb") as f:
+                user = tomllib.load(f)
+            unknown = set(user) - set(DEFAULTS)
+            if unknown:
+                raise ValueError(f"{path}: unknown settings {sorted(unknown)}")
+            cfg.update(user)
+        return cfg
+
+    def kernel_pid(self) -> int | None:
+        """The pid in run/kernel.pid if that process is alive, else None."""
+        try:
+            pid = int(self.pidfile.read_text().strip())
+            os.kill(pid, 0)
+        except (OSError, ValueError):
+            return None
+        return pid

@@ -1,0 +1,101 @@
+"""Argument checking at the boundary: a request's args against its table entry.
+
+check_args never trusts its input: any shape of value may arrive from a socket.
+It returns a new dict with defaults filled in, or raises SyscallError(EINVAL).
+"""
+from __future__ import annotations
+
+from typing import Any
+
+from ._errno import Errno, SyscallError
+from ._table import Arg, Syscall
+
+
+class FrameRef:
+    """A bytes argument carried in a raw frame; the kernel forwards the frame
+    without reading it. `size` is the frame's length."""
+
+    __slots__ = ("index", "size")
+
+    def __init__(self, index: int, size: int) -> None:
+        self.index = index
+        self.size = size
+
+
+def _fail(call: Syscall, arg: Arg, why: str) -> SyscallError:
+    return SyscallError(Errno.EINVAL, f"{call.name}: argument {arg.name!r} {why}")
+
+
+def _check_one(call: Syscall, arg: Arg, value: Any) -> Any:
+    if value is None:
+        if arg.nullable:
+            return None
+        raise _fail(call, arg, "must not be None")
+    t = arg.type
+    if t == "int":
+        if type(value) is not int:
+            raise _fail(call, arg, f"must be an int, not {type(value).__name__}")
+    elif t == "float":
+        if type(value) not in (int, float) or value != value:
+            raise _fail(call, arg, f"must be a number, not {type(value).__name__}")
+        value = float(value)
+    elif t == "bool":
+        if type(value) is not bool:
+            raise _fail(call, arg, f"must be a bool, not {type(value).__name__}")
+    elif t == "str":
+        if type(value) is not str:
+            raise _fail(call, arg, f"must be a str, not {type(value).__name__}")
+        if "\x00" in value:
+            raise _fail(call, arg, "must not contain NUL")
+    elif t == "bytes":
+        if isinstance(value, FrameRef):
+            size = value.size
+        elif isinstance(value, (bytes, bytearray, memoryview)):
+            size = len(value)
+        else:
+            raise _fail(call, arg, f"must be bytes, not {type(value).__name__}")
+        if arg.max_len is not None and size > arg.max_len:
+            raise SyscallError(Errno.E2BIG, f"{call.name}: argument {arg.name!r} is "
+                               f"{size} bytes, over the limit of {arg.max_len}")
+        return value
+    elif t == "list[str]":
+        if type(value) is not list or any(type(v) is not str or "\x00" in v for v in value):
+            raise _fail(call, arg, "must be a list of str without NUL")
+        if any(len(v) > 65536 for v in value):
+            raise _fail(call, arg, "has an item over 65536 characters")
+    elif t == "dict[str,str]":
+        if type(value) is not dict or any(
+                type(k) is not str or type(v) is not str or "\x00" in k + v
+                for k, v in value.items()):
+            raise _fail(call, arg, "must be a dict of str to str without NUL")
+    else:  # pragma: no cover - a table error, caught by tests/test_table.py
+        raise SyscallError(Errno.EIO, f"{call.name}: unknown type {t!r} in the table")
+    if arg.lo is not None and value < arg.lo:
+        raise _fail(call, arg, f"must be >= {arg.lo:g}, got {value}")
+    if arg.hi is not None and value > arg.hi:
+        raise _fail(call, arg, f"must be <= {arg.hi:g}, got {value}")
+    if arg.max_len is not None and len(value) > arg.max_len:
+        raise _fail(call, arg, f"is too long ({len(value)} > {arg.max_len})")
+    if arg.choices is not None and value not in arg.choices:
+        raise _fail(call, arg, f"must be one of {', '.join(arg.choices)}, got {value!r}")
+    return value
+
+
+def check_args(call: Syscall, args: Any) -> dict[str, Any]:
+    """Return args checked against call's schema, with defaults filled in."""
+    if type(args) is not dict:
+        raise SyscallError(Errno.EINVAL, f"{call.name}: arguments must be a map, "
+                           f"not {type(args).__name__}")
+    for name in args:
+        if name not in call.by_name:
+            raise SyscallError(Errno.EINVAL, f"{call.name}: unknown argument {name!r}")
+    out: dict[str, Any] = {}
+    for arg in call.args:
+        if arg.name in args:
+            out[arg.name] = _check_one(call, arg, args[arg.name])
+        elif arg.required:
+            raise SyscallError(Errno.EINVAL, f"{call.name}: missing argument {arg.name!r}")
+        else:
+            d = arg.default
+            out[arg.name] = list(d) if isinstance(d, list) else d
+    return out

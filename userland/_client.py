@@ -1,0 +1,219 @@
+"""The userland library's core: one connection to the kernel, bound to one process.
+
+connect() attaches this Python process to llmos: with the spawn token the kernel
+gave it (LLMOS_SPAWN_TOKEN, when the kernel started it) or with the home's secret
+(run/secret, mode 0600, when it attaches from the host). From then on every
+request on the connection is made as that process; the kernel, not the client,
+says which pid and uid it is.
+
+A second connection in a daemon thread sends heartbeats, so the kernel notices a
+process that froze or died within a few heartbeat periods. A reply is awaited in
+one-second slices; between them the library checks the kernel is alive, so a dead
+kernel gives EIO, never a hang.
+"""
+from __future__ import annotations
+
+import itertools
+import os
+import socket
+import sys
+import threading
+from typing import Any, Iterator
+
+import zmq
+
+from syscalls import (ABI_VERSION, BY_NAME, MAX_HEADER, Errno, Home, SyscallError, decode,
+                      encode)
+
+from ._syscalls import SyscallMethods
+
+_POLL_MS = 1000
+
+
+class Llmos(SyscallMethods):
+    """A handle on llmos, with one method per syscall (see docs/syscalls.md).
+
+    Use it as a context manager: leaving the block ends the process (status 0, or 1
+    if the block raised) when it attached from the host; a process the kernel
+    spawned ends when its OS process does.
+    """
+
+    def __init__(self, home: str | os.PathLike | None = None, uid: int | None = None,
+                 heartbeat: bool = True) -> None:
+        self.home = Home.resolve(home)
+        self.ctx = zmq.Context.instance()
+        self._seq = itertools.count(1)
+        self._sock = self._socket()
+        self._closed = False
+        self._hb_stop = threading.Event()
+        self._hb_thread: threading.Thread | None = None
+        token = os.environ.get("LLMOS_SPAWN_TOKEN")
+        if token and Home.resolve(os.environ.get("LLMOS_HOME")) == self.home and uid is None:
+            os.environ.pop("LLMOS_SPAWN_TOKEN")  # single use: not for our own children
+            cred: dict[str, Any] = {"token": token}
+        else:
+            cred = {"secret": self._read_secret(), "uid": uid}
+        self.kernel_pid = self.home.kernel_pid()
+        self.spawned = "token" in cred
+        try:
+            info = self._call(BY_NAME["attach"].number, {
+                "os_pid": os.getpid(), "argv": [sys.executable, *sys.argv][:64],
+                "host": socket.gethostname(), **cred})
+        except BaseException:
+            self._sock.close(0)
+            raise
+        self.pid: int = info["pid"]
+        self.uid: int = info["uid"]
+        self.kernel_pid = info["kernel_pid"]
+        if heartbeat:
+            self._hb_thread = threading.Thread(target=self._heartbeat, daemon=True,
+                                               args=(info["hb_token"], info["heartbeat_s"]),
+                                               name="llmos-heartbeat")
+            self._hb_thread.start()
+
+    def _socket(self) -> zmq.Socket:
+        sock = self.ctx.socket(zmq.DEALER)
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.setsockopt(zmq.RCVTIMEO, _POLL_MS)
+        sock.connect(self.home.kernel_endpoint)
+        return sock
+
+    def _read_secret(self) -> str:
+        try:
+            return self.home.secretfile.read_text().strip()
+        except FileNotFoundError:
+            raise SyscallError(Errno.ENOENT, f"llmos is not running on {self.home.root} "
+                               "(start it with: llmos start)") from None
+        except PermissionError:
+            raise SyscallError(Errno.EACCES, f"cannot read {self.home.secretfile}") from None
+
+    def _heartbeat(self, token: str, period: float) -> None:
+        sock = self._socket()
+        try:
+            msg = encode({"t": "hb", "k": token})
+            while True:
+                sock.send_multipart(msg, zmq.NOBLOCK)
+                if self._hb_stop.wait(period):
+                    break
+        except zmq.ZMQError:
+            pass
+        finally:
+            sock.close(0)
+
+    # -- calls -------------------------------------------------------------------
+
+    def _send(self, number: int, args: dict) -> int:
+        if self._closed:
+            raise SyscallError(Errno.EBADF, "this llmos handle is closed")
+        seq = next(self._seq)
+        frames = encode({"v": ABI_VERSION, "s": seq, "n": number, "a": args})
+        if len(frames[0]) > MAX_HEADER:
+            raise SyscallError(Errno.E2BIG, f"request header of {len(frames[0])} bytes "
+                               f"is over {MAX_HEADER}")
+        self._sock.send_multipart(frames, copy=len(frames) == 1)
+        return seq
+
+    def _recv(self, seq: int) -> dict:
+        while True:
+            try:
+                frames = self._sock.recv_multipart()
+            except zmq.Again:
+                if self.kernel_pid is not None and not _alive(self.kernel_pid):
+                    raise SyscallError(Errno.EIO, "the llmos kernel is gone") from None
+                continue
+            head = decode(frames)
+            if head.get("s") == seq:
+                return head
+            # else: the answer to a call abandoned earlier (e.g. by Ctrl-C); skip it
+
+    def _call(self, number: int, args: dict) -> Any:
+        seq = self._send(number, args)
+        while True:
+            head = self._recv(seq)
+            if "e" in head:
+                raise SyscallError(head["e"], head.get("m", ""))
+            if not head.get("p"):
+                return head.get("r")
+
+    def _stream(self, number: int, args: dict) -> Iterator[Any]:
+        seq = self._send(number, args)
+        while True:
+            head = self._recv(seq)
+            if "e" in head:
+                raise SyscallError(head["e"], head.get("m", ""))
+            yield head.get("r")
+            if not head.get("p"):
+                return
+
+    def call(self, name: str, **args: Any) -> Any:
+        """Make syscall `name` with keyword arguments; the methods wrap this."""
+        try:
+            number = BY_NAME[name].number
+        except KeyError:
+            raise SyscallError(Errno.ENOSYS, f"no syscall named {name!r}") from None
+        return self._call(number, args)
+
+    # -- calls the library adds to -------------------------------------------------
+
+    def spawn(self, argv: list[str], uid: int | None = None, cwd: str | None = None,
+              env: dict[str, str] | None = None) -> int:
+        """Start argv as a child process; cwd defaults to this process's."""
+        return super().spawn(list(argv), uid, cwd if cwd is not None else os.getcwd(), env)
+
+    def exit(self, status: int = 0) -> None:  # type: ignore[override]
+        """End this process with status, as exit(3) does: raises SystemExit."""
+        super().exit(status)
+        self._close()
+        raise SystemExit(status)
+
+    # -- lifetime ------------------------------------------------------------------
+
+    def close(self, status: int = 0) -> None:
+        """Detach. A host-attached process ends with status; a spawned one ends
+        when its OS process does."""
+        if self._closed:
+            return
+        if not self.spawned:
+            try:
+                super().exit(status)
+            except SyscallError:
+                pass
+        self._close()
+
+    def _close(self) -> None:
+        self._closed = True
+        self._hb_stop.set()
+        if self._hb_thread is not None:
+            self._hb_thread.join(2.0)
+        self._sock.close(0)
+
+    def __enter__(self) -> "Llmos":
+        return self
+
+    def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
+        self.close(1 if exc_type is not None and exc_type is not SystemExit else 0)
+
+    def __repr__(self) -> str:
+        return f"<llmos pid {getattr(self, 'pid', '?')} uid {getattr(self, 'uid', '?')} " \
+               f"on {self.home.root}>"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+        return True
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+
+
+def connect(home: str | os.PathLike | None = None, uid: int | None = None,
+            heartbeat: bool = True) -> Llmos:
+    """Attach this Python process to llmos and return its handle.
+
+    home defaults to $LLMOS_HOME, then ~/.llmos. uid (with the home's secret, which
+    is an administrator's credential) attaches as that uid instead of the
+    configured default_uid.
+    """
+    return Llmos(home, uid, heartbeat)
