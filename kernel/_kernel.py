@@ -14,6 +14,7 @@ from __future__ import annotations
 import hmac
 import logging
 import os
+import reprlib
 import secrets
 import signal
 import socket
@@ -182,14 +183,14 @@ class Kernel:
             return
         number = head.get("n")
         call = BY_NUMBER.get(number) if type(number) is int else None
-        if head.get("v") != ABI_VERSION:
+        if type(head.get("v")) is not int or head["v"] != ABI_VERSION:  # not True, not 1.0
             self.reply_error(conn, seq, Errno.EPROTO,
-                             f"ABI version mismatch: client speaks {head.get('v')!r}, "
+                             f"ABI version mismatch: client speaks {_quote(head.get('v'))}, "
                              f"kernel speaks {ABI_VERSION}")
             return
         if call is None:
             self.stats.drop("unknown_syscall")
-            self.reply_error(conn, seq, Errno.ENOSYS, f"no syscall number {number!r}")
+            self.reply_error(conn, seq, Errno.ENOSYS, f"no syscall number {_quote(number)}")
             return
         try:
             args = check_args(call, head.get("a", {}))
@@ -223,7 +224,8 @@ class Kernel:
             if proc is None or proc.state != "running":
                 raise SyscallError(Errno.EACCES, "unknown or used spawn token")
         elif args["secret"] is not None:
-            if not hmac.compare_digest(args["secret"], self.secret):
+            # as bytes: compare_digest raises TypeError on non-ASCII str
+            if not hmac.compare_digest(args["secret"].encode(), self.secret.encode()):
                 raise SyscallError(Errno.EACCES, "wrong secret for this LLMOS_HOME")
             if len(self.table) >= self.config["max_processes"]:
                 raise SyscallError(Errno.EAGAIN, "the process table is full")
@@ -294,7 +296,9 @@ class Kernel:
         logdir = self.home.log / "proc"
         logdir.mkdir(parents=True, exist_ok=True)
         try:
-            with open(logdir / f"{child.pid}.log", "ab") as out:
+            # "wb": pids restart at 1 each boot, and a log left by an earlier boot's
+            # process of the same pid is not this one's
+            with open(logdir / f"{child.pid}.log", "wb") as out:
                 popen = subprocess.Popen(exe, cwd=args["cwd"], env=env, stdin=subprocess.DEVNULL,
                                          stdout=out, stderr=subprocess.STDOUT,
                                          start_new_session=True)
@@ -458,6 +462,12 @@ class Kernel:
         self.ctx.term()
         for name in ("kernel", "drivers"):
             Path(self.home.socket(name)[len("ipc://"):]).unlink(missing_ok=True)
+
+
+def _quote(value: Any) -> str:
+    """repr() of a value a client sent, bounded: msgpack nests 1024 deep, too deep
+    for repr() without a RecursionError, and a string may be a megabyte long."""
+    return reprlib.repr(value)
 
 
 def _signal_group(popen: subprocess.Popen, sig: int) -> None:

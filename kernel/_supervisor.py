@@ -181,21 +181,32 @@ class Supervisor:
         d.inflight[rid] = c
         head = {"t": "req", "i": rid, "n": c.call.number, "a": c.args,
                 "c": {"pid": c.pid, "uid": c.uid}}
-        if not self._send(d, head, c.bulk):
+        failure = self._send(d, head, c.bulk)
+        if failure == "full":
             del d.inflight[rid]
-            self._fail(c, Errno.EIO, f"driver {d.name} cannot take requests")
+            self._fail(c, Errno.EAGAIN, f"driver {d.name} has too many requests queued")
+        elif failure == "gone":
+            # Never delivered, so safe to send again whatever the syscall: keep it
+            # for the next instance of a driver whose connection is gone.
+            del d.inflight[rid]
+            c.queued_at = time.monotonic()
+            d.backlog.appendleft(c)
+            self._died(d, "its connection is gone")
 
-    def _send(self, d: Driver, head: dict, bulk: list = ()) -> bool:
+    def _send(self, d: Driver, head: dict, bulk: list = ()) -> str | None:
+        """Send to the driver's current instance: None when sent, else "full"
+        (its queue is at the high-water mark) or "gone" (no connection)."""
         try:
             self.sock.send_multipart([d.ident, *encode(head, bulk)], zmq.NOBLOCK)
-            return True
+            return None
         except zmq.Again:
             self.kernel.stats.drop("driver_queue_full")
+            return "full"
         except zmq.ZMQError as e:
             if e.errno != zmq.EHOSTUNREACH:
                 raise
             self.kernel.stats.drop("driver_unroutable")
-        return False
+            return "gone"
 
     def _fail(self, c: Call, errno: Errno, message: str) -> None:
         self._settle(c)
@@ -238,7 +249,7 @@ class Supervisor:
         log.info("driver %s epoch %d is ready", d.name, d.epoch)
         live = [p.pid for p in self.kernel.table.live()]
         self._send(d, {"t": "welcome", "live": live})
-        while d.backlog:
+        while d.backlog and d.state == "ready":
             self._dispatch(d, d.backlog.popleft())
 
     def _on_reply(self, d: Driver, head: dict, bulk: list) -> None:

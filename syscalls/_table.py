@@ -22,7 +22,7 @@ REQUIRED: Any = object()
 
 MAX_ARGV = 256
 MAX_STR = 4096
-MAX_BYTES = 256 * 1024 * 1024
+MAX_ECHO = 16 * 1024 * 1024
 
 
 @dataclass(frozen=True)
@@ -114,7 +114,7 @@ TABLE: tuple[Syscall, ...] = (
     ), returns="None", errors=("ESRCH", "EPERM", "EINVAL"),
         doc="Send a signal to a process: your own uid's processes only, unless uid 0."),
     Syscall(7, "exit", "kernel", (
-        Arg("status", "int", default=0, lo=-255, hi=255),
+        Arg("status", "int", default=0, lo=0, hi=255),
     ), returns="None",
         doc="End the calling process with a status; its parent's wait sees it."),
     Syscall(8, "ps", "kernel", returns="list of process records", idempotent=True,
@@ -125,7 +125,7 @@ TABLE: tuple[Syscall, ...] = (
                 "and latency percentiles, dropped messages."),
     # -- echo driver: a small real driver that proves the routing path ----------
     Syscall(100, "echo", "echo", (
-        Arg("data", "bytes", max_len=MAX_BYTES),
+        Arg("data", "bytes", max_len=MAX_ECHO),
     ), idempotent=True, returns="bytes", doc="Return data as it came, through a driver."),
     Syscall(101, "ticks", "echo", (
         Arg("count", "int", lo=1, hi=10000),

@@ -20,6 +20,7 @@ import sys
 import threading
 from typing import Any, Iterator
 
+import psutil
 import zmq
 
 from syscalls import (ABI_VERSION, BY_NAME, MAX_HEADER, Errno, Home, SyscallError, decode,
@@ -45,6 +46,7 @@ class Llmos(SyscallMethods):
         self._seq = itertools.count(1)
         self._sock = self._socket()
         self._closed = False
+        self._kernel_gone = False
         self._hb_stop = threading.Event()
         self._hb_thread: threading.Thread | None = None
         token = os.environ.get("LLMOS_SPAWN_TOKEN")
@@ -119,6 +121,7 @@ class Llmos(SyscallMethods):
                 frames = self._sock.recv_multipart()
             except zmq.Again:
                 if self.kernel_pid is not None and not _alive(self.kernel_pid):
+                    self._kernel_gone = True
                     raise SyscallError(Errno.EIO, "the llmos kernel is gone") from None
                 continue
             head = decode(frames)
@@ -173,7 +176,7 @@ class Llmos(SyscallMethods):
         when its OS process does."""
         if self._closed:
             return
-        if not self.spawned:
+        if not self.spawned and not self._kernel_gone:
             try:
                 super().exit(status)
             except SyscallError:
@@ -200,11 +203,10 @@ class Llmos(SyscallMethods):
 
 def _alive(pid: int) -> bool:
     try:
-        os.kill(pid, 0)
-        return True
-    except ProcessLookupError:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
         return False
-    except PermissionError:
+    except psutil.Error:
         return True
 
 

@@ -1,0 +1,357 @@
+"""The llmos command, run as a real program (python -m userland.cli) against real
+kernels, each on its own temporary LLMOS_HOME. Every kernel a test starts is
+ended at teardown, by pid, with everything under it."""
+from __future__ import annotations
+
+import json
+import os
+import re
+import select
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+from importlib import metadata
+from pathlib import Path
+from typing import Any, Iterator
+
+import psutil
+import pytest
+from conftest import wait_until
+
+import userland
+from syscalls import ABI_VERSION, Home
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+class CliHome:
+    """A temporary LLMOS_HOME and a way to run `llmos` commands on it."""
+
+    def __init__(self) -> None:
+        # short path: ipc:// socket paths must fit in sun_path
+        self.root = Path(tempfile.mkdtemp(prefix="llmos-cli-", dir="/tmp"))
+        self.home = Home.resolve(self.root)
+        self.env = dict(os.environ, LLMOS_HOME=str(self.root), PYTHONPATH=str(ROOT))
+        self.env.pop("LLMOS_SPAWN_TOKEN", None)
+        self.kernel_pids: set[int] = set()
+        self.popens: list[subprocess.Popen] = []
+
+    def argv(self, *args: str) -> list[str]:
+        return [sys.executable, "-m", "userland.cli", *args]
+
+    def llmos(self, *args: str, **kw: Any) -> subprocess.CompletedProcess:
+        kw.setdefault("env", self.env)
+        return subprocess.run(self.argv(*args), cwd=ROOT, capture_output=True, text=True,
+                              timeout=60, **kw)
+
+    def popen(self, *args: str, **kw: Any) -> subprocess.Popen:
+        proc = subprocess.Popen(self.argv(*args), cwd=ROOT, env=self.env, **kw)
+        self.popens.append(proc)
+        return proc
+
+    def start(self) -> int:
+        r = self.llmos("start")
+        assert r.returncode == 0, r.stderr
+        pid = self.home.kernel_pid()
+        assert pid is not None
+        self.kernel_pids.add(pid)
+        assert r.stdout == f"llmos started on {self.root} (kernel pid {pid})\n"
+        return pid
+
+    def drivers_ready(self) -> bool:
+        if self.home.kernel_pid() is None or not self.home.secretfile.exists():
+            return False
+        try:
+            with userland.connect(self.root, uid=0, heartbeat=False) as osh:
+                return all(d["state"] == "ready" for d in osh.sysinfo()["drivers"])
+        except userland.SyscallError:
+            return False
+
+    def cleanup(self) -> None:
+        pid = self.home.kernel_pid()  # still there if a test failed before stopping
+        for kpid in self.kernel_pids | ({pid} if pid else set()):
+            _end_kernel(kpid, self.root)
+        for proc in self.popens:
+            if proc.poll() is None:
+                proc.kill()
+            proc.wait()
+            for pipe in (proc.stdout, proc.stderr):
+                if pipe is not None:
+                    pipe.close()
+        shutil.rmtree(self.root, ignore_errors=True)
+
+
+def _end_kernel(pid: int, root: Path) -> None:
+    """SIGTERM the kernel pid on root, then SIGKILL it and all it left."""
+    try:
+        kernel = psutil.Process(pid)
+        if str(root) not in " ".join(kernel.cmdline()):
+            return  # the pid now names some other process
+        family = [kernel, *kernel.children(recursive=True)]
+        kernel.terminate()
+    except psutil.Error:
+        return
+    psutil.wait_procs([kernel], timeout=10)
+    for proc in family:
+        try:
+            proc.kill()
+        except psutil.NoSuchProcess:
+            pass
+    psutil.wait_procs(family, timeout=5)
+
+
+def _gone(pid: int) -> bool:
+    try:
+        return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return True
+
+
+def _one_error_line(r: subprocess.CompletedProcess, errno: str) -> str:
+    """The command failed with exit 1 and exactly one `llmos: ERRNO: ...` line."""
+    assert r.returncode == 1, (r.stdout, r.stderr)
+    assert "Traceback" not in r.stderr
+    lines = r.stderr.splitlines()
+    assert len(lines) == 1, r.stderr
+    assert lines[0].startswith(f"llmos: {errno}: "), r.stderr
+    return lines[0]
+
+
+def _ps_rows(text: str) -> dict[int, list[str]]:
+    """pid -> [pid, ppid, uid, state, time, resources, command] from `llmos ps`."""
+    lines = text.splitlines()
+    assert lines[0].split() == ["PID", "PPID", "UID", "STATE", "TIME", "RESOURCES",
+                                "COMMAND"]
+    rows = [line.split(None, 6) for line in lines[1:]]
+    return {int(row[0]): row for row in rows}
+
+
+@pytest.fixture
+def cli_home() -> Iterator[CliHome]:
+    h = CliHome()
+    try:
+        yield h
+    finally:
+        h.cleanup()
+
+
+@pytest.fixture(scope="module")
+def started() -> Iterator[CliHome]:
+    """A kernel started with `llmos start`, shared by tests that leave it running."""
+    h = CliHome()
+    try:
+        h.start()
+        yield h
+    finally:
+        h.cleanup()
+
+
+# -- a running kernel ----------------------------------------------------------------
+
+def test_status_reports_kernel_and_drivers(started):
+    r = started.llmos("status")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.startswith(f"llmos is running on {started.root}\n")
+    assert re.search(rf"kernel pid\s+{started.home.kernel_pid()}\n", r.stdout)
+    assert re.search(r"^\s+echo\s+ready\s+\d+\s+0$", r.stdout, re.M), r.stdout
+
+
+def test_second_start_is_refused(started):
+    r = started.llmos("start")
+    assert r.returncode == 1
+    assert r.stderr == (f"llmos is already running on {started.root} "
+                        f"(pid {started.home.kernel_pid()})\n")
+
+
+def test_home_option_overrides_the_environment(started):
+    env = dict(started.env, LLMOS_HOME="/nonexistent/llmos")
+    before = started.llmos("--home", str(started.root), "status", env=env)
+    after = started.llmos("status", "--home", str(started.root), env=env)
+    assert before.returncode == after.returncode == 0, (before.stderr, after.stderr)
+    assert f"llmos is running on {started.root}" in before.stdout
+    assert started.llmos("status", env=env).returncode == 3
+
+
+def test_ps_lists_init_and_itself(started):
+    r = started.llmos("ps")
+    assert r.returncode == 0, r.stderr
+    rows = _ps_rows(r.stdout)
+    assert rows[1][1:4] == ["0", "0", "running"] and rows[1][6] == "init"
+    me = [row for row in rows.values() if row[6].endswith("userland/cli.py ps")]
+    assert len(me) == 1 and me[0][2] == "1000", r.stdout
+
+
+def test_run_shows_output_and_passes_on_exit_status(started):
+    r = started.llmos("run", "python", "-c",
+                      "import sys; print('hello from llmos', flush=True); "
+                      "print('to stderr', file=sys.stderr); raise SystemExit(7)")
+    assert r.returncode == 7, r.stderr
+    assert r.stdout == "hello from llmos\nto stderr\n"  # the program's stderr too
+    assert r.stderr == ""
+
+
+def test_run_with_cwd_and_env(started, tmp_path):
+    r = started.llmos("run", "--cwd", str(tmp_path), "-e", "GREETING=hi there", "python",
+                      "-c", "import os; print(os.getcwd()); print(os.environ['GREETING'])")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.splitlines() == [str(tmp_path), "hi there"]
+
+
+def test_run_as_root_from_a_user_is_eperm(started):
+    r = started.llmos("run", "--uid", "0", "python", "-c", "print('never')")
+    _one_error_line(r, "EPERM")
+    assert r.stdout == ""
+
+
+def test_run_of_a_missing_program_is_enoent(started):
+    _one_error_line(started.llmos("run", "/nonexistent/program"), "ENOENT")
+
+
+def test_kill_of_a_nonexistent_pid_is_esrch(started):
+    line = _one_error_line(started.llmos("kill", "99999"), "ESRCH")
+    assert "99999" in line
+
+
+def test_run_no_wait_then_kill(started):
+    r = started.llmos("run", "--no-wait", "python", "-c", "import time; time.sleep(60)")
+    assert r.returncode == 0, r.stderr
+    pid = int(r.stdout)
+    row = _ps_rows(started.llmos("ps").stdout)[pid]
+    assert row[1:4] == ["1", "1000", "running"]  # orphaned when `llmos run` returned
+    k = started.llmos("kill", "-s", "KILL", str(pid))
+    assert (k.returncode, k.stdout, k.stderr) == (0, "", "")
+    assert wait_until(lambda: pid not in _ps_rows(started.llmos("ps").stdout), 10)
+
+
+def test_run_streams_output_and_ctrl_c_terminates_the_program(started):
+    proc = started.popen("run", "python", "-c",
+                         "import time; print('ready', 'ctrl-c', flush=True); time.sleep(60)",
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    # the line arrives while the program still runs: output is forwarded as it grows
+    assert select.select([proc.stdout], [], [], 30)[0], "no output from llmos run"
+    assert proc.stdout.readline() == "ready ctrl-c\n"
+    proc.send_signal(signal.SIGINT)
+    assert proc.wait(timeout=30) == 128 + signal.SIGTERM
+    assert proc.stderr.read() == ""
+    rows = _ps_rows(started.llmos("ps").stdout)
+    assert not any("'ctrl-c'" in row[6] for row in rows.values())  # reaped
+
+
+def test_sysinfo_text_and_json(started):
+    started.llmos("ps")
+    r = started.llmos("sysinfo", "--json")
+    assert r.returncode == 0, r.stderr
+    info = json.loads(r.stdout)
+    assert info["kernel_pid"] == started.home.kernel_pid()
+    assert [d["name"] for d in info["drivers"]] == ["echo"]
+    assert info["syscalls"]["ps"]["count"] >= 1
+    text = started.llmos("sysinfo")
+    assert text.returncode == 0, text.stderr
+    assert re.search(r"^  echo\s+ready\s", text.stdout, re.M), text.stdout
+    assert re.search(r"^  ps\s+\d+\s+\d+\s+[\d.]+\s+[\d.]+\s+[\d.]+$", text.stdout, re.M)
+
+
+# -- starting and stopping -------------------------------------------------------------
+
+def test_stop_ends_the_kernel_its_drivers_and_its_processes(cli_home):
+    kernel_pid = cli_home.start()
+    r = cli_home.llmos("run", "--no-wait", "python", "-c", "import time; time.sleep(60)")
+    assert r.returncode == 0, r.stderr
+    status = cli_home.llmos("status")
+    assert int(re.search(r"kernel pid\s+(\d+)", status.stdout)[1]) == kernel_pid
+    driver_pid = int(re.search(r"^\s+echo\s+ready\s+(\d+)", status.stdout, re.M)[1])
+    family = [p.pid for p in psutil.Process(kernel_pid).children(recursive=True)]
+    assert driver_pid in family and len(family) >= 2  # the driver and the sleeper
+
+    r = cli_home.llmos("stop")
+    assert (r.returncode, r.stdout, r.stderr) == (0, "llmos stopped\n", "")
+    for pid in [kernel_pid, *family]:
+        assert _gone(pid), f"pid {pid} outlived llmos stop"
+    for path in ("kernel.sock", "drivers.sock", "kernel.pid", "secret"):
+        assert not (cli_home.home.run / path).exists(), path
+    r = cli_home.llmos("status")
+    assert (r.returncode, r.stdout) == (3, f"llmos is not running on {cli_home.root}\n")
+    r = cli_home.llmos("stop")
+    assert (r.returncode, r.stderr) == (1, f"llmos is not running on {cli_home.root}\n")
+
+
+def test_run_shows_no_output_of_an_earlier_boot(cli_home):
+    # pids start at 1 each boot: logs left by an earlier boot's processes of the
+    # same pids must not show up as a new program's output
+    procs = cli_home.home.log / "proc"
+    procs.mkdir(parents=True)
+    for pid in range(1, 200):
+        (procs / f"{pid}.log").write_text("stale output\n")
+    cli_home.start()
+    r = cli_home.llmos("run", "python", "-c", "print('fresh output')")
+    assert (r.returncode, r.stdout, r.stderr) == (0, "fresh output\n", "")
+
+
+def test_start_reports_a_kernel_that_exits_early(cli_home):
+    (cli_home.root / "config.toml").write_text("no_such_setting = 1\n")
+    r = cli_home.llmos("start")
+    assert r.returncode == 1
+    assert "the kernel exited with status 2 while starting" in r.stderr
+    assert "no_such_setting" in r.stderr  # the tail of kernel.log
+    assert cli_home.home.kernel_pid() is None
+
+
+def test_boot_runs_in_the_foreground_until_sigint(cli_home):
+    with open(cli_home.root / "terminal.out", "wb") as out:
+        proc = cli_home.popen("boot", stdout=out, stderr=subprocess.STDOUT)
+    cli_home.kernel_pids.add(proc.pid)
+    assert wait_until(lambda: proc.poll() is not None or cli_home.drivers_ready(), 30)
+    assert proc.poll() is None, (cli_home.root / "terminal.out").read_text()
+    assert cli_home.home.kernel_pid() == proc.pid  # exec'd: the command is the kernel
+    drivers = [p.pid for p in psutil.Process(proc.pid).children()]
+    assert drivers
+    proc.send_signal(signal.SIGINT)
+    assert proc.wait(timeout=20) == 0
+    assert all(_gone(pid) for pid in drivers)
+    terminal = (cli_home.root / "terminal.out").read_text()
+    assert "llmos kernel down" in terminal  # its log went to the terminal
+    assert not (cli_home.home.run / "kernel.sock").exists()
+
+
+# -- no kernel ------------------------------------------------------------------------
+
+@pytest.mark.parametrize("args", [["ps"], ["sysinfo"], ["run", "python", "-c", "pass"],
+                                  ["kill", "2"]])
+def test_commands_without_a_kernel_say_so(cli_home, args):
+    r = cli_home.llmos(*args)
+    assert r.returncode == 1
+    assert r.stderr == f"llmos is not running on {cli_home.root} (start it with: llmos start)\n"
+    assert r.stdout == ""
+
+
+def test_a_stale_pidfile_is_not_a_kernel(cli_home):
+    # a SIGKILLed kernel leaves run/kernel.pid and run/kernel.lock (unlocked), and its
+    # pid may name another process by now
+    sleeper = subprocess.Popen(["sleep", "60"])
+    try:
+        cli_home.home.run.mkdir(parents=True)
+        cli_home.home.lockfile.touch()
+        cli_home.home.pidfile.write_text(f"{sleeper.pid}\n")
+        assert cli_home.llmos("status").returncode == 3
+        r = cli_home.llmos("stop")
+        assert (r.returncode, r.stderr) == (1, f"llmos is not running on {cli_home.root}\n")
+        assert sleeper.poll() is None  # not signalled
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+
+
+def test_version():
+    r = subprocess.run([sys.executable, "-m", "userland.cli", "--version"], cwd=ROOT,
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0
+    assert r.stdout == f"llmos {metadata.version('llmos')} (ABI {ABI_VERSION})\n"
+
+
+def test_no_command_is_a_usage_error():
+    r = subprocess.run([sys.executable, "-m", "userland.cli"], cwd=ROOT,
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2
+    assert "usage: llmos" in r.stderr

@@ -1,0 +1,41 @@
+"""What llmos does so far, from a userland program's side.
+
+Run it inside llmos (`llmos run python userland/examples/hello.py`) or from the
+host while llmos runs (`python userland/examples/hello.py`).
+"""
+from pathlib import Path
+
+import userland
+
+HERE = Path(__file__).resolve().parent
+
+with userland.connect() as osh:  # this Python process is now an llmos process
+    print(f"I am llmos pid {osh.getpid()} (uid {osh.uid}), child of pid {osh.getppid()}")
+
+    print("\nThe process table:")
+    for p in osh.ps():
+        print(f"  {p['pid']:>4} {p['ppid']:>4} {p['uid']:>5} {p['state']:<8} "
+              f"{' '.join(p['argv'])[:60]}")
+
+    child = osh.spawn(["python", str(HERE / "child.py"), "7"])
+    print(f"\nSpawned pid {child}; it runs as a real OS process. Waiting for it...")
+    print(f"  wait -> {osh.wait(child)}")
+
+    print("\nA syscall served by a driver process (echo):", osh.echo(b"hello, driver"))
+    print("A streamed syscall (ticks), replies as they come:", end="")
+    for tick in osh.ticks(5, 0.05):
+        print(f" {tick}", end="", flush=True)
+    print()
+
+    try:
+        osh.wait(12345)
+    except userland.SyscallError as e:
+        print(f"\nErrors carry an errno and a message: {e.errno.name}: {e.message}")
+
+    info = osh.sysinfo()
+    print(f"\nsysinfo: up {info['uptime_s']:.1f}s, {info['processes']['running']} processes running")
+    for d in info["drivers"]:
+        print(f"  driver {d['name']}: {d['state']}, epoch {d['epoch']}, restarts {d['restarts']}")
+    print("  syscalls served so far:")
+    for name, s in info["syscalls"].items():
+        print(f"    {name:<8} {s['count']:>5} calls, p50 {s['p50_us']} us")
