@@ -75,6 +75,45 @@ def raw_server(endpoint: str, ready: Any) -> None:
         sock.send_multipart([conn, packb({"s": req["s"], "r": None})])
 
 
+def raw_relay(front: str, back: str, ready: Any) -> None:
+    """The raw floor for a driver-routed call: a ROUTER that forwards each request to
+    a backend process and its answer back, doing only the msgpack work it must."""
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+    ctx = zmq.Context()
+    sock = ctx.socket(zmq.ROUTER)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.bind(front)
+    sock.bind(back)
+    packb, unpackb = msgpack.packb, msgpack.unpackb
+    backend, _ = sock.recv_multipart()  # the backend says hello first
+    ready.set()
+    pending: dict[int, tuple[bytes, int]] = {}
+    rid = 0
+    while True:
+        conn, head = sock.recv_multipart()
+        msg = unpackb(head, raw=False)
+        if conn == backend:
+            client, seq = pending.pop(msg["i"])
+            sock.send_multipart([client, packb({"s": seq, "r": msg["r"]})])
+        else:
+            rid += 1
+            pending[rid] = (conn, msg["s"])
+            sock.send_multipart([backend, packb({"t": "req", "i": rid, "a": msg["a"]})])
+
+
+def raw_backend(back: str) -> None:
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+    ctx = zmq.Context()
+    sock = ctx.socket(zmq.DEALER)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.connect(back)
+    sock.send(b"hello")
+    packb, unpackb = msgpack.packb, msgpack.unpackb
+    while True:
+        msg = unpackb(sock.recv(), raw=False)
+        sock.send(packb({"t": "rep", "i": msg["i"], "r": None}))
+
+
 class RawClient:
     """The client half of the baseline: pack a request, send, receive, unpack."""
 
@@ -229,23 +268,34 @@ def measure(n: int, rounds: int, calls: int) -> dict[str, Any]:
     raw_endpoint = f"ipc://{tmp}/raw.sock"
     server_ready = ctx.Event()
     server = ctx.Process(target=raw_server, args=(raw_endpoint, server_ready), daemon=True)
+    relay_endpoint = f"ipc://{tmp}/relay.sock"
+    relay_ready = ctx.Event()
+    relay = ctx.Process(target=raw_relay, daemon=True,
+                        args=(relay_endpoint, f"ipc://{tmp}/backend.sock", relay_ready))
+    backend = ctx.Process(target=raw_backend, args=(f"ipc://{tmp}/backend.sock",), daemon=True)
     kernel = None
-    raw = osh = None
+    raw = relayed = osh = None
     try:
         server.start()
+        relay.start()
+        backend.start()
         kernel = BootedKernel(tmp / "home")
         if not server_ready.wait(30):
             raise RuntimeError("the raw server did not start")
         kernel.wait_ready()
         log(f"kernel {kernel.pid} up on {kernel.root}; raw server {server.pid}")
+        if not relay_ready.wait(30):
+            raise RuntimeError("the raw relay did not start")
         raw = RawClient(raw_endpoint)
+        relayed = RawClient(relay_endpoint)
         osh = userland.connect(kernel.root)
-        latency: dict[str, list[list[int]]] = {"raw": [], "nop": [], "echo": []}
+        latency: dict[str, list[list[int]]] = {"raw": [], "relay": [], "nop": [], "echo": []}
         calls_s: dict[str, list[float]] = {f"{k}_{c}": [] for c in CLIENTS
                                            for k in ("raw", "llmos")}
         for r in range(rounds):
             log(f"round {r + 1}/{rounds}: latency")
             latency["raw"].append(time_calls(raw.nop, n))
+            latency["relay"].append(time_calls(relayed.nop, n))
             latency["nop"].append(time_calls(osh.nop, n))
             latency["echo"].append(time_calls(lambda: osh.echo(b"x"), n))
             for c in CLIENTS:
@@ -257,14 +307,16 @@ def measure(n: int, rounds: int, calls: int) -> dict[str, Any]:
     finally:
         if osh is not None:
             osh.close()
-        if raw is not None:
-            raw.close()
-        if server.pid is not None:
-            server.terminate()
-            server.join(5)
-            if server.is_alive():
-                server.kill()
-                server.join()
+        for client in (raw, relayed):
+            if client is not None:
+                client.close()
+        for proc in (server, relay, backend):
+            if proc.pid is not None:
+                proc.terminate()
+                proc.join(5)
+                if proc.is_alive():
+                    proc.kill()
+                    proc.join()
         if kernel is not None:
             kernel.stop()
         shutil.rmtree(tmp, ignore_errors=True)
@@ -292,6 +344,8 @@ def ratios(lat: dict[str, dict[str, float]], rate: dict[str, float]) -> dict[str
         out[name] = {"value": value, "target": f"{cmp} {target}", "pass": ok}
     out["nop/raw (mean)"] = {"value": round(lat["nop"]["mean"] / lat["raw"]["mean"], 3)}
     out["echo/raw (mean)"] = {"value": round(lat["echo"]["mean"] / lat["raw"]["mean"], 3)}
+    out["relay/raw"] = {"value": round(lat["relay"]["p50"] / lat["raw"]["p50"], 3)}
+    out["echo/relay"] = {"value": round(lat["echo"]["p50"] / lat["relay"]["p50"], 3)}
     out["llmos_1/raw_1"] = {"value": round(rate["llmos_1"] / rate["raw_1"], 3)}
     return out
 
@@ -300,7 +354,8 @@ def render(res: dict[str, Any]) -> str:
     lines = [f"llmos syscall benchmark: n={res['n']} per round, best of {res['rounds']} "
              f"rounds, {res['calls_per_client']} calls per client, {res['cpus']} CPUs", "",
              f"{'round trip (us)':<28}{'mean':>9}{'p50':>9}{'p99':>9}"]
-    names = {"raw": "raw zmq+msgpack (baseline)", "nop": "llmos nop", "echo": "llmos echo(b'x')"}
+    names = {"raw": "raw zmq+msgpack (baseline)", "relay": "raw relay, two hops",
+             "nop": "llmos nop", "echo": "llmos echo(b'x')"}
     for key, label in names.items():
         v = res["latency_us"][key]
         lines.append(f"{label:<28}{v['mean']:>9.1f}{v['p50']:>9.1f}{v['p99']:>9.1f}")
@@ -312,7 +367,8 @@ def render(res: dict[str, Any]) -> str:
     lines += ["", f"{'ratio':<28}{'value':>9}  target"]
     for name, r in res["ratios"].items():
         verdict = f"{r['target']:<8}{'PASS' if r['pass'] else 'MISS'}" if "target" in r else ""
-        label = name + (" (p50)" if name in ("nop/raw", "echo/raw") else "")
+        label = name + (" (p50)" if name in ("nop/raw", "echo/raw", "relay/raw",
+                                             "echo/relay") else "")
         lines.append(f"{label:<28}{r['value']:>8.2f}x  {verdict}".rstrip())
     service = res["kernel_service_p50_us"]
     lines += ["", "time inside the kernel (its own p50, last 4096 calls): "

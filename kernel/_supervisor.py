@@ -1,8 +1,9 @@
 """Driver supervision and routing, after MINIX's reincarnation server and Majordomo.
 
 Each driver is an OS process the kernel starts (`python -m drivers.<name>`) and
-watches. A driver instance has an epoch and a routing id `<name>.<epoch>`; replies
-from any other id (an older instance) are dropped and counted. A driver that exits
+watches. A driver instance has an epoch and an unguessable routing id
+`<name>.<epoch>.<random>`, given to it at start; messages from any other id (an
+older instance) are dropped and counted (stale_driver). A driver that exits
 or misses `driver_liveness` heartbeats is killed and restarted after an
 exponential backoff; its calls in flight are retried once when the syscall is
 idempotent and answered EIO otherwise. Calls for a driver that is not ready wait in
@@ -24,6 +25,8 @@ from typing import TYPE_CHECKING, Any
 import zmq
 
 from syscalls import Errno, Syscall, SyscallError, WireError, decode, encode
+
+from ._send import send_frames
 
 if TYPE_CHECKING:
     from ._kernel import Kernel
@@ -91,8 +94,10 @@ class Supervisor:
 
     def _start(self, d: Driver) -> None:
         d.epoch += 1
-        d.ident = f"{d.name}.{d.epoch}".encode()
         d.token = secrets.token_hex(16)
+        # unguessable: drivers and clients share the kernel's socket, and a client
+        # must not be able to connect under a driver's routing id
+        d.ident = f"{d.name}.{d.epoch}.{secrets.token_hex(8)}".encode()
         env = dict(os.environ)
         env.update(LLMOS_HOME=str(self.kernel.home.root), LLMOS_DRIVER_ID=d.ident.decode(),
                    LLMOS_DRIVER_TOKEN=d.token, LLMOS_KERNEL_PID=str(os.getpid()),
@@ -197,7 +202,7 @@ class Supervisor:
         """Send to the driver's current instance: None when sent, else "full"
         (its queue is at the high-water mark) or "gone" (no connection)."""
         try:
-            self.sock.send_multipart([d.ident, *encode(head, bulk)], zmq.NOBLOCK)
+            send_frames(self.sock, d.ident, encode(head, bulk))
             return None
         except zmq.Again:
             self.kernel.stats.drop("driver_queue_full")
@@ -229,10 +234,7 @@ class Supervisor:
             self.kernel.stats.drop("driver_malformed")
             return
         kind = head.get("t")
-        d = self.by_ident.get(ident)
-        if d is None:
-            self.kernel.stats.drop("stale_driver")
-            return
+        d = self.by_ident[ident]
         d.last_seen = time.monotonic()
         if kind == "rep":
             self._on_reply(d, head, frames[2:])

@@ -32,12 +32,27 @@ class WireError(ValueError):
     """A frame that is not a well-formed llmos header."""
 
 
+_SCALARS = frozenset((int, float, str, bool, type(None)))
+
+
 def _extract(obj: Any, frames: list) -> Any:
+    """obj with every bytes value moved to frames; obj itself when it holds none
+    (the common case, kept cheap: no copy)."""
     t = type(obj)
     if t is dict:
-        return {k: _extract(v, frames) for k, v in obj.items()}
+        out = None
+        for k, v in obj.items():
+            if type(v) in _SCALARS:
+                continue
+            nv = _extract(v, frames)
+            if nv is not v:
+                if out is None:
+                    out = dict(obj)
+                out[k] = nv
+        return obj if out is None else out
     if t is list or t is tuple:
-        return [_extract(v, frames) for v in obj]
+        items = [_extract(v, frames) for v in obj]
+        return obj if all(a is b for a, b in zip(items, obj)) and t is list else items
     if t is bytes or t is bytearray or t is memoryview:
         frames.append(obj)
         return msgpack.ExtType(FRAME_EXT, (len(frames) - 1).to_bytes(4, "little"))
@@ -60,6 +75,10 @@ def encode(header: dict, bulk: Sequence[Any] = ()) -> list:
     return [packed, *frames]
 
 
+def _no_frames(code: int, data: bytes) -> Any:
+    raise WireError(f"ext type {code} in a message without bulk frames")
+
+
 def decode(frames: Sequence[bytes], refs: bool = False) -> dict:
     """Decode [header, *bulk]. With refs, bytes values come back as FrameRef."""
     if not frames:
@@ -78,8 +97,9 @@ def decode(frames: Sequence[bytes], refs: bool = False) -> dict:
         return FrameRef(i, len(frames[i + 1])) if refs else frames[i + 1]
 
     try:
-        obj = msgpack.unpackb(head, ext_hook=ext_hook, raw=False, strict_map_key=True,
-                              use_list=True)
+        # no bulk frames (the common case): a module-level hook, no closure to call
+        obj = msgpack.unpackb(head, ext_hook=ext_hook if nbulk else _no_frames, raw=False,
+                              strict_map_key=True)
     except WireError:
         raise
     except Exception as e:  # msgpack raises many kinds for garbage

@@ -29,6 +29,7 @@ from syscalls import (ABI_VERSION, BY_NAME, MAX_HEADER, Errno, Home, SyscallErro
 from ._syscalls import SyscallMethods
 
 _POLL_MS = 1000
+_MORE = int(zmq.SNDMORE)
 
 
 class Llmos(SyscallMethods):
@@ -112,7 +113,12 @@ class Llmos(SyscallMethods):
         if len(frames[0]) > MAX_HEADER:
             raise SyscallError(Errno.E2BIG, f"request header of {len(frames[0])} bytes "
                                f"is over {MAX_HEADER}")
-        self._sock.send_multipart(frames, copy=len(frames) == 1)
+        if len(frames) == 1:
+            self._sock.send(frames[0])
+        else:  # frames under 64 kB are cheaper copied than sent zero-copy
+            last = len(frames) - 1
+            for i, frame in enumerate(frames):
+                self._sock.send(frame, 0 if i == last else _MORE, copy=len(frame) < 65536)
         return seq
 
     def _recv(self, seq: int) -> dict:
