@@ -9,6 +9,9 @@ and sends the reply. A handler:
     logged; the driver keeps serving), or
   - returns DEFERRED and answers later with req.reply()/req.fail(), e.g. from a
     timer set with loop.call_later(); req.partial() streams replies before that.
+Hooks: on_exit(pid) when a process ends (reclaim what it held), on_welcome(live
+pids) after each (re)start, status() for a small summary sent with every heartbeat
+and shown in sysinfo.
 The loop exits when the kernel says stop, or when the kernel is gone (its pid
 changed or its heartbeats stopped), so a driver never outlives its kernel.
 It must never import the kernel or userland.
@@ -52,8 +55,10 @@ class Request:
         """Record that the caller now holds resource kind:rid (shown by ps)."""
         self._res.append(["+", kind, rid])
 
-    def release(self, kind: str, rid: str) -> None:
-        self._res.append(["-", kind, rid])
+    def release(self, kind: str, rid: str, pid: int | None = None) -> None:
+        """Record that kind:rid is released: by the caller, or by process pid (an
+        administrator freeing another process's resource)."""
+        self._res.append(["-", kind, rid] if pid is None else ["-", kind, rid, pid])
 
     def partial(self, result: Any) -> None:
         self._send({"r": result, "p": 1})
@@ -81,7 +86,8 @@ Handler = Callable[..., Any]
 class DriverLoop:
     def __init__(self, service: str, handlers: dict[str, Handler],
                  on_exit: Callable[[int], None] | None = None,
-                 on_welcome: Callable[[list[int]], None] | None = None) -> None:
+                 on_welcome: Callable[[list[int]], None] | None = None,
+                 status: Callable[[], dict] | None = None) -> None:
         unknown = [n for n in handlers if n not in {s.name for s in BY_NUMBER.values()}]
         if unknown:
             raise ValueError(f"handlers for syscalls not in the table: {unknown}")
@@ -89,6 +95,7 @@ class DriverLoop:
         self.handlers = handlers
         self.on_exit = on_exit
         self.on_welcome = on_welcome
+        self.status = status
         self.home = Home.resolve(os.environ.get("LLMOS_HOME"))
         cfg = self.home.config()
         self.hb_s = float(cfg["driver_heartbeat_s"])
@@ -128,7 +135,8 @@ class DriverLoop:
         while self.running:
             now = time.monotonic()
             if now >= next_hb:
-                self.send({"t": "hb"})
+                # a heartbeat carries the driver's status summary, shown by sysinfo
+                self.send({"t": "hb", "info": self.status()} if self.status else {"t": "hb"})
                 next_hb = now + self.hb_s
                 if now - last_heard > self.dead_after_s or self._kernel_gone():
                     log.warning("the kernel is gone; driver %s exits", self.service)

@@ -11,6 +11,7 @@ Blocking syscalls (wait) are parked in `self.waiters` and answered later.
 """
 from __future__ import annotations
 
+import ctypes
 import hmac
 import logging
 import os
@@ -203,13 +204,13 @@ class Kernel:
             self.reply_error(conn, seq, Errno.ENOSYS, f"no syscall number {_quote(number)}")
             return
         try:
-            args = check_args(call, head.get("a", {}))
             pid = self.conns.get(conn)
-            if call.number == 0:
-                result = self.sys_attach(pid, args, conn)
-            elif pid is None:
+            if pid is None and call.number != 0:
                 raise SyscallError(Errno.EPERM, "this connection is not attached: "
                                    "call attach first")
+            args = check_args(call, head.get("a", {}))
+            if call.number == 0:
+                result = self.sys_attach(pid, args, conn)
             elif call.service == "kernel":
                 result = self.handlers[call.name](self.table.procs[pid], args, conn, seq, t0)
                 if result is PARKED:
@@ -259,6 +260,8 @@ class Kernel:
         self.conns[conn] = proc.pid
         proc.hb_token = secrets.token_hex(16)
         self.hb_tokens[proc.hb_token] = proc.pid
+        if args["heartbeat"]:  # from now on, not from its first heartbeat: a process
+            self._on_heartbeat(conn, {"k": proc.hb_token})  # frozen before it is lost too
         log.info("pid %d attached (uid %d, %s)", proc.pid, proc.uid, " ".join(proc.argv)[:80])
         return {"pid": proc.pid, "ppid": proc.ppid, "uid": proc.uid, "hb_token": proc.hb_token,
                 "kernel_pid": os.getpid(), "abi": ABI_VERSION,
@@ -311,7 +314,7 @@ class Kernel:
             with open(logdir / f"{child.pid}.log", "wb") as out:
                 popen = subprocess.Popen(exe, cwd=args["cwd"], env=env, stdin=subprocess.DEVNULL,
                                          stdout=out, stderr=subprocess.STDOUT,
-                                         start_new_session=True)
+                                         start_new_session=True, preexec_fn=_die_with_kernel)
         except (FileNotFoundError, NotADirectoryError) as e:
             self._forget(child)
             raise SyscallError(Errno.ENOENT, f"spawn: {e.strerror}: {e.filename}")
@@ -481,6 +484,23 @@ def _quote(value: Any) -> str:
     """repr() of a value a client sent, bounded: msgpack nests 1024 deep, too deep
     for repr() without a RecursionError, and a string may be a megabyte long."""
     return reprlib.repr(value)
+
+
+def _die_with_kernel() -> None:
+    """In a spawned child, before exec: SIGKILL me if the kernel dies, so a kernel
+    that is itself SIGKILLed leaves no process behind (a reboot ends processes)."""
+    if _PRCTL is not None:
+        _PRCTL(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+
+
+def _load_prctl() -> Any:
+    try:
+        return ctypes.CDLL(None, use_errno=True).prctl if sys.platform == "linux" else None
+    except (OSError, AttributeError):
+        return None
+
+
+_PRCTL = _load_prctl()
 
 
 def _signal_group(popen: subprocess.Popen, sig: int) -> None:

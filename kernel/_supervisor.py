@@ -71,6 +71,7 @@ class Driver:
     inflight: dict[int, Call] = field(default_factory=dict)
     backlog: deque[Call] = field(default_factory=deque)
     last_exit: str = ""
+    info: dict = field(default_factory=dict)  # the driver's own status summary
 
 
 class Supervisor:
@@ -240,7 +241,11 @@ class Supervisor:
             self._on_reply(d, head, frames[2:])
         elif kind == "ready":
             self._on_ready(d, head)
-        elif kind != "hb":
+        elif kind == "hb":
+            info = head.get("info")
+            if type(info) is dict:
+                d.info = info
+        else:
             self.kernel.stats.drop("driver_malformed")
 
     def _on_ready(self, d: Driver, head: dict) -> None:
@@ -278,15 +283,23 @@ class Supervisor:
         else:
             self.kernel.reply(c.conn, c.seq, head.get("r"), bulk, partial=True)
 
-    @staticmethod
-    def _account(proc: "Process", changes: Any) -> None:
-        """Apply a driver's resource changes, [[op, kind, id], ...] with op + or -."""
+    def _account(self, proc: "Process", changes: Any) -> None:
+        """Apply a driver's resource changes, [[op, kind, id], ...] with op + or -,
+        to the caller, or [op, kind, id, pid] to process pid."""
         if type(changes) is not list:
             return
         for ch in changes:
-            if type(ch) is list and len(ch) == 3 and all(type(x) is str for x in ch):
-                op, kind, rid = ch
-                held = proc.resources.setdefault(kind, set())
+            if type(ch) is not list or not all(type(x) is str for x in ch[:3]):
+                continue
+            if len(ch) == 4 and type(ch[3]) is int:
+                target = self.kernel.table.get(ch[3])
+            elif len(ch) == 3:
+                target = proc
+            else:
+                continue
+            if target is not None:
+                op, kind, rid = ch[:3]
+                held = target.resources.setdefault(kind, set())
                 if op == "+":
                     held.add(rid)
                 elif op == "-":
@@ -336,7 +349,8 @@ class Supervisor:
                  "os_pid": d.popen.pid if d.popen is not None and d.state != "down" else None,
                  "restarts": d.restarts, "uptime_s": round(now - d.started_at, 3)
                  if d.state == "ready" else None, "inflight": len(d.inflight),
-                 "backlog": len(d.backlog), "last_exit": d.last_exit}
+                 "backlog": len(d.backlog), "last_exit": d.last_exit,
+                 "info": d.info if d.state == "ready" else {}}
                 for d in self.drivers.values()]
 
 

@@ -16,7 +16,7 @@ from typing import Any
 
 DEFAULTS: dict[str, Any] = {
     "default_uid": 1000,           # uid of a process attaching from the host
-    "drivers": ["echo"],           # driver packages the kernel starts
+    "drivers": ["echo", "devices", "tensorfs"],  # driver packages the kernel starts
     "driver_heartbeat_s": 1.0,     # kernel <-> driver heartbeat period
     "driver_liveness": 3,          # missed heartbeats before a driver is dead
     "client_heartbeat_s": 0.5,     # userland heartbeat period
@@ -24,10 +24,32 @@ DEFAULTS: dict[str, Any] = {
     "driver_wait_s": 10.0,         # how long a request waits for a restarting driver
     "max_inflight_per_process": 256,
     "max_processes": 4096,
+    "gpus": "auto",                # auto: real GPUs if NVML finds any, else simulated; "sim"
+    "sim_gpus": "2x16GiB",         # simulated GPUs when there is no real one: NxSIZE
+    "gpu_quota": {},               # uid (as a string) -> most GPU bytes it may hold
+    "gpu_max_bypass": 4,           # times a queued request may be overtaken (docs/devices.md)
+    "tensor_max_size": "8GiB",     # largest tensor (EFBIG); docs/tensorfs.md
+    "tensor_quota": {},            # uid (as a string) -> most tensor bytes it may own
+    "tensor_cache": "1GiB",        # memory budget of the tensorfs read cache ("0": none)
+    "tensor_shm_threshold": "1MiB",  # tensors from this size move through /dev/shm
 }
 
 # ipc:// paths live in sun_path, 108 bytes on Linux.
 _MAX_SOCKET_PATH = 100
+
+
+def _check_setting(path: Path, key: str, value: Any) -> None:
+    """A setting must have its default's type; numbers must be positive (uids: >= 0)."""
+    default = DEFAULTS[key]
+    kind = type(default)
+    ok = (type(value) is kind or (kind is float and type(value) is int))
+    if ok and kind is list:
+        ok = all(type(v) is type(default[0]) for v in value) if default else True
+    if not ok:
+        raise ValueError(f"{path}: {key} must be {kind.__name__}, not {value!r}")
+    if kind in (int, float) and (value < 0 if key.endswith("uid") else value <= 0):
+        raise ValueError(f"{path}: {key} must be {'>= 0' if key.endswith('uid') else '> 0'}, "
+                         f"not {value!r}")
 
 
 def default_home() -> Path:
@@ -81,11 +103,16 @@ class Home:
         cfg = dict(DEFAULTS)
         path = self.root / "config.toml"
         if path.exists():
-            with open(path, "rb") as f:
-                user = tomllib.load(f)
+            try:
+                with open(path, "rb") as f:
+                    user = tomllib.load(f)
+            except tomllib.TOMLDecodeError as e:
+                raise ValueError(f"{path}: {e}") from None
             unknown = set(user) - set(DEFAULTS)
             if unknown:
                 raise ValueError(f"{path}: unknown settings {sorted(unknown)}")
+            for key, value in user.items():
+                _check_setting(path, key, value)
             cfg.update(user)
         return cfg
 

@@ -5,6 +5,8 @@ It returns a new dict with defaults filled in, or raises SyscallError(EINVAL).
 """
 from __future__ import annotations
 
+import re
+from decimal import Decimal
 from typing import Any
 
 from ._errno import Errno, SyscallError
@@ -22,6 +24,41 @@ class FrameRef:
         self.size = size
 
 
+SIZE_UNITS = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
+              "KiB": 2**10, "MiB": 2**20, "GiB": 2**30, "TiB": 2**40}
+_SIZE = re.compile(r"([0-9]{1,20}(?:\.[0-9]{1,20})?) ?([A-Za-z]{0,3})")
+
+
+def parse_size(value: Any) -> int:
+    """Bytes from an int or a string: "1024", "2GiB", "512 MiB", "1.5GB" (units:
+    B, KB, MB, GB, TB in powers of 1000, KiB, MiB, GiB, TiB in powers of 1024,
+    spelt exactly so; a fraction of a byte is dropped). Anything else, and sizes
+    under one byte, raise ValueError."""
+    if type(value) is int:
+        n = value
+    elif type(value) is str:
+        m = _SIZE.fullmatch(value)
+        if m is None:
+            raise ValueError(f"{value!r} is not a size such as 4096, \"512MiB\" or \"2GiB\"")
+        number, unit = m.groups()
+        if unit and unit not in SIZE_UNITS:
+            raise ValueError(f"unknown unit {unit!r} in {value!r} (use one of "
+                             f"{', '.join(SIZE_UNITS)})")
+        if "." in number and not unit:
+            raise ValueError(f"{value!r} is a fraction of a byte")
+        n = int(Decimal(number) * SIZE_UNITS[unit or "B"])
+    else:
+        raise ValueError(f"a size must be an int or a str, not {type(value).__name__}")
+    if n < 1:
+        raise ValueError(f"a size must be at least 1 byte, got {value!r}")
+    return n
+
+
+def number(x: float) -> str:
+    """A bound as a person reads it: 2147483648, not 2.14748e+09."""
+    return str(int(x)) if float(x).is_integer() else f"{x:g}"
+
+
 def _fail(call: Syscall, arg: Arg, why: str) -> SyscallError:
     return SyscallError(Errno.EINVAL, f"{call.name}: argument {arg.name!r} {why}")
 
@@ -36,8 +73,10 @@ def _check_one(call: Syscall, arg: Arg, value: Any) -> Any:
         if type(value) is not int:
             raise _fail(call, arg, f"must be an int, not {type(value).__name__}")
     elif t == "float":
-        if type(value) not in (int, float) or value != value:
+        if type(value) not in (int, float):
             raise _fail(call, arg, f"must be a number, not {type(value).__name__}")
+        if value != value or value in (float("inf"), float("-inf")):
+            raise _fail(call, arg, f"must be a finite number, not {value}")
         value = float(value)
     elif t == "bool":
         if type(value) is not bool:
@@ -58,11 +97,29 @@ def _check_one(call: Syscall, arg: Arg, value: Any) -> Any:
             raise SyscallError(Errno.E2BIG, f"{call.name}: argument {arg.name!r} is "
                                f"{size} bytes, over the limit of {arg.max_len}")
         return value
+    elif t == "size":
+        try:
+            value = parse_size(value)
+        except ValueError as e:
+            raise _fail(call, arg, str(e)) from None
+        if arg.lo is not None and value < arg.lo or arg.hi is not None and value > arg.hi:
+            raise _fail(call, arg, f"must be between {arg.lo:g} and {arg.hi:g} bytes, "
+                        f"got {value}")
+        return value
     elif t == "list[str]":
         if type(value) is not list or any(type(v) is not str or "\x00" in v for v in value):
             raise _fail(call, arg, "must be a list of str without NUL")
         if any(len(v) > 65536 for v in value):
             raise _fail(call, arg, "has an item over 65536 characters")
+    elif t == "list[int]":
+        if type(value) is not list or any(type(v) is not int or not 0 <= v < 2**62
+                                          for v in value):
+            raise _fail(call, arg, "must be a list of ints from 0 to 2**62")
+    elif t == "slice":
+        if type(value) is not list or any(
+                type(p) is not list or len(p) != 2
+                or any(type(v) is not int or not 0 <= v < 2**62 for v in p) for p in value):
+            raise _fail(call, arg, "must be a list of [start, stop] pairs of ints >= 0")
     elif t == "dict[str,str]":
         if type(value) is not dict or any(
                 type(k) is not str or type(v) is not str or "\x00" in k + v
@@ -71,9 +128,9 @@ def _check_one(call: Syscall, arg: Arg, value: Any) -> Any:
     else:  # pragma: no cover - a table error, caught by tests/test_table.py
         raise SyscallError(Errno.EIO, f"{call.name}: unknown type {t!r} in the table")
     if arg.lo is not None and value < arg.lo:
-        raise _fail(call, arg, f"must be >= {arg.lo:g}, got {value}")
+        raise _fail(call, arg, f"must be >= {number(arg.lo)}, got {value}")
     if arg.hi is not None and value > arg.hi:
-        raise _fail(call, arg, f"must be <= {arg.hi:g}, got {value}")
+        raise _fail(call, arg, f"must be <= {number(arg.hi)}, got {value}")
     if arg.max_len is not None and len(value) > arg.max_len:
         raise _fail(call, arg, f"is too long ({len(value)} > {arg.max_len})")
     if arg.choices is not None and value not in arg.choices:

@@ -63,7 +63,12 @@ class Syscall:
         object.__setattr__(self, "by_name", {a.name: a for a in self.args})
 
 
-TYPES = ("int", "float", "str", "bytes", "bool", "list[str]", "dict[str,str]")
+TYPES = ("int", "float", "str", "bytes", "bool", "list[str]", "dict[str,str]", "size",
+         "list[int]", "slice")
+# "list[int]": ints from 0 to 2**62 (a tensor's shape); "slice": a list of [start, stop]
+# pairs of such ints, one per leading dimension (tensorfs, docs/tensorfs.md).
+# "size": a byte count, as an int or a string such as "2GiB", "512MiB" or "1.5GB"
+# (syscalls._schema.parse_size); handlers receive the int.
 
 _SIGNALS = ("TERM", "KILL", "INT")
 
@@ -79,7 +84,9 @@ TABLE: tuple[Syscall, ...] = (
         Arg("uid", "int", default=None, nullable=True, lo=0, hi=2**31,
             doc="uid to attach as (with the secret); default: the configured default uid"),
         Arg("host", "str", default="", max_len=256, doc="the caller's hostname"),
-    ), returns="{pid, ppid, uid, hb_token, kernel_pid, abi}",
+        Arg("heartbeat", "bool", default=False,
+            doc="the caller will heartbeat: the kernel expects the first one now"),
+    ), returns="{pid, ppid, uid, hb_token, heartbeat_s, kernel_pid, abi}",
         errors=("EACCES", "EINVAL", "EPROTO", "EBUSY"),
         doc="Bind this connection to an llmos process. The first call on every "
             "connection; the userland library makes it in connect()."),
@@ -91,10 +98,13 @@ TABLE: tuple[Syscall, ...] = (
             doc="The caller's parent pid (1 once orphaned)."),
     Syscall(4, "spawn", "kernel", (
         Arg("argv", "list[str]", max_len=MAX_ARGV,
-            doc='program and arguments; "python" means the kernel\'s interpreter'),
+            doc='program and arguments; "python" and "python3" mean the kernel\'s '
+                'interpreter'),
         Arg("uid", "int", default=None, nullable=True, lo=0, hi=2**31,
             doc="run as this uid (root only); default: the caller's"),
-        Arg("cwd", "str", default=None, nullable=True, max_len=MAX_STR),
+        Arg("cwd", "str", default=None, nullable=True, max_len=MAX_STR,
+            doc="working directory; the userland library passes the caller's, "
+                "the kernel's own is used when None"),
         Arg("env", "dict[str,str]", default=None, nullable=True, max_len=256,
             doc="added to the kernel's environment"),
     ), returns="int (the child's pid)", errors=("EINVAL", "ENOENT", "EACCES", "EPERM", "EAGAIN"),
@@ -109,7 +119,7 @@ TABLE: tuple[Syscall, ...] = (
         doc="Wait for a child to end and reap it. status is the exit code, or "
             "minus the signal that killed it; reason is exited, killed or lost."),
     Syscall(6, "kill", "kernel", (
-        Arg("pid", "int", lo=0, hi=2**31),
+        Arg("pid", "int", lo=1, hi=2**31),
         Arg("signal", "str", default="TERM", choices=_SIGNALS),
     ), returns="None", errors=("ESRCH", "EPERM", "EINVAL"),
         doc="Send a signal to a process: your own uid's processes only, unless uid 0."),
@@ -136,6 +146,116 @@ TABLE: tuple[Syscall, ...] = (
         Arg("seconds", "float", lo=0, hi=3600),
     ), blocks=True, returns="float (seconds slept)",
         doc="Answer after seconds, without blocking the driver."),
+    # -- devices driver: CPUs, memory and GPUs (real or simulated) --------------
+    Syscall(200, "alloc_gpu", "devices", (
+        Arg("mem", "size", lo=1, hi=2**62,
+            doc='bytes on each device: an int, or a string such as "2GiB", "512MiB", "1.5GB"'),
+        Arg("count", "int", default=1, lo=1, hi=64, doc="how many distinct devices"),
+        Arg("exclusive", "bool", default=False,
+            doc="share the devices with no other allocation"),
+        Arg("wait", "bool", default=False,
+            doc="queue until it can be met, instead of failing with ENOMEM"),
+        Arg("timeout", "float", default=None, nullable=True, lo=0, hi=86400 * 365,
+            doc="with wait: give up with ETIMEDOUT after this many seconds"),
+        Arg("priority", "int", default=0, lo=-20, hi=20,
+            doc="queue order, higher first; above 0 is for uid 0 only"),
+    ), blocks=True, returns="{id, devices, bytes_each, count, exclusive, simulated, capacity}",
+        errors=("EINVAL", "ENOMEM", "ETIMEDOUT", "EDQUOT", "EPERM"),
+        doc="Allocate mem bytes on each of count GPUs. Fails with ENOMEM when it cannot "
+            "be met now (or ever), or waits in the queue with wait=True (docs/devices.md)."),
+    Syscall(201, "free_gpu", "devices", (
+        Arg("alloc_id", "str", max_len=64, doc="the id alloc_gpu returned"),
+    ), idempotent=True, returns="None", errors=("EBADF", "EPERM"),
+        doc="Free an allocation of the calling process (uid 0: of any process)."),
+    Syscall(202, "devices", "devices", idempotent=True,
+            returns="{gpus, cpus, memory, queue, simulated}",
+            doc="Every GPU with its capacity, allocated and free bytes and the "
+                "allocations on it (pid, uid, bytes), the CPUs and memory, and the queue."),
+)
+
+_TENSOR_MODES = ("r", "w", "x", "rw")
+_DTYPES = ("float32", "float16", "bfloat16", "int8", "int16", "int32", "int64", "uint8",
+           "bool")
+MAX_TENSOR_FRAME = 1 << 30
+MAX_DIMS = 32
+
+
+def _path(name: str = "path") -> Arg:
+    return Arg(name, "str", max_len=MAX_STR, doc="an absolute tensorfs path, e.g. /models/m/wte")
+
+
+def _fd() -> Arg:
+    return Arg("fd", "str", max_len=64, doc="a descriptor open_tensor returned")
+
+
+TABLE += (
+    # -- tensorfs driver: the tensor filesystem (docs/tensorfs.md) --------------
+    Syscall(300, "open_tensor", "tensorfs", (
+        _path(),
+        Arg("mode", "str", choices=_TENSOR_MODES,
+            doc="r read; w write (create or replace); x create, EEXIST if it exists; "
+                "rw read and update slices"),
+        Arg("dtype", "str", default=None, nullable=True, choices=_DTYPES,
+            doc="for w and x"),
+        Arg("shape", "list[int]", default=None, nullable=True, max_len=MAX_DIMS,
+            doc="for w and x"),
+        Arg("perm", "int", default=0o644, lo=0, hi=0o1777,
+            doc="mode bits of a new tensor (owner rw-, others r--: 0o644)"),
+        Arg("shm", "bool", default=False,
+            doc="stage a large write in a /dev/shm segment named in the reply, "
+                "which the caller maps and fills instead of calling write_tensor"),
+    ), returns="{fd, dtype, shape, size, shm}",
+        errors=("ENOENT", "EEXIST", "EISDIR", "ENOTDIR", "EACCES", "EFBIG", "EDQUOT",
+                "EINVAL", "EIO"),
+        doc="Open a tensor. Writes are staged and become visible, durably, at "
+            "close_tensor; the descriptor is this process's only."),
+    Syscall(301, "read_tensor", "tensorfs", (
+        _fd(),
+        Arg("slice", "slice", default=None, nullable=True, max_len=MAX_DIMS,
+            doc="[[start, stop], ...] for the leading dimensions; None: all"),
+        Arg("shm", "bool", default=False,
+            doc="large results come as a /dev/shm segment to map (and unlink) "
+                "instead of bytes"),
+    ), idempotent=True, returns="{dtype, shape, data (bytes) or shm (a segment path)}",
+        errors=("EBADF", "EINVAL", "EIO"),
+        doc="Read a tensor, or a slice of it, in C order. Checksums are verified."),
+    Syscall(302, "write_tensor", "tensorfs", (
+        _fd(),
+        Arg("data", "bytes", max_len=MAX_TENSOR_FRAME, doc="raw little-endian elements"),
+        Arg("slice", "slice", default=None, nullable=True, max_len=MAX_DIMS,
+            doc="the region to write; None: the whole tensor"),
+    ), idempotent=True, returns="int (bytes written)", errors=("EBADF", "EINVAL"),
+        doc="Write the whole staged tensor or a slice of it; data must be exactly "
+            "the region's size."),
+    Syscall(303, "close_tensor", "tensorfs", (
+        _fd(),
+        Arg("discard", "bool", default=False, doc="drop the staged write instead"),
+    ), returns="None for reads; {size, checksum} for a commit",
+        errors=("EBADF", "EEXIST", "ENOENT", "EIO"),
+        doc="Close a descriptor. For a write it commits: temporary file, fsync, rename, "
+            "fsync of the directory; when it returns, the tensor survives any crash."),
+    Syscall(304, "stat", "tensorfs", (_path(),), idempotent=True,
+            returns="{path, type, owner, mode, ctime, mtime; dtype, shape, size, checksum}",
+            errors=("ENOENT", "ENOTDIR", "EINVAL", "EIO"),
+            doc="Metadata of a tensor or a directory."),
+    Syscall(305, "listdir", "tensorfs", (_path(),), idempotent=True,
+            returns="list of stat records with name", errors=("ENOENT", "ENOTDIR", "EACCES",
+                                                              "EINVAL"),
+            doc="The entries of a directory, sorted by name."),
+    Syscall(306, "mkdir", "tensorfs", (
+        _path(), Arg("perm", "int", default=0o755, lo=0, hi=0o1777)),
+        returns="None", errors=("EEXIST", "ENOENT", "ENOTDIR", "EACCES", "EINVAL"),
+        doc="Make a directory (its parent must exist)."),
+    Syscall(307, "unlink", "tensorfs", (_path(),), returns="None",
+            errors=("ENOENT", "ENOTEMPTY", "EACCES", "EINVAL"),
+            doc="Remove a tensor or an empty directory. Open readers keep what they opened."),
+    Syscall(308, "rename", "tensorfs", (_path("src"), _path("dst")), returns="None",
+            errors=("ENOENT", "EEXIST", "ENOTDIR", "EACCES", "EINVAL"),
+            doc="Move a tensor or directory; dst must not exist."),
+    Syscall(309, "chmod", "tensorfs", (
+        _path(), Arg("perm", "int", lo=0, hi=0o1777)), returns="None",
+        errors=("ENOENT", "EPERM", "EINVAL"),
+        doc="Set mode bits (owner or uid 0 only)."),
 )
 
 BY_NAME: dict[str, Syscall] = {s.name: s for s in TABLE}

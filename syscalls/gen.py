@@ -10,6 +10,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
+from ._schema import number
 from ._table import TABLE, Arg, Syscall
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -17,7 +18,8 @@ STUBS = ROOT / "userland" / "_syscalls.py"
 REFERENCE = ROOT / "docs" / "syscalls.md"
 
 _PY = {"int": "int", "float": "float", "str": "str", "bytes": "bytes", "bool": "bool",
-       "list[str]": "list[str]", "dict[str,str]": "dict[str, str]"}
+       "list[str]": "list[str]", "dict[str,str]": "dict[str, str]",
+       "size": "int | str", "list[int]": "list[int]", "slice": "list[list[int]]"}
 
 
 def _annotation(arg: Arg) -> str:
@@ -59,9 +61,9 @@ def stubs() -> str:
 def _bounds(a: Arg) -> str:
     parts = []
     if a.lo is not None:
-        parts.append(f">= {a.lo:g}")
+        parts.append(f">= {number(a.lo)}")
     if a.hi is not None:
-        parts.append(f"<= {a.hi:g}")
+        parts.append(f"<= {number(a.hi)}")
     if a.max_len is not None:
         parts.append(f"length <= {a.max_len}")
     if a.choices:

@@ -325,6 +325,7 @@ WRONG_TYPE: dict[str, list[Any]] = {
                   [["a"]], ["x" * 65537]],
     "dict[str,str]": ["a=b", 1, [["a", "b"]], {"a": 1}, {"a": None}, {"a": b"b"},
                       {"a": "b\x00"}, {"a\x00": "b"}, {"a": ["b"]}],
+    "bool": [1, 0, "true", 1.0, [True], {"a": True}],
 }
 
 
@@ -409,6 +410,8 @@ def _type_is_wrong(arg: Arg, v: Any) -> bool:
         return type(v) is not str
     if arg.type == "list[str]":
         return type(v) is not list or any(type(x) is not str for x in v)
+    if arg.type == "bool":
+        return type(v) is not bool
     return type(v) is not dict or any(type(x) is not str for x in v.values())
 
 

@@ -39,7 +39,7 @@ def test_bench_reports_every_figure_and_cleans_up():
     assert done.returncode == 0, done.stderr[-4000:]
     res = json.loads(done.stdout)
 
-    assert set(res["latency_us"]) == {"raw", "nop", "echo"}
+    assert set(res["latency_us"]) == {"raw", "relay", "nop", "echo"}
     for name, figures in res["latency_us"].items():
         assert set(figures) == {"mean", "p50", "p99"}, name
         assert all(v > 0 for v in figures.values()), (name, figures)
@@ -49,6 +49,8 @@ def test_bench_reports_every_figure_and_cleans_up():
     for name in ("nop/raw", "echo/raw", "llmos_8/raw_8"):
         ratio = res["ratios"][name]
         assert ratio["value"] > 0 and isinstance(ratio["pass"], bool), (name, ratio)
+    for name in ("relay/raw", "echo/relay"):
+        assert res["ratios"][name]["value"] > 0, name
     assert res["kernel_service_p50_us"]["nop"] > 0
     assert res["kernel_service_p50_us"]["echo"] > 0
     assert res["kernel_dropped"] == {}

@@ -3,6 +3,7 @@ kernels, each on its own temporary LLMOS_HOME. Every kernel a test starts is
 ended at teardown, by pid, with everything under it."""
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import re
@@ -199,10 +200,18 @@ def test_run_with_cwd_and_env(started, tmp_path):
     assert r.stdout.splitlines() == [str(tmp_path), "hi there"]
 
 
-def test_run_as_root_from_a_user_is_eperm(started):
-    r = started.llmos("run", "--uid", "0", "python", "-c", "print('never')")
-    _one_error_line(r, "EPERM")
-    assert r.stdout == ""
+@pytest.mark.parametrize("uid", ["0", "4242"])
+def test_run_as_another_uid(started, uid):
+    # run --uid attaches as that uid (as kill --uid does), so even root programs run
+    r = started.llmos("run", "--uid", uid, "python", "-c",
+                      "import userland; print(userland.connect().uid)")
+    assert (r.returncode, r.stdout, r.stderr) == (0, f"{uid}\n", "")
+
+
+def test_run_strips_a_leading_double_dash(started):
+    r = started.llmos("run", "--", "python", "-c", "import sys; print(sys.argv[1:])", "--",
+                      "x")
+    assert (r.returncode, r.stdout, r.stderr) == (0, "['--', 'x']\n", "")
 
 
 def test_run_of_a_missing_program_is_enoent(started):
@@ -239,13 +248,71 @@ def test_run_streams_output_and_ctrl_c_terminates_the_program(started):
     assert not any("'ctrl-c'" in row[6] for row in rows.values())  # reaped
 
 
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGHUP])
+def test_run_forwards_sigterm_and_sighup_and_passes_on_the_status(started, signum):
+    proc = started.popen("run", "python", "-c",
+                         "import signal, sys, time\n"
+                         "def bye(*a):\n"
+                         "    print('got TERM', flush=True); sys.exit(5)\n"
+                         "signal.signal(signal.SIGTERM, bye)\n"
+                         "print('ready', 'forward', flush=True); time.sleep(60)",
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    assert select.select([proc.stdout], [], [], 30)[0], "no output from llmos run"
+    assert proc.stdout.readline() == "ready forward\n"
+    proc.send_signal(signum)
+    assert proc.wait(timeout=30) == 5  # the program's own status, after its handler ran
+    assert proc.stdout.read() == "got TERM\n"
+    assert proc.stderr.read() == ""
+    rows = _ps_rows(started.llmos("ps").stdout)
+    assert not any("'forward'" in row[6] for row in rows.values())  # reaped
+
+
+def _wait_stats() -> str:
+    return ("import userland\n"
+            "with userland.connect(uid=0, heartbeat=False) as osh:\n"
+            "    s = osh.sysinfo()['syscalls'].get('wait', {})\n"
+            "print(s.get('count', 0), s.get('errors', 0))")
+
+
+def test_run_waits_with_one_wait_call(started):
+    # no polling in slices: each would count as a wait and an ETIMEDOUT in sysinfo
+    def stats() -> tuple[int, int]:
+        r = subprocess.run([sys.executable, "-c", _wait_stats()], env=started.env,
+                           capture_output=True, text=True, timeout=60)
+        assert r.returncode == 0, r.stderr
+        count, errors = r.stdout.split()
+        return int(count), int(errors)
+
+    before = stats()
+    r = started.llmos("run", "python", "-c",
+                      "import time; print('a', flush=True); time.sleep(0.5); print('b')")
+    assert (r.returncode, r.stdout, r.stderr) == (0, "a\nb\n", "")
+    after = stats()
+    assert (after[0] - before[0], after[1] - before[1]) == (1, 0)
+
+
+def test_ps_shows_one_line_per_process_whatever_its_arguments(started):
+    r = started.llmos("run", "--no-wait", "python", "-c",
+                      "import time\nif 1:\n\ttime.sleep(60)  # ps-escape \x1b")
+    assert r.returncode == 0, r.stderr
+    pid = int(r.stdout)
+    try:
+        ps = started.llmos("ps")
+        assert ps.returncode == 0, ps.stderr
+        rows = _ps_rows(ps.stdout)  # every line is a row
+        assert rows[pid][6] == ("python -c import time\\nif 1:\\n\\ttime.sleep(60)  "
+                                "# ps-escape \\x1b")
+    finally:
+        started.llmos("kill", "-s", "KILL", str(pid))
+
+
 def test_sysinfo_text_and_json(started):
     started.llmos("ps")
     r = started.llmos("sysinfo", "--json")
     assert r.returncode == 0, r.stderr
     info = json.loads(r.stdout)
     assert info["kernel_pid"] == started.home.kernel_pid()
-    assert [d["name"] for d in info["drivers"]] == ["echo"]
+    assert "echo" in [d["name"] for d in info["drivers"]]
     assert info["syscalls"]["ps"]["count"] >= 1
     text = started.llmos("sysinfo")
     assert text.returncode == 0, text.stderr
@@ -273,8 +340,9 @@ def test_stop_ends_the_kernel_its_drivers_and_its_processes(cli_home):
         assert not (cli_home.home.run / path).exists(), path
     r = cli_home.llmos("status")
     assert (r.returncode, r.stdout) == (3, f"llmos is not running on {cli_home.root}\n")
-    r = cli_home.llmos("stop")
-    assert (r.returncode, r.stderr) == (1, f"llmos is not running on {cli_home.root}\n")
+    r = cli_home.llmos("stop")  # stopped already: done, as systemctl stop
+    assert (r.returncode, r.stdout, r.stderr) == (
+        0, f"llmos is not running on {cli_home.root}\n", "")
 
 
 def test_run_shows_no_output_of_an_earlier_boot(cli_home):
@@ -298,6 +366,66 @@ def test_start_reports_a_kernel_that_exits_early(cli_home):
     assert cli_home.home.kernel_pid() is None
 
 
+def test_start_fails_fast_when_a_driver_cannot_start(cli_home):
+    (cli_home.root / "config.toml").write_text('drivers = ["echo", "nosuch"]\n')
+    r = cli_home.llmos("start", "--timeout", "60")
+    assert r.returncode == 1, (r.stdout, r.stderr)
+    assert "Traceback" not in r.stderr
+    lines = r.stderr.splitlines()
+    assert lines[0].startswith("llmos: driver nosuch failed while starting (exited with "
+                               "status "), r.stderr
+    assert lines[0].endswith(f"{cli_home.home.log / 'drivers' / 'nosuch.log'}:")
+    assert "No module named drivers.nosuch" in r.stderr  # the tail of the driver's log
+    kernel_pid = int(re.search(r"stopped the kernel \(pid (\d+)\)", r.stderr)[1])
+    cli_home.kernel_pids.add(kernel_pid)
+    assert _gone(kernel_pid)  # the kernel this start launched was stopped
+    assert cli_home.llmos("status").returncode == 3
+
+
+def test_concurrent_starts_one_kernel_and_one_line_each(cli_home):
+    procs = [cli_home.popen("start", stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True) for _ in range(3)]
+    results = [(p.wait(timeout=60), p.stdout.read(), p.stderr.read()) for p in procs]
+    pid = cli_home.home.kernel_pid()
+    assert pid is not None, results
+    cli_home.kernel_pids.add(pid)
+    started_line = f"llmos started on {cli_home.root} (kernel pid {pid})\n"
+    refused = (1, "", f"llmos is already running on {cli_home.root} (pid {pid})\n")
+    assert sorted(results) == sorted([(0, started_line, ""), refused, refused])
+
+
+def test_a_start_that_loses_the_race_says_only_already_running(cli_home):
+    # another kernel took the home's lock and has not written its pidfile yet: the
+    # kernel this start launched exits with status 1, and start says who runs
+    home = cli_home.home
+    home.run.mkdir(parents=True)
+    with open(home.lockfile, "a+") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            proc = cli_home.popen("start", stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                  text=True)
+            log = home.log / "kernel.log"
+            assert wait_until(lambda: log.exists() and "already running" in log.read_text(),
+                              30), "the second kernel did not give up"
+            home.pidfile.write_text(f"{os.getpid()}\n")  # the winner names itself
+            out, err = proc.communicate(timeout=60)
+        finally:
+            home.pidfile.unlink(missing_ok=True)
+    assert (proc.returncode, out, err) == (
+        1, "", f"llmos is already running on {cli_home.root} (pid {os.getpid()})\n")
+
+
+@pytest.mark.parametrize("args", [["start", "--timeout", "-1"], ["stop", "--timeout", "-1"],
+                                  ["start", "--timeout", "nan"]])
+def test_a_negative_timeout_is_a_usage_error(tmp_path, args):
+    home = tmp_path / "a-file"  # a home no kernel could start on, should the check fail
+    home.write_text("")
+    r = subprocess.run([sys.executable, "-m", "userland.cli", "--home", str(home), *args],
+                       cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2, (r.stdout, r.stderr)
+    assert "argument --timeout: wants seconds >= 0" in r.stderr
+
+
 def test_boot_runs_in_the_foreground_until_sigint(cli_home):
     with open(cli_home.root / "terminal.out", "wb") as out:
         proc = cli_home.popen("boot", stdout=out, stderr=subprocess.STDOUT)
@@ -313,6 +441,63 @@ def test_boot_runs_in_the_foreground_until_sigint(cli_home):
     terminal = (cli_home.root / "terminal.out").read_text()
     assert "llmos kernel down" in terminal  # its log went to the terminal
     assert not (cli_home.home.run / "kernel.sock").exists()
+
+
+def test_commands_time_out_on_a_stopped_kernel(cli_home):
+    kernel_pid = cli_home.start()
+    os.kill(kernel_pid, signal.SIGSTOP)
+    try:
+        env = dict(cli_home.env, LLMOS_CALL_TIMEOUT="1")
+        for args in (["ps"], ["status"], ["kill", "2"]):
+            r = cli_home.llmos(*args, env=env)
+            assert r.stdout == "", args
+            _one_error_line(r, "ETIMEDOUT")
+    finally:
+        os.kill(kernel_pid, signal.SIGCONT)
+    assert cli_home.llmos("ps").returncode == 0  # and the kernel goes on
+
+
+# -- an unusable home -------------------------------------------------------------------
+
+def _llmos(*args: str) -> subprocess.CompletedProcess:
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    env.pop("LLMOS_SPAWN_TOKEN", None)
+    return subprocess.run([sys.executable, "-m", "userland.cli", *args], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=60)
+
+
+@pytest.mark.parametrize("command", ["start", "boot"])
+def test_a_file_as_home_is_one_line(tmp_path, command):
+    home = tmp_path / "a-file"
+    home.write_text("not a directory\n")
+    for path in (home, home / "below"):
+        line = _one_error_line(_llmos("--home", str(path), command), "ENOTDIR")
+        assert str(path) in line
+    assert home.read_text() == "not a directory\n"
+
+
+@pytest.mark.parametrize("command", ["start", "boot"])
+def test_a_home_that_cannot_be_created_is_one_line(command):
+    line = _one_error_line(_llmos("--home", "/proc/llmos-no-such-home", command), "ENOENT")
+    assert "/proc/llmos-no-such-home" in line
+
+
+@pytest.mark.parametrize("command", ["start", "boot"])
+def test_a_home_too_deep_for_its_sockets_is_one_line(command):
+    home = Path("/tmp") / ("llmos-deep-" + "d" * 100)
+    try:
+        line = _one_error_line(_llmos("--home", str(home), command), "ENAMETOOLONG")
+        assert "too deep" in line
+        assert not home.exists()  # checked before anything is made or started
+    finally:
+        shutil.rmtree(home, ignore_errors=True)
+
+
+def test_an_empty_home_is_a_usage_error(cli_home):
+    for args in (["--home", "", "status"], ["status", "--home", ""]):
+        r = cli_home.llmos(*args)
+        assert r.returncode == 2, (r.stdout, r.stderr)
+        assert "argument --home: wants a path" in r.stderr
 
 
 # -- no kernel ------------------------------------------------------------------------
@@ -336,7 +521,7 @@ def test_a_stale_pidfile_is_not_a_kernel(cli_home):
         cli_home.home.pidfile.write_text(f"{sleeper.pid}\n")
         assert cli_home.llmos("status").returncode == 3
         r = cli_home.llmos("stop")
-        assert (r.returncode, r.stderr) == (1, f"llmos is not running on {cli_home.root}\n")
+        assert (r.returncode, r.stdout) == (0, f"llmos is not running on {cli_home.root}\n")
         assert sleeper.poll() is None  # not signalled
     finally:
         sleeper.kill()

@@ -10,5 +10,6 @@ SyscallError, whose .errno is an Errno (ENOENT, EPERM, ...) and .message says wh
 from syscalls import Errno, SyscallError
 
 from ._client import Llmos, connect
+from ._gpu import apply_gpu_limits, gpu_env
 
-__all__ = ["Errno", "Llmos", "SyscallError", "connect"]
+__all__ = ["Errno", "Llmos", "SyscallError", "apply_gpu_limits", "connect", "gpu_env"]

@@ -18,6 +18,7 @@ import os
 import socket
 import sys
 import threading
+import time
 from typing import Any, Iterator
 
 import psutil
@@ -26,13 +27,15 @@ import zmq
 from syscalls import (ABI_VERSION, BY_NAME, MAX_HEADER, Errno, Home, SyscallError, decode,
                       encode)
 
+from ._gpu import gpu_env
 from ._syscalls import SyscallMethods
+from ._tensors import TensorMethods
 
 _POLL_MS = 1000
 _MORE = int(zmq.SNDMORE)
 
 
-class Llmos(SyscallMethods):
+class Llmos(TensorMethods, SyscallMethods):
     """A handle on llmos, with one method per syscall (see docs/syscalls.md).
 
     Use it as a context manager: leaving the block ends the process (status 0, or 1
@@ -41,10 +44,18 @@ class Llmos(SyscallMethods):
     """
 
     def __init__(self, home: str | os.PathLike | None = None, uid: int | None = None,
-                 heartbeat: bool = True) -> None:
+                 heartbeat: bool = True, timeout: float | None = None) -> None:
         self.home = Home.resolve(home)
+        self.timeout = timeout
+        self.kernel_pid = self.home.kernel_pid()
+        if self.kernel_pid is None:
+            raise SyscallError(Errno.ENOENT, f"llmos is not running on {self.home.root} "
+                               "(start it with: llmos start)")
         self.ctx = zmq.Context.instance()
         self._seq = itertools.count(1)
+        # one call at a time on the socket (a DEALER is not thread-safe, and replies
+        # are matched by sequence number): threads sharing a handle take turns
+        self._lock = threading.RLock()
         self._sock = self._socket()
         self._closed = False
         self._kernel_gone = False
@@ -56,13 +67,13 @@ class Llmos(SyscallMethods):
             cred: dict[str, Any] = {"token": token}
         else:
             cred = {"secret": self._read_secret(), "uid": uid}
-        self.kernel_pid = self.home.kernel_pid()
         self.spawned = "token" in cred
         try:
             info = self._call(BY_NAME["attach"].number, {
                 "os_pid": os.getpid(), "argv": [sys.executable, *sys.argv][:64],
-                "host": socket.gethostname(), **cred})
+                "host": socket.gethostname(), "heartbeat": heartbeat, **cred})
         except BaseException:
+            self._closed = True
             self._sock.close(0)
             raise
         self.pid: int = info["pid"]
@@ -75,10 +86,14 @@ class Llmos(SyscallMethods):
             self._hb_thread.start()
 
     def _socket(self) -> zmq.Socket:
+        try:
+            endpoint = self.home.kernel_endpoint
+        except ValueError as e:
+            raise SyscallError(Errno.ENAMETOOLONG, str(e)) from None
         sock = self.ctx.socket(zmq.DEALER)
         sock.setsockopt(zmq.LINGER, 0)
         sock.setsockopt(zmq.RCVTIMEO, _POLL_MS)
-        sock.connect(self.home.kernel_endpoint)
+        sock.connect(endpoint)
         return sock
 
     def _read_secret(self) -> str:
@@ -109,7 +124,10 @@ class Llmos(SyscallMethods):
         if self._closed:
             raise SyscallError(Errno.EBADF, "this llmos handle is closed")
         seq = next(self._seq)
-        frames = encode({"v": ABI_VERSION, "s": seq, "n": number, "a": args})
+        try:
+            frames = encode({"v": ABI_VERSION, "s": seq, "n": number, "a": args})
+        except (TypeError, ValueError, OverflowError) as e:
+            raise SyscallError(Errno.EINVAL, f"cannot send these arguments: {e}") from None
         if len(frames[0]) > MAX_HEADER:
             raise SyscallError(Errno.E2BIG, f"request header of {len(frames[0])} bytes "
                                f"is over {MAX_HEADER}")
@@ -122,6 +140,7 @@ class Llmos(SyscallMethods):
         return seq
 
     def _recv(self, seq: int) -> dict:
+        deadline = None if self.timeout is None else time.monotonic() + self.timeout
         while True:
             try:
                 frames = self._sock.recv_multipart()
@@ -129,6 +148,9 @@ class Llmos(SyscallMethods):
                 if self.kernel_pid is not None and not _alive(self.kernel_pid):
                     self._kernel_gone = True
                     raise SyscallError(Errno.EIO, "the llmos kernel is gone") from None
+                if deadline is not None and time.monotonic() > deadline:
+                    raise SyscallError(Errno.ETIMEDOUT, f"no reply from the llmos kernel "
+                                       f"in {self.timeout:g} s") from None
                 continue
             head = decode(frames)
             if head.get("s") == seq:
@@ -136,23 +158,27 @@ class Llmos(SyscallMethods):
             # else: the answer to a call abandoned earlier (e.g. by Ctrl-C); skip it
 
     def _call(self, number: int, args: dict) -> Any:
-        seq = self._send(number, args)
-        while True:
-            head = self._recv(seq)
-            if "e" in head:
-                raise SyscallError(head["e"], head.get("m", ""))
-            if not head.get("p"):
-                return head.get("r")
+        with self._lock:
+            seq = self._send(number, args)
+            while True:
+                head = self._recv(seq)
+                if "e" in head:
+                    raise SyscallError(head["e"], head.get("m", ""))
+                if not head.get("p"):
+                    return head.get("r")
 
     def _stream(self, number: int, args: dict) -> Iterator[Any]:
-        seq = self._send(number, args)
-        while True:
-            head = self._recv(seq)
-            if "e" in head:
-                raise SyscallError(head["e"], head.get("m", ""))
-            yield head.get("r")
-            if not head.get("p"):
-                return
+        """Partial replies as they come, then the final one. Holds the handle until
+        the stream ends or the iterator is closed."""
+        with self._lock:
+            seq = self._send(number, args)
+            while True:
+                head = self._recv(seq)
+                if "e" in head:
+                    raise SyscallError(head["e"], head.get("m", ""))
+                yield head.get("r")
+                if not head.get("p"):
+                    return
 
     def call(self, name: str, **args: Any) -> Any:
         """Make syscall `name` with keyword arguments; the methods wrap this."""
@@ -164,10 +190,20 @@ class Llmos(SyscallMethods):
 
     # -- calls the library adds to -------------------------------------------------
 
-    def spawn(self, argv: list[str], uid: int | None = None, cwd: str | None = None,
-              env: dict[str, str] | None = None) -> int:
-        """Start argv as a child process; cwd defaults to this process's."""
-        return super().spawn(list(argv), uid, cwd if cwd is not None else os.getcwd(), env)
+    def spawn(self, argv: list[str], uid: int | None = None,  # type: ignore[override]
+              cwd: str | os.PathLike | None = None, env: dict[str, str] | None = None,
+              gpus: dict | None = None) -> int:
+        """Start argv (a list: program, then arguments) as a child process; cwd
+        defaults to this process's. gpus: an allocation alloc_gpu returned, whose
+        environment (gpu_env: CUDA_VISIBLE_DEVICES, the memory bound) the child gets."""
+        if not isinstance(argv, (list, tuple)) or not all(
+                isinstance(a, (str, os.PathLike)) for a in argv):
+            raise SyscallError(Errno.EINVAL, "spawn: argv must be a list of str, "
+                               f"not {type(argv).__name__}")
+        if gpus is not None:
+            env = {**gpu_env(gpus), **(env or {})}
+        return super().spawn([os.fspath(a) for a in argv], uid,
+                             os.fspath(cwd) if cwd is not None else os.getcwd(), env)
 
     def exit(self, status: int = 0) -> None:  # type: ignore[override]
         """End this process with status, as exit(3) does: raises SystemExit."""
@@ -217,11 +253,13 @@ def _alive(pid: int) -> bool:
 
 
 def connect(home: str | os.PathLike | None = None, uid: int | None = None,
-            heartbeat: bool = True) -> Llmos:
+            heartbeat: bool = True, timeout: float | None = None) -> Llmos:
     """Attach this Python process to llmos and return its handle.
 
     home defaults to $LLMOS_HOME, then ~/.llmos. uid (with the home's secret, which
     is an administrator's credential) attaches as that uid instead of the
-    configured default_uid.
+    configured default_uid. timeout bounds how long each call waits for its reply
+    (ETIMEDOUT); by default a call waits as long as the kernel lives. A handle may be
+    shared by threads: they take turns.
     """
-    return Llmos(home, uid, heartbeat)
+    return Llmos(home, uid, heartbeat, timeout)

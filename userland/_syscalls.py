@@ -58,3 +58,55 @@ class SyscallMethods:
     def sleep(self, seconds: float) -> Any:
         'Answer after seconds, without blocking the driver.'
         return self._call(102, {'seconds': seconds})
+
+    def alloc_gpu(self, mem: int | str, count: int = 1, exclusive: bool = False, wait: bool = False, timeout: float | None = None, priority: int = 0) -> Any:
+        'Allocate mem bytes on each of count GPUs. Fails with ENOMEM when it cannot be met now (or ever), or waits in the queue with wait=True (docs/devices.md).'
+        return self._call(200, {'mem': mem, 'count': count, 'exclusive': exclusive, 'wait': wait, 'timeout': timeout, 'priority': priority})
+
+    def free_gpu(self, alloc_id: str) -> Any:
+        'Free an allocation of the calling process (uid 0: of any process).'
+        return self._call(201, {'alloc_id': alloc_id})
+
+    def devices(self) -> Any:
+        'Every GPU with its capacity, allocated and free bytes and the allocations on it (pid, uid, bytes), the CPUs and memory, and the queue.'
+        return self._call(202, {})
+
+    def open_tensor(self, path: str, mode: str, dtype: str | None = None, shape: list[int] | None = None, perm: int = 420, shm: bool = False) -> Any:
+        "Open a tensor. Writes are staged and become visible, durably, at close_tensor; the descriptor is this process's only."
+        return self._call(300, {'path': path, 'mode': mode, 'dtype': dtype, 'shape': shape, 'perm': perm, 'shm': shm})
+
+    def read_tensor(self, fd: str, slice: list[list[int]] | None = None, shm: bool = False) -> Any:
+        'Read a tensor, or a slice of it, in C order. Checksums are verified.'
+        return self._call(301, {'fd': fd, 'slice': slice, 'shm': shm})
+
+    def write_tensor(self, fd: str, data: bytes, slice: list[list[int]] | None = None) -> Any:
+        "Write the whole staged tensor or a slice of it; data must be exactly the region's size."
+        return self._call(302, {'fd': fd, 'data': data, 'slice': slice})
+
+    def close_tensor(self, fd: str, discard: bool = False) -> Any:
+        'Close a descriptor. For a write it commits: temporary file, fsync, rename, fsync of the directory; when it returns, the tensor survives any crash.'
+        return self._call(303, {'fd': fd, 'discard': discard})
+
+    def stat(self, path: str) -> Any:
+        'Metadata of a tensor or a directory.'
+        return self._call(304, {'path': path})
+
+    def listdir(self, path: str) -> Any:
+        'The entries of a directory, sorted by name.'
+        return self._call(305, {'path': path})
+
+    def mkdir(self, path: str, perm: int = 493) -> Any:
+        'Make a directory (its parent must exist).'
+        return self._call(306, {'path': path, 'perm': perm})
+
+    def unlink(self, path: str) -> Any:
+        'Remove a tensor or an empty directory. Open readers keep what they opened.'
+        return self._call(307, {'path': path})
+
+    def rename(self, src: str, dst: str) -> Any:
+        'Move a tensor or directory; dst must not exist.'
+        return self._call(308, {'src': src, 'dst': dst})
+
+    def chmod(self, path: str, perm: int) -> Any:
+        'Set mode bits (owner or uid 0 only).'
+        return self._call(309, {'path': path, 'perm': perm})

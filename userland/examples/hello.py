@@ -13,13 +13,18 @@ with userland.connect() as osh:  # this Python process is now an llmos process
     print(f"I am llmos pid {osh.getpid()} (uid {osh.uid}), child of pid {osh.getppid()}")
 
     print("\nThe process table:")
+    print(f"  {'PID':>4} {'PPID':>4} {'UID':>5} {'STATE':<8} COMMAND")
     for p in osh.ps():
         print(f"  {p['pid']:>4} {p['ppid']:>4} {p['uid']:>5} {p['state']:<8} "
               f"{' '.join(p['argv'])[:60]}")
 
     child = osh.spawn(["python", str(HERE / "child.py"), "7"])
-    print(f"\nSpawned pid {child}; it runs as a real OS process. Waiting for it...")
+    print(f"\nSpawned pid {child} (child.py, told to exit with status 7); it runs as a "
+          "real OS process. Waiting for it...")
     print(f"  wait -> {osh.wait(child)}")
+    log = osh.home.root / "log" / "proc" / f"{child}.log"
+    print(f"  its output, from {log}:")
+    print(log.read_text().rstrip())
 
     print("\nA syscall served by a driver process (echo):", osh.echo(b"hello, driver"))
     print("A streamed syscall (ticks), replies as they come:", end="")

@@ -1,0 +1,3 @@
+from drivers.devices import main
+
+main()

@@ -1,0 +1,3 @@
+from drivers.tensorfs import main
+
+main()
