@@ -74,6 +74,12 @@ class Booted:
         except psutil.NoSuchProcess:
             return []
 
+    def __enter__(self) -> "Booted":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.stop()
+
     def stop(self) -> None:
         procs = self.descendants()
         if self.proc.poll() is None:
@@ -100,27 +106,23 @@ def _toml(v: Any) -> str:
         return f'"{v}"'
     if isinstance(v, list):
         return "[" + ", ".join(_toml(x) for x in v) + "]"
+    if isinstance(v, dict):  # an inline table
+        return "{" + ", ".join(f"{_toml(str(k))} = {_toml(x)}" for k, x in v.items()) + "}"
     return repr(v)
 
 
 @pytest.fixture
 def booted() -> Iterator[Booted]:
     """A fresh kernel for one test (use it for tests that kill or break things)."""
-    b = Booted()
-    try:
+    with Booted() as b:
         yield b
-    finally:
-        b.stop()
 
 
 @pytest.fixture(scope="module")
 def shared_kernel() -> Iterator[Booted]:
     """One kernel for a module of tests that leave it as they found it."""
-    b = Booted()
-    try:
+    with Booted() as b:
         yield b
-    finally:
-        b.stop()
 
 
 def wait_until(cond, timeout: float = 5.0, interval: float = 0.02) -> bool:

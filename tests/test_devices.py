@@ -25,24 +25,14 @@ MiB = 2**20
 QUOTA_UID = 1001
 
 
-class TomlTable(dict):
-    """A dict conftest's config writer prints as a TOML inline table."""
-
-    def __repr__(self) -> str:
-        return "{" + ", ".join(f'"{k}" = "{v}"' for k, v in self.items()) + "}"
-
-
 CONFIG = {"gpus": "sim", "sim_gpus": "2x1GiB", "gpu_max_bypass": 2,
-          "gpu_quota": TomlTable({str(QUOTA_UID): "1GiB"})}
+          "gpu_quota": {str(QUOTA_UID): "1GiB"}}
 
 
 @pytest.fixture(scope="module")
 def kernel():
-    b = Booted(CONFIG)
-    try:
+    with Booted(CONFIG) as b:
         yield b
-    finally:
-        b.stop()
 
 
 def devices(kernel: Booted) -> dict:

@@ -311,11 +311,8 @@ LONG = settings(FAST, max_examples=40, stateful_step_count=40)
 
 @pytest.fixture(scope="module")
 def kernel():
-    b = Booted(CONFIG)
-    try:
+    with Booted(CONFIG) as b:
         yield b
-    finally:
-        b.stop()
 
 
 def _run(kernel: Booted, cfg: settings) -> None:

@@ -73,11 +73,8 @@ def errno_of(fn, *args, **kw) -> Errno | None:
 
 @pytest.fixture(scope="module")
 def kernel():
-    b = Booted()
-    try:
+    with Booted() as b:
         yield b
-    finally:
-        b.stop()
 
 
 @pytest.fixture(scope="module")

@@ -28,14 +28,9 @@ THRESHOLD = 64 * KiB
 QUOTA_UID = 1002
 
 
-class TomlTable(dict):
-    def __repr__(self) -> str:
-        return "{" + ", ".join(f'"{k}" = "{v}"' for k, v in self.items()) + "}"
-
-
 CONFIG = {"drivers": ["tensorfs"], "tensor_shm_threshold": "64KiB",
           "tensor_max_size": "8MiB", "tensor_cache": "4MiB",
-          "tensor_quota": TomlTable({str(QUOTA_UID): "256KiB"})}
+          "tensor_quota": {str(QUOTA_UID): "256KiB"}}
 
 
 def shm_segments(b: Booted, kind: str = "") -> list[str]:
