@@ -62,6 +62,25 @@ def fresh():
         stop(b)
 
 
+def test_a_reused_staging_segment_starts_zeroed(kernel):
+    """A process's staging segment is reused for its next write of the same size;
+    what an earlier write left in it must not show through a partial write."""
+    n = 4 * THRESHOLD // 4  # float32 elements: above the shared-memory threshold
+    with kernel.connect() as osh:
+        osh.save_tensor("/reuse-a", np.ones(n, dtype=np.float32))
+        fd = osh.open_tensor("/reuse-b", "w", "float32", [n], 0o644, True)["fd"]
+        half = np.full(n // 2, 7, dtype=np.float32)
+        osh.write_tensor(fd, half.tobytes(), [[0, n // 2]])
+        osh.close_tensor(fd)
+        got = np.asarray(osh.load_tensor("/reuse-b"))
+        assert (got[: n // 2] == 7).all() and (got[n // 2:] == 0).all()
+        assert len(shm_segments(kernel, "x")) == 1  # the spare, kept for this process
+        for p in ("/reuse-a", "/reuse-b"):
+            osh.unlink(p)
+    # the process is gone: its spare goes too
+    assert wait_until(lambda: not shm_segments(kernel, "x"), 5)
+
+
 def errno_of(fn, *a, **kw) -> Errno:
     with pytest.raises(SyscallError) as e:
         fn(*a, **kw)

@@ -69,9 +69,11 @@ def from_raw(buf: Any, dtype: str, shape: list[int]) -> Any:
 
 
 def map_segment(path: str, size: int, writable: bool) -> mmap.mmap:
-    """Map a driver's segment and unlink its name: the pages live while mapped.
-    A private (copy-on-write) mapping for reads, so the caller may write to its
-    tensor without touching the driver's cache."""
+    """Map a driver's segment. A read's segment is handed over: its name is unlinked
+    here and the pages live while mapped; a private (copy-on-write) mapping, so the
+    caller may write to its tensor without touching the driver's cache. A write's
+    staging segment stays the driver's (it reuses it for this process's next write
+    and removes it when the process ends)."""
     fd = os.open(path, os.O_RDWR if writable else os.O_RDONLY)
     try:
         if writable:
@@ -79,10 +81,11 @@ def map_segment(path: str, size: int, writable: bool) -> mmap.mmap:
         return mmap.mmap(fd, max(size, 1), access=mmap.ACCESS_COPY)
     finally:
         os.close(fd)
-        try:
-            os.unlink(path)
-        except FileNotFoundError:
-            pass
+        if not writable:
+            try:
+                os.unlink(path)
+            except FileNotFoundError:
+                pass
 
 
 class TensorMethods:

@@ -25,6 +25,7 @@ import mmap
 import os
 import secrets
 import signal
+import threading
 import time
 import zlib
 from collections import OrderedDict
@@ -48,6 +49,7 @@ TMP_PREFIX = ".llmos-tmp-"
 MAX_NAME = 200          # bytes of one path component (the file adds ".safetensors")
 MAX_DEPTH = 64
 SHM_GRACE_S = 30.0      # a handed-out segment the client has not taken by then is removed
+PARALLEL_CRC_BYTES = 1 << 20  # from this size the checksum runs beside the write
 ROOT_MODE = 0o1777      # like /tmp: anyone may create; only owners remove (sticky)
 WRITE_MODES = ("w", "x", "rw")
 
@@ -65,6 +67,31 @@ def write_all(fd: int, data: Any) -> None:
     while mv:
         n = os.write(fd, mv[:1 << 30])
         mv = mv[n:]
+
+
+def write_data_and_crc(fd: int, m: TensorMeta, data: memoryview) -> None:
+    """Write header and data, setting m.crc32. For large data the checksum runs in a
+    thread while the data is written (zlib and os.write both release the GIL), then
+    the header, whose checksum field is fixed-width, is rewritten in place."""
+    if len(data) < PARALLEL_CRC_BYTES:
+        m.crc32 = zlib.crc32(data)
+        write_all(fd, _format.header(m))
+        write_all(fd, data)
+        return
+    crc: list[int] = []
+    worker = threading.Thread(target=lambda: crc.append(zlib.crc32(data)))
+    worker.start()
+    m.crc32 = 0
+    head = _format.header(m)
+    try:
+        write_all(fd, head)
+        write_all(fd, data)
+    finally:
+        worker.join()
+    m.crc32 = crc[0]
+    final = _format.header(m)
+    assert len(final) == len(head)
+    os.pwrite(fd, final, 0)
 
 
 def parse_quota(table: Any) -> dict[int, int]:
@@ -130,6 +157,9 @@ class TensorFS:
         self.threshold = parse_size(cfg["tensor_shm_threshold"])
         self.pfx = _shm.prefix(home.root)
         self.fds: dict[str, Open] = {}
+        # each process's last staging segment, kept for its next write of the same
+        # size: a fresh segment's first touch of new pages costs more than the copy
+        self.spares: dict[int, tuple[Path, Any, int]] = {}
         self.cache: OrderedDict[tuple[int, int, int], Cached] = OrderedDict()
         self.cache_bytes = 0
         self.stats = Stats()
@@ -355,8 +385,7 @@ class TensorFS:
                 o.key = (s.st_ino, s.st_mtime_ns, s.st_size)
             else:
                 if shm and size >= self.threshold:
-                    o.seg = _shm.new_name(self.pfx, "x")
-                    o.buf = _shm.create(o.seg, size)
+                    o.seg, o.buf = self.staging(req.pid, size)
                 else:
                     o.buf = bytearray(size)
                 if mode == "rw":
@@ -461,17 +490,37 @@ class TensorFS:
             self.drop(o)
             req.release("tensor", fd)
 
-    def drop(self, o: Open) -> None:
+    def staging(self, pid: int, size: int) -> tuple[Path, Any]:
+        """A zero-filled segment of size bytes for pid to write into: its spare
+        when the size matches (zeroing mapped pages is cheaper than faulting in new
+        ones), else a new one."""
+        spare = self.spares.pop(pid, None)
+        if spare is not None and spare[2] == size:
+            np.frombuffer(spare[1], dtype=np.uint8, count=size)[:] = 0
+            return spare[0], spare[1]
+        if spare is not None:
+            self.free_segment(spare[0], spare[1])
+        seg = _shm.new_name(self.pfx, "x")
+        return seg, _shm.create(seg, size)
+
+    @staticmethod
+    def free_segment(seg: Path, buf: Any) -> None:
+        _shm.unlink(seg)
+        try:
+            buf.close()
+        except BufferError:
+            pass
+
+    def drop(self, o: Open, keep_spare: bool = True) -> None:
         self.fds.pop(o.fd, None)
         if o.os_fd >= 0:
             os.close(o.os_fd)
             o.os_fd = -1
         if o.seg is not None:
-            _shm.unlink(o.seg)
-            try:
-                o.buf.close()
-            except BufferError:
-                pass
+            if keep_spare and o.mode in WRITE_MODES and o.pid not in self.spares:
+                self.spares[o.pid] = (o.seg, o.buf, o.meta.nbytes)
+            else:
+                self.free_segment(o.seg, o.buf)
         o.buf = None
 
     def commit(self, o: Open) -> dict[str, Any]:
@@ -481,7 +530,6 @@ class TensorFS:
         target = self.tensor_path(parts)
         m = o.meta
         data = memoryview(o.buf).cast("B")[:m.nbytes]
-        m.crc32 = zlib.crc32(data)
         m.mtime = time.time()
         old = None
         if target.is_file():
@@ -492,8 +540,7 @@ class TensorFS:
         tmp = d / (TMP_PREFIX + secrets.token_hex(8))
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
         try:
-            write_all(fd, _format.header(m))
-            write_all(fd, data)
+            write_data_and_crc(fd, m, data)
             os.fsync(fd)
         except BaseException:
             os.close(fd)
@@ -681,7 +728,10 @@ class TensorFS:
     def on_exit(self, pid: int) -> None:
         mine = [o for o in self.fds.values() if o.pid == pid]
         for o in mine:
-            self.drop(o)  # uncommitted writes are discarded
+            self.drop(o, keep_spare=False)  # uncommitted writes are discarded
+        spare = self.spares.pop(pid, None)
+        if spare is not None:
+            self.free_segment(spare[0], spare[1])
         for seg in self.stats.handouts.pop(pid, {}):
             _shm.unlink(seg)
         if mine:
@@ -712,7 +762,10 @@ class TensorFS:
 
     def shutdown(self) -> None:
         for o in list(self.fds.values()):
-            self.drop(o)
+            self.drop(o, keep_spare=False)
+        for seg, buf, _ in self.spares.values():
+            self.free_segment(seg, buf)
+        self.spares.clear()
         self.cache.clear()
         _shm.sweep_all(self.pfx)
 

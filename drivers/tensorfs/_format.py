@@ -61,7 +61,9 @@ def header(meta: TensorMeta) -> bytes:
     safetensors library does) for a file whose data follows."""
     doc = {"__metadata__": {"llmos.owner": str(meta.owner), "llmos.mode": oct(meta.mode),
                             "llmos.ctime": repr(meta.ctime), "llmos.mtime": repr(meta.mtime),
-                            "llmos.crc32": str(meta.crc32), "format": "np"},
+                            # fixed width, so the header can be written before the
+                            # checksum is known and rewritten in place after
+                            "llmos.crc32": f"{meta.crc32:010d}", "format": "np"},
            KEY: {"dtype": DTYPES[meta.dtype][0], "shape": list(meta.shape),
                  "data_offsets": [0, meta.nbytes]}}
     body = json.dumps(doc, separators=(",", ":")).encode()
