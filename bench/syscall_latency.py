@@ -38,10 +38,10 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 import msgpack  # noqa: E402
-import psutil  # noqa: E402
 import zmq  # noqa: E402
 
 import userland  # noqa: E402
+from userland._proc import stop_kernel  # noqa: E402
 from syscalls import ABI_VERSION, BY_NAME, Home  # noqa: E402
 
 NOP = BY_NAME["nop"].number
@@ -173,23 +173,8 @@ class BootedKernel:
         return (self.root / "boot.log").read_text(errors="replace")[-4000:]
 
     def stop(self) -> None:
-        try:
-            procs = psutil.Process(self.pid).children(recursive=True)
-        except psutil.NoSuchProcess:
-            procs = []
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        for p in procs:
-            try:
-                p.kill()
-            except psutil.NoSuchProcess:
-                pass
-        psutil.wait_procs(procs, timeout=5)
+        stop_kernel(self.pid)
+        self.proc.wait()  # ours to reap
         self.log.close()
 
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
@@ -18,6 +17,7 @@ import pytest
 
 import userland
 from syscalls import Home
+from userland._proc import stop_kernel
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -81,20 +81,8 @@ class Booted:
         self.stop()
 
     def stop(self) -> None:
-        procs = self.descendants()
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        for p in procs:
-            try:
-                p.kill()
-            except psutil.NoSuchProcess:
-                pass
-        psutil.wait_procs(procs, timeout=5)
+        stop_kernel(self.pid)
+        self.proc.wait()  # ours to reap
         self.log.close()
         shutil.rmtree(self.root, ignore_errors=True)
 

@@ -22,6 +22,7 @@ import pytest
 from conftest import wait_until
 
 import userland
+from userland._proc import stop_kernel
 from syscalls import ABI_VERSION, Home
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -85,22 +86,13 @@ class CliHome:
 
 
 def _end_kernel(pid: int, root: Path) -> None:
-    """SIGTERM the kernel pid on root, then SIGKILL it and all it left."""
+    """Stop the kernel pid on root (SIGTERM, then SIGKILL for it and all it left)."""
     try:
-        kernel = psutil.Process(pid)
-        if str(root) not in " ".join(kernel.cmdline()):
+        if str(root) not in " ".join(psutil.Process(pid).cmdline()):
             return  # the pid now names some other process
-        family = [kernel, *kernel.children(recursive=True)]
-        kernel.terminate()
     except psutil.Error:
         return
-    psutil.wait_procs([kernel], timeout=10)
-    for proc in family:
-        try:
-            proc.kill()
-        except psutil.NoSuchProcess:
-            pass
-    psutil.wait_procs(family, timeout=5)
+    stop_kernel(pid)
 
 
 def _gone(pid: int) -> bool:

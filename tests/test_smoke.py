@@ -1,6 +1,3 @@
-import userland
-
-
 def test_attach_and_getpid(shared_kernel):
     with shared_kernel.connect() as osh:
         assert osh.getpid() == osh.pid

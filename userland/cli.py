@@ -33,6 +33,7 @@ import psutil
 import userland
 from syscalls import ABI_VERSION, Errno, Home, SyscallError
 from userland._cli_tensors import add_commands as add_tensor_commands
+from userland._proc import stop_kernel
 
 NOT_RUNNING = 3
 START_TIMEOUT_S = 30.0
@@ -91,26 +92,6 @@ def _alive(pid: int) -> bool:
         return False
     except psutil.AccessDenied:
         return True
-
-
-def _gone(proc: psutil.Process) -> bool:
-    try:
-        return not proc.is_running() or proc.status() == psutil.STATUS_ZOMBIE
-    except psutil.NoSuchProcess:
-        return True
-
-
-def _wait_gone(procs: list[psutil.Process], timeout: float) -> bool:
-    """Wait until every one of procs has ended; False if some outlive timeout.
-
-    Polls rather than wait()s: they are not our children, and a zombie that
-    nobody reaps has ended all the same."""
-    deadline = time.monotonic() + timeout
-    while not all(_gone(p) for p in procs):
-        if time.monotonic() >= deadline:
-            return False
-        time.sleep(POLL_S)
-    return True
 
 
 def kernel_argv(home: Home, verbose: bool = False, sim_gpus: str | None = None) -> list[str]:
@@ -330,25 +311,14 @@ def cmd_stop(home: Home, args: argparse.Namespace) -> int:
 
 
 def _stop_kernel(pid: int, timeout: float) -> None:
-    """SIGTERM kernel pid and wait until it is gone; after timeout SIGKILL it and
-    every process it had started."""
+    """SIGTERM kernel pid and wait; after timeout SIGKILL it and every process it had
+    started."""
     try:
-        kernel = psutil.Process(pid)
-        family = kernel.children(recursive=True)
-        kernel.send_signal(signal.SIGTERM)
-    except psutil.NoSuchProcess:
-        return
-    # the kernel stops its drivers and children and removes its sockets itself
-    if not _wait_gone([kernel], timeout):
-        print(f"llmos: the kernel did not stop within {timeout:g}s: killing it and "
-              "its processes", file=sys.stderr)
-        for proc in [kernel, *family]:
-            try:
-                proc.kill()  # psutil refuses a pid that now names another process
-            except psutil.NoSuchProcess:
-                pass
-        if not _wait_gone([kernel, *family], 5.0):
-            raise CliError(f"llmos: kernel pid {pid} survived SIGKILL")
+        if not stop_kernel(pid, timeout):
+            print(f"llmos: the kernel did not stop within {timeout:g}s: killed it and "
+                  "its processes", file=sys.stderr)
+    except RuntimeError as e:
+        raise CliError(f"llmos: {e}") from None
 
 
 def cmd_status(home: Home, args: argparse.Namespace) -> int:

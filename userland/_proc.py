@@ -1,0 +1,53 @@
+"""Stopping a kernel from outside it: `llmos stop`, the tests and the benchmarks.
+
+By pid, never by name: psutil checks a pid still names the process it found (by
+its start time), so a pid reused by another program is never signalled.
+"""
+from __future__ import annotations
+
+import time
+
+import psutil
+
+POLL_S = 0.02
+
+
+def stop_kernel(pid: int, timeout: float = 10.0) -> bool:
+    """SIGTERM kernel pid and wait up to timeout for it to end (it stops its
+    drivers and processes itself); then SIGKILL it, if it is still there, and every
+    process it had started. True when it stopped by itself."""
+    try:
+        kernel = psutil.Process(pid)
+        family = kernel.children(recursive=True)
+        kernel.terminate()
+    except psutil.NoSuchProcess:
+        return True
+    clean = wait_gone([kernel], timeout)
+    for proc in [kernel, *family]:
+        try:
+            proc.kill()
+        except psutil.NoSuchProcess:
+            pass
+    if not wait_gone([kernel, *family], 5.0):
+        raise RuntimeError(f"kernel pid {pid} or one of its processes survived SIGKILL")
+    return clean
+
+
+def wait_gone(procs: list[psutil.Process], timeout: float) -> bool:
+    """Wait until every one of procs has ended; False if some outlive timeout.
+
+    Polls rather than wait()s: they need not be our children, and a zombie that
+    nobody reaps has ended all the same."""
+    deadline = time.monotonic() + timeout
+    while not all(_gone(p) for p in procs):
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(POLL_S)
+    return True
+
+
+def _gone(proc: psutil.Process) -> bool:
+    try:
+        return not proc.is_running() or proc.status() == psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return True
