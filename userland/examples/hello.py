@@ -5,6 +5,8 @@ host while llmos runs (`python userland/examples/hello.py`).
 """
 from pathlib import Path
 
+import numpy as np
+
 import userland
 
 HERE = Path(__file__).resolve().parent
@@ -31,6 +33,20 @@ with userland.connect() as osh:  # this Python process is now an llmos process
     for tick in osh.ticks(5, 0.05):
         print(f" {tick}", end="", flush=True)
     print()
+
+    alloc = osh.alloc_gpu("1GiB")  # on simulated GPUs where the machine has none
+    print(f"\nalloc_gpu('1GiB') -> {alloc['devices']} (simulated: {alloc['simulated']})")
+    for g in osh.devices()["gpus"]:
+        print(f"  {g['id']}: {g['allocated'] >> 20} MiB of {g['capacity'] >> 20} MiB allocated")
+    osh.free_gpu(alloc["id"])
+
+    path = f"/hello-{osh.pid}"
+    osh.save_tensor(path, np.arange(6, dtype=np.float32).reshape(2, 3))  # durable on return
+    st = osh.stat(path)
+    print(f"\nsave_tensor({path!r}): {st['dtype']} {st['shape']}, {st['size']} bytes, "
+          f"{st['checksum']}")
+    print(f"load_tensor({path!r}) -> {osh.load_tensor(path).tolist()}")
+    osh.unlink(path)
 
     try:
         osh.wait(12345)
