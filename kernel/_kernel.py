@@ -126,8 +126,12 @@ class Kernel:
                     self.stats.drop("internal_error")
             now = time.monotonic()
             if now >= next_tick:
-                self.tick(now)
                 next_tick = now + TICK_S
+                try:
+                    self.tick(now)
+                except Exception:  # nor may a bug in the periodic work
+                    log.exception("internal error in the periodic work")
+                    self.stats.drop("internal_error")
 
     def tick(self, now: float) -> None:
         self._reap_os_children()
@@ -187,6 +191,8 @@ class Kernel:
             kind = head.get("t")
             if kind == "hb" and "k" in head:
                 self._on_heartbeat(conn, head)
+            elif kind == "cancel":
+                self._on_cancel(conn, head)
             elif kind in ("ready", "rep", "hb"):  # a driver instance that is not current
                 self.stats.drop("stale_driver")
             else:
@@ -243,6 +249,9 @@ class Kernel:
             uid = args["uid"] if args["uid"] is not None else self.config["default_uid"]
             local = args["host"] in ("", self.hostname)
             os_pid, ctime = args["os_pid"], None
+            if local and os_pid in self._protected_pids():
+                raise SyscallError(Errno.EPERM, f"attach: OS pid {os_pid} is the kernel's, "
+                                   "one of its drivers' or the OS's init")
             if local:
                 try:
                     ctime = psutil.Process(os_pid).create_time()
@@ -324,6 +333,9 @@ class Kernel:
         except OSError as e:
             self._forget(child)
             raise SyscallError(Errno.EIO, f"spawn: {e}")
+        except (ValueError, TypeError) as e:  # e.g. an '=' in an environment name
+            self._forget(child)
+            raise SyscallError(Errno.EINVAL, f"spawn: {e}")
         child.os_pid = popen.pid
         self.popens[child.pid] = popen
         self.spawn_tokens[child.token] = child.pid
@@ -359,7 +371,23 @@ class Kernel:
                 self.waiters.remove(w)
                 self.table.reap(child.pid)
                 self.finish(BY_NAME_WAIT, w.conn, w.seq, w.t0, child.exit_record())
-                return
+                break
+        else:
+            return
+        # the parent's other waits that no child can answer any more: ECHILD, as POSIX
+        for w in [w for w in self.waiters if w.pid == parent.pid and (
+                not parent.children or (w.target is not None
+                                        and w.target not in parent.children))]:
+            self.waiters.remove(w)
+            self.finish(BY_NAME_WAIT, w.conn, w.seq, w.t0,
+                        error=SyscallError(Errno.ECHILD, "wait: no child left to wait for"))
+
+    def _on_cancel(self, conn: bytes, head: dict) -> None:
+        """The client gave up on call seq (its timeout, Ctrl-C): forget a parked
+        wait, so it does not reap a child whose status nobody would read."""
+        seq = head.get("c")
+        for w in [w for w in self.waiters if w.conn == conn and w.seq == seq]:
+            self.waiters.remove(w)
 
     def _expire_waiters(self, now: float) -> None:
         for w in [w for w in self.waiters if w.deadline is not None and now >= w.deadline]:
@@ -380,11 +408,31 @@ class Kernel:
         if target.os_pid is None:  # remote: the kernel can only forget it
             self.end_process(target, -sig, "killed")
             return None
-        try:
-            os.kill(target.os_pid, sig)
-        except ProcessLookupError:
+        if not self._signal_os(target, sig):
             self.end_process(target, None, "lost")
         return None
+
+    def _protected_pids(self) -> set[int]:
+        """OS pids no process may claim, and the kernel never signals: its own, its
+        drivers', and the OS's init."""
+        return {os.getpid(), 1, *self.supervisor.os_pids()}
+
+    def _signal_os(self, proc: Process, sig: int) -> bool:
+        """Signal proc's OS process; False if it is gone. A host-attached process's
+        OS pid is only signalled while it names the process that attached (same
+        start time), and never when it names the kernel or one of its own."""
+        if proc.os_pid in self._protected_pids():
+            raise SyscallError(Errno.EPERM, f"OS pid {proc.os_pid} is the kernel's own")
+        try:
+            target = psutil.Process(proc.os_pid)
+            if not proc.spawned and target.create_time() != proc.os_create_time:
+                return False  # the pid was reused: that is someone else now
+            target.send_signal(sig)
+        except psutil.NoSuchProcess:
+            return False
+        except psutil.AccessDenied:
+            raise SyscallError(Errno.EPERM, f"not permitted to signal OS pid {proc.os_pid}")
+        return True
 
     def sys_exit(self, proc: Process, args: dict, conn: bytes, seq: int, t0: float) -> None:
         self.end_process(proc, args["status"], "exited")
@@ -442,9 +490,9 @@ class Kernel:
                 log.warning("pid %d missed its heartbeats", proc.pid)
                 if proc.os_pid is not None:
                     try:
-                        os.kill(proc.os_pid, signal.SIGKILL)
-                    except ProcessLookupError:
-                        pass
+                        self._signal_os(proc, signal.SIGKILL)
+                    except SyscallError as e:
+                        log.warning("pid %d: %s", proc.pid, e.message)
                 self.end_process(proc, -signal.SIGKILL, "lost")
 
     def _check_os_liveness(self) -> None:

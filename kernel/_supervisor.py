@@ -343,6 +343,10 @@ class Supervisor:
             self._fail(d.backlog.popleft(), Errno.EIO,
                        f"driver {d.name} is not available ({d.last_exit or 'starting'})")
 
+    def os_pids(self) -> list[int]:
+        return [d.popen.pid for d in self.drivers.values()
+                if d.popen is not None and d.popen.poll() is None]
+
     def describe(self) -> list[dict]:
         now = time.monotonic()
         return [{"name": d.name, "state": d.state, "epoch": d.epoch,

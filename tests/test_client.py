@@ -116,3 +116,46 @@ def test_bad_settings_are_refused_with_the_file_named(tmp_path, text, why):
     with pytest.raises(ValueError) as e:
         Home.resolve(tmp_path).config()
     assert why in str(e.value) and str(tmp_path / "config.toml") in str(e.value)
+
+
+# -- what a review found: each of these once hung a client or hurt the kernel ----------
+
+def test_spawn_with_an_unusable_environment_is_einval_and_leaves_nothing(shared_kernel):
+    with shared_kernel.connect() as osh:
+        before = {p["pid"] for p in osh.ps()}
+        assert errno_of(osh.spawn, ["true"], env={"A=B": "x"}) == Errno.EINVAL
+        assert {p["pid"] for p in osh.ps()} == before
+        assert errno_of(osh.wait, timeout=0) == Errno.ECHILD  # no phantom child
+
+
+def test_no_process_may_claim_the_kernels_os_pid(shared_kernel):
+    from rawclient import RawClient
+    with RawClient(shared_kernel.home.kernel_endpoint) as raw:
+        reply = raw.attach(shared_kernel.home, os_pid=shared_kernel.pid, heartbeat=True)
+    assert reply["e"] == Errno.EPERM, reply
+    assert shared_kernel.proc.poll() is None
+
+
+def test_a_wait_given_up_on_does_not_swallow_the_exit_status(shared_kernel):
+    with shared_kernel.connect(timeout=0.5) as osh:
+        child = osh.spawn(["python", "-c", "import sys, time; time.sleep(1.5); sys.exit(7)"])
+        assert errno_of(osh.wait, child) == Errno.ETIMEDOUT  # the client's own timeout
+        osh.timeout = None
+        assert osh.wait(child) == {"pid": child, "status": 7, "reason": "exited"}
+
+
+def test_a_second_wait_for_the_only_child_gets_echild(shared_kernel):
+    """Two waits pipelined on one connection: the child answers one; the other can
+    never be answered, so it gets ECHILD rather than hanging (as POSIX)."""
+    from rawclient import RawClient
+    from syscalls import BY_NAME
+    with RawClient(shared_kernel.home.kernel_endpoint, timeout_ms=20_000) as raw:
+        raw.attach(shared_kernel.home)
+        child = raw.call(BY_NAME["spawn"].number,
+                         {"argv": ["python", "-c", "import time; time.sleep(0.5)"]})["r"]
+        first = raw.request(BY_NAME["wait"].number, {})
+        second = raw.request(BY_NAME["wait"].number, {})
+        replies = {r["s"]: r for r in (raw.recv(), raw.recv())}
+        raw.call(BY_NAME["exit"].number, {"status": 0})
+    assert replies[first]["r"]["pid"] == child
+    assert replies[second]["e"] == Errno.ECHILD

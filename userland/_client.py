@@ -161,11 +161,24 @@ class Llmos(TensorMethods, SyscallMethods):
         with self._lock:
             seq = self._send(number, args)
             while True:
-                head = self._recv(seq)
+                head = self._await(seq)
                 if "e" in head:
                     raise SyscallError(head["e"], head.get("m", ""))
                 if not head.get("p"):
                     return head.get("r")
+
+    def _await(self, seq: int) -> dict:
+        """_recv, telling the kernel when this process gives up on the call (its
+        timeout, Ctrl-C), so that a parked call (wait) does not go on without it."""
+        try:
+            return self._recv(seq)
+        except BaseException as e:
+            if not (isinstance(e, SyscallError) and e.errno == Errno.EIO):
+                try:
+                    self._sock.send(encode({"t": "cancel", "c": seq})[0], zmq.NOBLOCK)
+                except zmq.ZMQError:
+                    pass
+            raise
 
     def _stream(self, number: int, args: dict) -> Iterator[Any]:
         """Partial replies as they come, then the final one. Holds the handle until
@@ -173,7 +186,7 @@ class Llmos(TensorMethods, SyscallMethods):
         with self._lock:
             seq = self._send(number, args)
             while True:
-                head = self._recv(seq)
+                head = self._await(seq)
                 if "e" in head:
                     raise SyscallError(head["e"], head.get("m", ""))
                 yield head.get("r")
