@@ -21,13 +21,13 @@ import threading
 import time
 from typing import Any, Iterator
 
-import psutil
 import zmq
 
 from syscalls import (ABI_VERSION, BY_NAME, MAX_HEADER, Errno, Home, SyscallError, decode,
                       encode)
 
 from ._gpu import gpu_env
+from ._proc import alive
 from ._syscalls import SyscallMethods
 from ._tensors import TensorMethods
 
@@ -145,7 +145,7 @@ class Llmos(TensorMethods, SyscallMethods):
             try:
                 frames = self._sock.recv_multipart()
             except zmq.Again:
-                if self.kernel_pid is not None and not _alive(self.kernel_pid):
+                if self.kernel_pid is not None and not alive(self.kernel_pid):
                     self._kernel_gone = True
                     raise SyscallError(Errno.EIO, "the llmos kernel is gone") from None
                 if deadline is not None and time.monotonic() > deadline:
@@ -158,14 +158,11 @@ class Llmos(TensorMethods, SyscallMethods):
             # else: the answer to a call abandoned earlier (e.g. by Ctrl-C); skip it
 
     def _call(self, number: int, args: dict) -> Any:
-        with self._lock:
-            seq = self._send(number, args)
-            while True:
-                head = self._await(seq)
-                if "e" in head:
-                    raise SyscallError(head["e"], head.get("m", ""))
-                if not head.get("p"):
-                    return head.get("r")
+        """The final reply's result (partial replies, if any, are skipped)."""
+        result = None
+        for result in self._stream(number, args):
+            pass
+        return result
 
     def _await(self, seq: int) -> dict:
         """_recv, telling the kernel when this process gives up on the call (its
@@ -254,15 +251,6 @@ class Llmos(TensorMethods, SyscallMethods):
     def __repr__(self) -> str:
         return f"<llmos pid {getattr(self, 'pid', '?')} uid {getattr(self, 'uid', '?')} " \
                f"on {self.home.root}>"
-
-
-def _alive(pid: int) -> bool:
-    try:
-        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
-    except psutil.NoSuchProcess:
-        return False
-    except psutil.Error:
-        return True
 
 
 def connect(home: str | os.PathLike | None = None, uid: int | None = None,

@@ -46,6 +46,16 @@ def wait_gone(procs: list[psutil.Process], timeout: float) -> bool:
     return True
 
 
+def alive(pid: int) -> bool:
+    """pid names a process that has not ended (a zombie has)."""
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+    except psutil.Error:  # not ours to look at, but there
+        return True
+
+
 def _gone(proc: psutil.Process) -> bool:
     try:
         return not proc.is_running() or proc.status() == psutil.STATUS_ZOMBIE

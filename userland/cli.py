@@ -28,12 +28,11 @@ from importlib import metadata
 from pathlib import Path
 from typing import IO, Any, NoReturn, Sequence
 
-import psutil
 
 import userland
 from syscalls import ABI_VERSION, Errno, Home, SyscallError
 from userland._cli_tensors import add_commands as add_tensor_commands
-from userland._proc import stop_kernel
+from userland._proc import alive, stop_kernel
 
 NOT_RUNNING = 3
 START_TIMEOUT_S = 30.0
@@ -67,7 +66,7 @@ def running_kernel(home: Home) -> int | None:
     its pid may be reused. A kernel holds an flock on run/kernel.lock for its
     whole life, so the lock must be held too."""
     pid = home.kernel_pid()
-    if pid is None or not _alive(pid):
+    if pid is None or not alive(pid):
         return None
     try:
         fd = os.open(home.lockfile, os.O_RDONLY)
@@ -82,16 +81,6 @@ def running_kernel(home: Home) -> int | None:
     finally:
         os.close(fd)  # also drops the shared lock if we got it
     return None
-
-
-def _alive(pid: int) -> bool:
-    """pid names a process that has not ended (a zombie has)."""
-    try:
-        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
-    except psutil.NoSuchProcess:
-        return False
-    except psutil.AccessDenied:
-        return True
 
 
 def kernel_argv(home: Home, verbose: bool = False, sim_gpus: str | None = None) -> list[str]:
