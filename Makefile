@@ -23,6 +23,7 @@ test: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python bench/syscall_latency.py
+	$(BIN)/python bench/executor_bench.py
 
 gen: $(STAMP)
 	$(BIN)/python -m syscalls.gen

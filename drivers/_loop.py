@@ -11,13 +11,16 @@ and sends the reply. A handler:
     timer set with loop.call_later(); req.partial() streams replies before that.
 Hooks: on_exit(pid) when a process ends (reclaim what it held), on_welcome(live
 pids) after each (re)start, status() for a small summary sent with every heartbeat
-and shown in sysinfo.
+and shown in sysinfo, on_cancel(request id) when a caller gave up on a call.
+A handler may hand slow work to a thread; the thread gives its result back with
+loop.post(fn), which runs fn on the loop's thread (the only one that sends).
 The loop exits when the kernel says stop, or when the kernel is gone (its pid
 changed or its heartbeats stopped), so a driver never outlives its kernel.
 It must never import the kernel or userland.
 """
 from __future__ import annotations
 
+import collections
 import heapq
 import itertools
 import logging
@@ -77,7 +80,15 @@ class Request:
         head.update(t="rep", i=self.id)
         if self._res:
             head["res"], self._res = self._res, []
-        self.loop.send(head)
+        frames = encode(head)
+        try:  # what the kernel could not decode it would drop, and the caller would hang
+            decode([frames[0]] + [b""] * (len(frames) - 1))
+        except WireError as e:
+            log.error("%s: a reply the kernel cannot decode (%s); answering EIO", self.name, e)
+            frames = encode({"t": "rep", "i": self.id, "e": int(Errno.EIO),
+                             "m": f"{self.loop.service} driver: {self.name}: a reply that "
+                                  f"cannot be sent ({e})"})
+        self.loop.send_frames(frames)
 
 
 Handler = Callable[..., Any]
@@ -87,7 +98,8 @@ class DriverLoop:
     def __init__(self, service: str, handlers: dict[str, Handler],
                  on_exit: Callable[[int], None] | None = None,
                  on_welcome: Callable[[list[int]], None] | None = None,
-                 status: Callable[[], dict] | None = None) -> None:
+                 status: Callable[[], dict] | None = None,
+                 on_cancel: Callable[[int], None] | None = None) -> None:
         unknown = [n for n in handlers if n not in {s.name for s in BY_NUMBER.values()}]
         if unknown:
             raise ValueError(f"handlers for syscalls not in the table: {unknown}")
@@ -96,6 +108,9 @@ class DriverLoop:
         self.on_exit = on_exit
         self.on_welcome = on_welcome
         self.status = status
+        self.on_cancel = on_cancel
+        self._posted: collections.deque[Callable[[], None]] = collections.deque()
+        self.background = 0  # jobs running in other threads that will post()
         self.home = Home.resolve(os.environ.get("LLMOS_HOME"))
         cfg = self.home.config()
         self.hb_s = float(cfg["driver_heartbeat_s"])
@@ -115,15 +130,23 @@ class DriverLoop:
     def call_later(self, seconds: float, fn: Callable[[], None]) -> None:
         heapq.heappush(self._timers, (time.monotonic() + seconds, next(self._seq), fn))
 
+    def post(self, fn: Callable[[], None]) -> None:
+        """Run fn on the loop's thread soon: how a handler's background thread hands
+        back its result (the socket belongs to the loop's thread). While
+        self.background > 0 the loop looks for posted work every few ms."""
+        self._posted.append(fn)
+
     def send(self, head: dict) -> None:
-        frames = encode(head)
+        self.send_frames(encode(head))
+
+    def send_frames(self, frames: list) -> None:
         last = len(frames) - 1
         try:
             for i, frame in enumerate(frames):  # int flags: cheaper than send_multipart
                 self.sock.send(frame, _LAST if i == last else _MORE,
                                copy=len(frame) < 65536)
         except zmq.Again:
-            log.warning("the kernel is not reading; dropped a %s message", head.get("t"))
+            log.warning("the kernel is not reading; dropped a message")
 
     def run(self) -> None:
         self.sock.connect(self.home.driver_endpoint)
@@ -142,9 +165,15 @@ class DriverLoop:
                     log.warning("the kernel is gone; driver %s exits", self.service)
                     break
             self._run_timers(now)
+            while self._posted:
+                self._run(self._posted.popleft())
             wake = min(next_hb, self._timers[0][0] if self._timers else next_hb)
-            # a blocking recv with a timeout: fewer system calls than poll-then-recv
-            self.sock.setsockopt(zmq.RCVTIMEO, max(1, math.ceil((wake - now) * 1000)))
+            if self.background:
+                wake = min(wake, now + 0.003)
+            # a blocking recv with a timeout: fewer system calls than poll-then-recv;
+            # none at all when a timer is due already (a busy engine's next step)
+            timeout = math.ceil((wake - time.monotonic()) * 1000)
+            self.sock.setsockopt(zmq.RCVTIMEO, max(0, timeout))
             try:
                 frames = self.sock.recv_multipart()
             except zmq.Again:
@@ -159,11 +188,14 @@ class DriverLoop:
 
     def _run_timers(self, now: float) -> None:
         while self._timers and self._timers[0][0] <= now:
-            _, _, fn = heapq.heappop(self._timers)
-            try:
-                fn()
-            except Exception:
-                log.exception("timer failed")
+            self._run(heapq.heappop(self._timers)[2])
+
+    @staticmethod
+    def _run(fn: Callable[[], None]) -> None:
+        try:
+            fn()
+        except Exception:
+            log.exception("timer or posted callback failed")
 
     def _on_message(self, frames: list[bytes]) -> None:
         try:
@@ -178,6 +210,8 @@ class DriverLoop:
             self.on_exit(head["pid"])
         elif kind == "welcome" and self.on_welcome is not None:
             self.on_welcome(head.get("live", []))
+        elif kind == "cancel" and self.on_cancel is not None:
+            self.on_cancel(head.get("i"))
         elif kind == "stop":
             self.running = False
 
@@ -203,9 +237,14 @@ class DriverLoop:
             req.reply(result)
 
 
-def run_driver(service: str, handlers: dict[str, Handler], **hooks: Any) -> None:
-    """Serve `handlers` as driver `service` until the kernel stops it."""
+def prepare_driver(service: str) -> None:
+    """Logging to the driver's log, and no SIGINT: the kernel orchestrates shutdown."""
     logging.basicConfig(level=logging.INFO, stream=sys.stderr,
                         format=f"%(asctime)s {service} %(levelname)s %(message)s")
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the kernel orchestrates shutdown
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+def run_driver(service: str, handlers: dict[str, Handler], **hooks: Any) -> None:
+    """Serve `handlers` as driver `service` until the kernel stops it."""
+    prepare_driver(service)
     DriverLoop(service, handlers, **hooks).run()

@@ -12,6 +12,7 @@ Blocking syscalls (wait) are parked in `self.waiters` and answered later.
 from __future__ import annotations
 
 import ctypes
+import errno
 import hmac
 import logging
 import os
@@ -76,6 +77,11 @@ class Kernel:
         self.inflight: dict[int, int] = {}         # pid -> driver calls in flight
         self.running = True
         self._next_os_check = 0.0
+        # libzmq names peers that set no routing id 0x00 + a counter that starts at
+        # rand(), and aborts when that name is already a peer's chosen id: an unseeded
+        # rand() made the names predictable, so a client could crash the kernel by
+        # taking them first (bench/fuzz.py found it; docs/fuzz-and-load.md)
+        ctypes.CDLL(None).srand(secrets.randbits(32))
         self.ctx = zmq.Context()
         # One ROUTER bound to both endpoints: a blocking recv on one socket costs a
         # third fewer system calls per message than polling two (bench/, docs/
@@ -86,6 +92,7 @@ class Kernel:
             "nop": self.sys_nop, "getpid": self.sys_getpid, "getppid": self.sys_getppid,
             "spawn": self.sys_spawn, "wait": self.sys_wait, "kill": self.sys_kill,
             "exit": self.sys_exit, "ps": self.sys_ps, "sysinfo": self.sys_sysinfo,
+            "report": self.sys_report,
         }
 
     def _router(self, *endpoints: str) -> zmq.Socket:
@@ -249,10 +256,17 @@ class Kernel:
             uid = args["uid"] if args["uid"] is not None else self.config["default_uid"]
             local = args["host"] in ("", self.hostname)
             os_pid, ctime = args["os_pid"], None
-            if local and os_pid in self._protected_pids():
-                raise SyscallError(Errno.EPERM, f"attach: OS pid {os_pid} is the kernel's, "
-                                   "one of its drivers' or the OS's init")
-            if local:
+            driver = local and os_pid in self.supervisor.os_pids()
+            if driver and not args["heartbeat"]:
+                raise SyscallError(Errno.EINVAL, "attach: a driver attaches with heartbeat")
+            if local and not driver and os_pid in self._protected_pids():
+                raise SyscallError(Errno.EPERM, f"attach: OS pid {os_pid} is the kernel's "
+                                   "or the OS's init")
+            if driver:
+                # a driver making syscalls of its own (the executor loading a model):
+                # never signalled, ended when its heartbeats stop, like a remote one
+                local = False
+            elif local:
                 try:
                     ctime = psutil.Process(os_pid).create_time()
                 except psutil.Error:
@@ -282,6 +296,11 @@ class Kernel:
         proc = self.table.get(pid) if pid is not None else None
         if proc is None or proc.state != "running":
             self.stats.drop("stale_heartbeat")
+            return
+        if head.get("bye") is True and proc.spawned:
+            # a spawned process that detached: its exit is seen through its OS
+            # process, and it will not heartbeat while it finishes
+            proc.hb_deadline = None
             return
         proc.hb_deadline = time.monotonic() + (
             self.config["client_heartbeat_s"] * self.config["client_liveness"])
@@ -332,6 +351,8 @@ class Kernel:
             raise SyscallError(Errno.EACCES, f"spawn: {e.strerror}: {e.filename}")
         except OSError as e:
             self._forget(child)
+            if e.errno == errno.ENAMETOOLONG:
+                raise SyscallError(Errno.ENAMETOOLONG, f"spawn: {e.strerror}")
             raise SyscallError(Errno.EIO, f"spawn: {e}")
         except (ValueError, TypeError) as e:  # e.g. an '=' in an environment name
             self._forget(child)
@@ -361,6 +382,10 @@ class Kernel:
         timeout = args["timeout"]
         if timeout == 0:
             raise SyscallError(Errno.ETIMEDOUT, "wait: no child has ended")
+        parked = sum(1 for w in self.waiters if w.pid == proc.pid)
+        if parked >= self.config["max_inflight_per_process"]:
+            raise SyscallError(Errno.EAGAIN, f"wait: process {proc.pid} has {parked} waits "
+                               "parked already")
         deadline = None if timeout is None else time.monotonic() + timeout
         self.waiters.append(Waiter(proc.pid, target, deadline, conn, seq, t0))
         return PARKED
@@ -384,10 +409,13 @@ class Kernel:
 
     def _on_cancel(self, conn: bytes, head: dict) -> None:
         """The client gave up on call seq (its timeout, Ctrl-C): forget a parked
-        wait, so it does not reap a child whose status nobody would read."""
+        wait, so it does not reap a child whose status nobody would read, and tell
+        the driver serving it (it may stop a generation)."""
         seq = head.get("c")
         for w in [w for w in self.waiters if w.conn == conn and w.seq == seq]:
             self.waiters.remove(w)
+        if type(seq) is int:
+            self.supervisor.cancel(conn, seq)
 
     def _expire_waiters(self, now: float) -> None:
         for w in [w for w in self.waiters if w.deadline is not None and now >= w.deadline]:
@@ -436,6 +464,29 @@ class Kernel:
 
     def sys_exit(self, proc: Process, args: dict, conn: bytes, seq: int, t0: float) -> None:
         self.end_process(proc, args["status"], "exited")
+        return None
+
+    def sys_report(self, proc: Process, args: dict, conn: bytes, seq: int,
+                   t0: float) -> None:
+        target = proc
+        if args["pid"] is not None and args["pid"] != proc.pid:
+            if args["pid"] != proc.ppid:
+                raise SyscallError(Errno.EPERM, f"report: process {proc.pid} may report "
+                                   f"for itself or its parent, not {args['pid']}")
+            target = self.table.get(proc.ppid)
+            if target is None or target.state != "running":
+                raise SyscallError(Errno.ESRCH, f"report: parent {proc.ppid} is not running")
+            if target.uid != proc.uid and proc.uid != 0:
+                raise SyscallError(Errno.EPERM, f"report: parent {target.pid} has another uid")
+        info = dict(target.info)
+        for k, v in args["info"].items():
+            if v is None:
+                info.pop(k, None)
+            else:
+                info[k] = v
+        if len(info) > 64:
+            raise SyscallError(Errno.EINVAL, "report: a process keeps at most 64 info keys")
+        target.info = info
         return None
 
     def sys_ps(self, proc: Process, args: dict, conn: bytes, seq: int, t0: float) -> list:

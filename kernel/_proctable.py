@@ -36,7 +36,7 @@ class Process:
     status: int | None = None         # exit status once a zombie
     reason: str | None = None         # exited | killed | lost
     end_time: float | None = None
-    extra: dict[str, Any] = field(default_factory=dict)  # later results, e.g. final loss
+    info: dict[str, Any] = field(default_factory=dict)  # report(): progress, final loss
 
     def record(self) -> dict[str, Any]:
         """The process as ps shows it."""
@@ -45,12 +45,13 @@ class Process:
             "state": self.state, "start_time": self.start_time, "os_pid": self.os_pid,
             "attached": self.conn is not None,
             "resources": {k: sorted(v) for k, v in self.resources.items() if v},
-            "status": self.status, "reason": self.reason,
+            "status": self.status, "reason": self.reason, "info": self.info,
         }
 
     def exit_record(self) -> dict[str, Any]:
         """What wait returns for this process."""
-        return {"pid": self.pid, "status": self.status, "reason": self.reason, **self.extra}
+        return {"pid": self.pid, "status": self.status, "reason": self.reason,
+                "info": self.info}
 
 
 class ProcessTable:

@@ -278,10 +278,40 @@ class Supervisor:
             errno = head["e"] if type(head["e"]) is int else int(Errno.EIO)
             msg = head.get("m") if type(head.get("m")) is str else ""
             self.kernel.finish(c.call, c.conn, c.seq, c.t0, error=SyscallError(errno, msg))
+        elif final and c.call.spawns:
+            self._spawn_for(proc, c, head.get("r"))
         elif final:
             self.kernel.finish(c.call, c.conn, c.seq, c.t0, head.get("r"), bulk=bulk)
         else:
             self.kernel.reply(c.conn, c.seq, head.get("r"), bulk, partial=True)
+
+    def _spawn_for(self, proc: "Process", c: Call, plan: Any) -> None:
+        """A spawns syscall's driver answered with a program, {argv, env, cwd}: start it
+        as the caller's child, as spawn would, and answer the caller with its pid."""
+        try:
+            if (type(plan) is not dict or type(plan.get("argv")) is not list
+                    or not all(type(a) is str for a in plan["argv"])
+                    or type(plan.get("env", {})) is not dict
+                    or not all(type(k) is str and type(v) is str
+                               for k, v in plan.get("env", {}).items())):
+                raise SyscallError(Errno.EIO, f"{c.call.name}: driver {c.call.service} "
+                                   "answered with no program to spawn")
+            cwd = plan.get("cwd") if type(plan.get("cwd")) is str else None
+            pid = self.kernel.sys_spawn(proc, {"argv": plan["argv"], "uid": None, "cwd": cwd,
+                                               "env": plan.get("env") or None}, c.conn, c.seq,
+                                        c.t0)
+        except SyscallError as e:
+            self.kernel.finish(c.call, c.conn, c.seq, c.t0, error=e)
+            return
+        self.kernel.finish(c.call, c.conn, c.seq, c.t0, pid)
+
+    def cancel(self, conn: bytes, seq: int) -> None:
+        """Tell the driver serving call seq of conn that its caller gave up."""
+        for d in self.drivers.values():
+            for rid, c in d.inflight.items():
+                if c.conn == conn and c.seq == seq:
+                    self._send(d, {"t": "cancel", "i": rid})
+                    return
 
     def _account(self, proc: "Process", changes: Any) -> None:
         """Apply a driver's resource changes, [[op, kind, id], ...] with op + or -,

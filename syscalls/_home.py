@@ -16,7 +16,7 @@ from typing import Any
 
 DEFAULTS: dict[str, Any] = {
     "default_uid": 1000,           # uid of a process attaching from the host
-    "drivers": ["echo", "devices", "tensorfs"],  # driver packages the kernel starts
+    "drivers": ["echo", "devices", "tensorfs", "executor"],  # driver packages to start
     "driver_heartbeat_s": 1.0,     # kernel <-> driver heartbeat period
     "driver_liveness": 3,          # missed heartbeats before a driver is dead
     "client_heartbeat_s": 0.5,     # userland heartbeat period
@@ -32,7 +32,15 @@ DEFAULTS: dict[str, Any] = {
     "tensor_quota": {},            # uid (as a string) -> most tensor bytes it may own
     "tensor_cache": "1GiB",        # memory budget of the tensorfs read cache ("0": none)
     "tensor_shm_threshold": "1MiB",  # tensors from this size move through /dev/shm
+    "infer_max_batch": 16,         # sequences decoded together (1: batching off)
+    "infer_window_ms": 2.0,        # an idle executor waits this long to batch arrivals
+    "infer_max_tokens": 4096,      # largest max_tokens of one infer (EINVAL above)
+    "infer_max_prompt": 65536,     # longest prompt in bytes (EINVAL above)
+    "model_cache": "2GiB",         # memory budget of the executor's loaded models
+    "infer_threads": 0,            # torch threads of the executor; 0: half the cores
 }
+
+ZERO_OK = ("infer_threads",)  # numbers where 0 means "automatic"
 
 # ipc:// paths live in sun_path, 108 bytes on Linux.
 _MAX_SOCKET_PATH = 100
@@ -47,8 +55,9 @@ def _check_setting(path: Path, key: str, value: Any) -> None:
         ok = all(type(v) is type(default[0]) for v in value) if default else True
     if not ok:
         raise ValueError(f"{path}: {key} must be {kind.__name__}, not {value!r}")
-    if kind in (int, float) and (value < 0 if key.endswith("uid") else value <= 0):
-        raise ValueError(f"{path}: {key} must be {'>= 0' if key.endswith('uid') else '> 0'}, "
+    zero_ok = key.endswith("uid") or key in ZERO_OK
+    if kind in (int, float) and (value < 0 if zero_ok else value <= 0):
+        raise ValueError(f"{path}: {key} must be {'>= 0' if zero_ok else '> 0'}, "
                          f"not {value!r}")
 
 

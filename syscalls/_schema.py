@@ -10,7 +10,7 @@ from decimal import Decimal
 from typing import Any
 
 from ._errno import Errno, SyscallError
-from ._table import Arg, Syscall
+from ._table import MAX_STR, Arg, Syscall
 
 
 class FrameRef:
@@ -125,6 +125,21 @@ def _check_one(call: Syscall, arg: Arg, value: Any) -> Any:
                 type(k) is not str or type(v) is not str or "\x00" in k + v
                 for k, v in value.items()):
             raise _fail(call, arg, "must be a dict of str to str without NUL")
+    elif t == "dict":
+        if type(value) is not dict:
+            raise _fail(call, arg, f"must be a map, not {type(value).__name__}")
+        for k, v in value.items():
+            if type(k) is not str or not 0 < len(k) <= 64 or "\x00" in k:
+                raise _fail(call, arg, f"has a key that is not a name of 1 to 64 "
+                            f"characters: {str(k)[:80]!r}")
+            if type(v) is float and (v != v or v in (float("inf"), float("-inf"))):
+                raise _fail(call, arg, f"key {k!r}: must be a finite number, not {v}")
+            if type(v) is str and (len(v) > MAX_STR or "\x00" in v):
+                raise _fail(call, arg, f"key {k!r}: a str over {MAX_STR} characters or "
+                            "with NUL")
+            if v is not None and type(v) not in (int, float, str, bool):
+                raise _fail(call, arg, f"key {k!r}: must be an int, float, str, bool or "
+                            f"None, not {type(v).__name__}")
     else:  # pragma: no cover - a table error, caught by tests/test_table.py
         raise SyscallError(Errno.EIO, f"{call.name}: unknown type {t!r} in the table")
     if arg.lo is not None and value < arg.lo:

@@ -4,7 +4,8 @@ One line per syscall, as in xv6's syscall.c and MINIX's table.c: its number, its
 name, its arguments (type and bounds), the service that serves it, whether it
 blocks, whether it is idempotent (a call in flight to a driver that dies is
 retried once when it is, answered EIO when it is not) and whether it streams
-(several partial replies before the final one). Numbers are grouped by service:
+(several partial replies before the final one), and whether the driver's reply
+is a program for the kernel to spawn as the caller's child (spawns). Numbers are grouped by service:
 kernel 0-99, echo 100-199, devices 200-299, tensorfs 300-399, executor 400-499.
 
 The kernel validates every request against this table before serving or
@@ -54,6 +55,7 @@ class Syscall:
     blocks: bool = False
     idempotent: bool = False
     streams: bool = False
+    spawns: bool = False
     returns: str = ""
     errors: tuple[str, ...] = ()
     doc: str = ""
@@ -64,11 +66,13 @@ class Syscall:
 
 
 TYPES = ("int", "float", "str", "bytes", "bool", "list[str]", "dict[str,str]", "size",
-         "list[int]", "slice")
+         "list[int]", "slice", "dict")
 # "list[int]": ints from 0 to 2**62 (a tensor's shape); "slice": a list of [start, stop]
 # pairs of such ints, one per leading dimension (tensorfs, docs/tensorfs.md).
 # "size": a byte count, as an int or a string such as "2GiB", "512MiB" or "1.5GB"
 # (syscalls._schema.parse_size); handlers receive the int.
+# "dict": str keys (at most 64 characters) to scalars: int, float (finite), str
+# (at most MAX_STR, no NUL), bool or None; max_len bounds the number of keys.
 
 _SIGNALS = ("TERM", "KILL", "INT")
 
@@ -107,17 +111,20 @@ TABLE: tuple[Syscall, ...] = (
                 "the kernel's own is used when None"),
         Arg("env", "dict[str,str]", default=None, nullable=True, max_len=256,
             doc="added to the kernel's environment"),
-    ), returns="int (the child's pid)", errors=("EINVAL", "ENOENT", "EACCES", "EPERM", "EAGAIN"),
+    ), returns="int (the child's pid)",
+        errors=("EINVAL", "ENOENT", "EACCES", "EPERM", "EAGAIN", "ENAMETOOLONG", "EIO"),
         doc="Start a program as a child of the caller: a real OS process with an "
             "llmos pid. Its output goes to log/proc/<pid>.log under LLMOS_HOME."),
     Syscall(5, "wait", "kernel", (
         Arg("pid", "int", default=None, nullable=True, lo=1, hi=2**31,
             doc="a child's pid; None: any child"),
         Arg("timeout", "float", default=None, nullable=True, lo=0, hi=86400 * 365),
-    ), blocks=True, returns="{pid, status, reason, ...}",
-        errors=("ECHILD", "ETIMEDOUT", "EINVAL"),
+    ), blocks=True, returns="{pid, status, reason, info}",
+        errors=("ECHILD", "ETIMEDOUT", "EINVAL", "EAGAIN"),
         doc="Wait for a child to end and reap it. status is the exit code, or "
-            "minus the signal that killed it; reason is exited, killed or lost."),
+            "minus the signal that killed it; reason is exited, killed or lost; info is "
+            "what the child last reported (report). EAGAIN past max_inflight_per_process "
+            "parked waits."),
     Syscall(6, "kill", "kernel", (
         Arg("pid", "int", lo=1, hi=2**31),
         Arg("signal", "str", default="TERM", choices=_SIGNALS),
@@ -133,6 +140,15 @@ TABLE: tuple[Syscall, ...] = (
     Syscall(9, "sysinfo", "kernel", returns="dict", idempotent=True,
             doc="Uptime, processes, drivers (state, restarts), per-syscall counts "
                 "and latency percentiles, dropped messages."),
+    Syscall(10, "report", "kernel", (
+        Arg("info", "dict", max_len=32,
+            doc="fields to publish, e.g. {step, loss, tokens_per_s}; merged into the "
+                "process's info, a None value removes its key"),
+        Arg("pid", "int", default=None, nullable=True, lo=1, hi=2**31,
+            doc="the caller (None) or its parent: a training worker reports for its job"),
+    ), returns="None", errors=("EINVAL", "EPERM", "ESRCH"),
+        doc="Publish a running process's progress: ps and jobs show its info, and "
+            "wait returns the last one with the exit status."),
     # -- echo driver: a small real driver that proves the routing path ----------
     Syscall(100, "echo", "echo", (
         Arg("data", "bytes", max_len=MAX_ECHO),
@@ -256,6 +272,44 @@ TABLE += (
         _path(), Arg("perm", "int", lo=0, hi=0o1777)), returns="None",
         errors=("ENOENT", "EPERM", "EINVAL"),
         doc="Set mode bits (owner or uid 0 only)."),
+)
+
+MAX_PROMPT = 1 << 20
+MAX_GEN = 1 << 16
+
+TABLE += (
+    # -- executor driver: training jobs and inference (docs/executor.md) --------
+    Syscall(400, "spawn_train", "executor", (
+        Arg("config", "dict", max_len=64,
+            doc="the job: name, dataset, model size, steps, workers... "
+                "(docs/executor.md lists every key and default)"),
+        Arg("alloc_id", "str", default=None, nullable=True, max_len=64,
+            doc="train on the GPUs of this allocation of the caller (alloc_gpu)"),
+    ), spawns=True, returns="int (the job's pid)",
+        errors=("EINVAL", "ENOENT", "ENOMEM", "EACCES", "EBADF", "EAGAIN"),
+        doc="Start a data-parallel training job as a child process of the caller. "
+            "The config is checked, and its memory estimate against the allocation "
+            "(ENOMEM), before anything starts; wait returns its final loss."),
+    Syscall(401, "infer", "executor", (
+        Arg("model", "str", max_len=MAX_STR,
+            doc="a tensorfs model directory (its latest checkpoint) or checkpoint"),
+        Arg("prompt", "str", max_len=MAX_PROMPT, doc="text; the model reads its UTF-8 bytes"),
+        Arg("max_tokens", "int", default=64, lo=1, hi=MAX_GEN),
+        Arg("temperature", "float", default=1.0, lo=0, hi=100, doc="0: greedy"),
+        Arg("top_k", "int", default=0, lo=0, hi=1 << 20, doc="0: no top-k filter"),
+        Arg("seed", "int", default=None, nullable=True, lo=0, hi=2**63 - 1,
+            doc="sampling seed; None: a random one, returned in the result"),
+        Arg("stream", "bool", default=False,
+            doc="send the text in partial replies as it is generated"),
+    ), blocks=True, streams=True,
+        returns="{text, tokens, prompt_tokens, finish_reason, seed, time_s}; "
+                "partials {text, tokens} when streaming",
+        errors=("ENOENT", "EACCES", "EIO", "EINVAL", "EAGAIN"),
+        doc="Generate text with a model, batched with other processes' requests "
+            "(continuous batching, round robin across processes)."),
+    Syscall(402, "models", "executor", idempotent=True,
+            returns="{models: [...], engine: {...}, budget}",
+            doc="The models the executor holds loaded, and its batching statistics."),
 )
 
 BY_NAME: dict[str, Syscall] = {s.name: s for s in TABLE}

@@ -47,7 +47,8 @@ def safe_args(call: Syscall) -> dict[str, Any]:
             "exit": {"status": 0},
             "echo": {"data": b"x"},
             "ticks": {"count": 1},
-            "sleep": {"seconds": 0}}.get(call.name, {})
+            "sleep": {"seconds": 0},
+            "report": {"info": {}}}.get(call.name, {})
 
 
 def deep_list(depth: int) -> bytes:
@@ -241,7 +242,7 @@ def test_deeply_nested_field_is_answered(kernel: Booted, raw: RawClient, field: 
     assert_still_serving(kernel)
 
 
-@pytest.mark.parametrize("number", [9999, -1, 10, 99, 199, 2**63, -2**63, "1", "nop", 1.0,
+@pytest.mark.parametrize("number", [9999, -1, 11, 99, 199, 499, 2**63, -2**63, "1", "nop", 1.0,
                                     None, True, [1], {"n": 1}, b"\x01"])
 def test_unknown_syscall_is_enosys(kernel: Booted, raw: RawClient, number: Any) -> None:
     before = dropped(kernel).get("unknown_syscall", 0)
@@ -326,6 +327,9 @@ WRONG_TYPE: dict[str, list[Any]] = {
     "dict[str,str]": ["a=b", 1, [["a", "b"]], {"a": 1}, {"a": None}, {"a": b"b"},
                       {"a": "b\x00"}, {"a\x00": "b"}, {"a": ["b"]}],
     "bool": [1, 0, "true", 1.0, [True], {"a": True}],
+    "dict": ["a", 1, [["a", 1]], {"a": [1]}, {"a": {"b": 1}}, {"a": b"x"},
+             {"": 1}, {"k" * 65: 1}, {"a\x00": 1}, {"a": "b\x00"}, {"a": float("nan")},
+             {"a": "x" * 4097}],
 }
 
 
@@ -412,6 +416,11 @@ def _type_is_wrong(arg: Arg, v: Any) -> bool:
         return type(v) is not list or any(type(x) is not str for x in v)
     if arg.type == "bool":
         return type(v) is not bool
+    if arg.type == "dict":  # str keys to scalars
+        return type(v) is not dict or any(
+            not 0 < len(k) <= 64 or "\x00" in k or x != x or
+            (x is not None and type(x) not in (int, float, str, bool))
+            or type(x) is str and "\x00" in x for k, x in v.items())
     return type(v) is not dict or any(type(x) is not str for x in v.values())
 
 

@@ -136,12 +136,46 @@ def test_no_process_may_claim_the_kernels_os_pid(shared_kernel):
     assert shared_kernel.proc.poll() is None
 
 
+def test_a_driver_attaches_unsignalled_and_only_with_heartbeats(shared_kernel):
+    """A driver may make syscalls (the executor loads models through tensorfs); the
+    process it attaches as is never signalled, so killing it cannot hurt the driver."""
+    from rawclient import RawClient
+    driver = shared_kernel.driver_pid("echo")
+    with RawClient(shared_kernel.home.kernel_endpoint) as raw:
+        assert raw.attach(shared_kernel.home, os_pid=driver)["e"] == Errno.EINVAL
+    with RawClient(shared_kernel.home.kernel_endpoint) as raw:
+        reply = raw.attach(shared_kernel.home, os_pid=driver, heartbeat=True)
+        pid = reply["r"]["pid"]
+        with shared_kernel.connect(uid=0) as root:
+            assert next(p for p in root.ps() if p["pid"] == pid)["os_pid"] is None
+            root.kill(pid, "KILL")
+            assert pid not in {p["pid"] for p in root.ps() if p["state"] == "running"}
+    assert psutil.pid_exists(driver) and shared_kernel.driver_pid("echo") == driver
+
+
+def test_report_publishes_progress_that_ps_and_wait_show(shared_kernel):
+    prog = ("import userland; o = userland.connect(); "
+            "o.report({'step': 3, 'loss': 2.5, 'state': 'running', 'ok': True}); "
+            "o.report({'state': None, 'loss': 1.25})")
+    with shared_kernel.connect() as osh:
+        child = osh.spawn(["python", "-c", prog])
+        status = osh.wait(child, timeout=30)
+        assert status["status"] == 0, shared_kernel.boot_log()
+        assert status["info"] == {"step": 3, "loss": 1.25, "ok": True}
+        osh.report({"step": 7})
+        me = next(p for p in osh.ps() if p["pid"] == osh.getpid())
+        assert me["info"] == {"step": 7}
+        assert errno_of(osh.report, {"x": 1}, pid=1) == Errno.EPERM  # not my parent...
+        assert errno_of(osh.report, {"x": [1]}) == Errno.EINVAL
+        assert errno_of(osh.report, {f"k{i}": i for i in range(33)}) == Errno.EINVAL
+
+
 def test_a_wait_given_up_on_does_not_swallow_the_exit_status(shared_kernel):
     with shared_kernel.connect(timeout=0.5) as osh:
         child = osh.spawn(["python", "-c", "import sys, time; time.sleep(1.5); sys.exit(7)"])
         assert errno_of(osh.wait, child) == Errno.ETIMEDOUT  # the client's own timeout
         osh.timeout = None
-        assert osh.wait(child) == {"pid": child, "status": 7, "reason": "exited"}
+        assert osh.wait(child) == {"pid": child, "status": 7, "reason": "exited", "info": {}}
 
 
 def test_a_second_wait_for_the_only_child_gets_echild(shared_kernel):

@@ -68,7 +68,7 @@ def test_sigkilled_child_reports_the_signal(booted):
         child = osh.spawn(["python", "-c", "import time; time.sleep(60)"])
         os_pid = _pids(osh)[child]["os_pid"]
         os.kill(os_pid, signal.SIGKILL)
-        assert osh.wait(child, timeout=10) == {"pid": child, "status": -9, "reason": "killed"}
+        assert osh.wait(child, timeout=10) == {"pid": child, "status": -9, "reason": "killed", "info": {}}
         assert child not in _pids(osh)
 
 
@@ -112,7 +112,7 @@ def test_wait_blocks_until_the_child_ends_and_times_out(booted):
         with pytest.raises(SyscallError) as e:
             osh.wait(child, timeout=0.05)
         assert e.value.errno == Errno.ETIMEDOUT
-        assert osh.wait(child) == {"pid": child, "status": 0, "reason": "exited"}
+        assert osh.wait(child) == {"pid": child, "status": 0, "reason": "exited", "info": {}}
         with pytest.raises(SyscallError) as e:
             osh.wait(child)
         assert e.value.errno == Errno.ECHILD

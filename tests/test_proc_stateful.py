@@ -260,7 +260,7 @@ class ProcMachine(RuleBasedStateMachine):
         if self.osh.uid in (0, FOREIGN_UID):
             assert err is None
             rec = self.root.wait(pid, timeout=WAIT_S)
-            assert rec == {"pid": pid, "status": -SIGNUM[sig], "reason": "killed"}
+            assert rec == {"pid": pid, "status": -SIGNUM[sig], "reason": "killed", "info": {}}
             self.foreign = None
         else:
             assert err == Errno.EPERM
@@ -409,7 +409,7 @@ def test_proc_model_long(kernel, root):
 def test_orphan_goes_to_init(kernel):
     with kernel.connect() as osh:
         f = osh.spawn(forker(7))
-        assert osh.wait(f, timeout=WAIT_S) == {"pid": f, "status": 7, "reason": "exited"}
+        assert osh.wait(f, timeout=WAIT_S) == {"pid": f, "status": 7, "reason": "exited", "info": {}}
         [gc] = [r for r in osh.ps() if r["argv"][-1] == gc_tag(f)]
         assert (gc["ppid"], gc["uid"], gc["state"]) == (INIT, osh.uid, "running")
         assert f"grandchild {gc['pid']}" in _log(kernel, f)
@@ -442,7 +442,7 @@ def test_root_spawns_as_other_uid_and_kills_it(kernel, root):
     rec = next(r for r in root.ps() if r["pid"] == pid)
     assert (rec["ppid"], rec["uid"], rec["state"]) == (root.pid, FOREIGN_UID, "running")
     assert root.kill(pid, "KILL") is None
-    assert root.wait(pid, timeout=WAIT_S) == {"pid": pid, "status": -9, "reason": "killed"}
+    assert root.wait(pid, timeout=WAIT_S) == {"pid": pid, "status": -9, "reason": "killed", "info": {}}
     assert pid not in {r["pid"] for r in root.ps()}
 
 
@@ -479,7 +479,7 @@ def test_user_cannot_spawn_as_another_uid(kernel):
             assert e.value.errno == Errno.EPERM
         assert [r for r in user.ps() if r["ppid"] == user.pid] == []
         pid = user.spawn(UID_REPORTER, uid=1000)   # its own uid, said explicitly: fine
-        assert user.wait(pid, timeout=WAIT_S) == {"pid": pid, "status": 0, "reason": "exited"}
+        assert user.wait(pid, timeout=WAIT_S) == {"pid": pid, "status": 0, "reason": "exited", "info": {}}
         assert f"ids 1000 {pid} {user.pid}" in _log(kernel, pid)
 
 
@@ -488,7 +488,7 @@ def test_child_inherits_parents_uid(kernel, uid):
     with kernel.connect(uid=uid) as osh:
         pid = osh.spawn(UID_REPORTER)
         assert next(r for r in osh.ps() if r["pid"] == pid)["uid"] == uid
-        assert osh.wait(pid, timeout=WAIT_S) == {"pid": pid, "status": 0, "reason": "exited"}
+        assert osh.wait(pid, timeout=WAIT_S) == {"pid": pid, "status": 0, "reason": "exited", "info": {}}
         assert f"ids {uid} {pid} {osh.pid}" in _log(kernel, pid)
 
 
@@ -504,7 +504,7 @@ def test_uid_of_child_spawned_as_other_uid_passes_to_grandchild(kernel, root):
             "print('gc uid', next(r['uid'] for r in osh.ps() if r['pid'] == gc), flush=True)\n"
             "print('gc', osh.wait(gc, timeout=20), flush=True)\n")
     pid = root.spawn(["python", "-c", code], uid=FOREIGN_UID)
-    assert root.wait(pid, timeout=WAIT_S) == {"pid": pid, "status": 0, "reason": "exited"}
+    assert root.wait(pid, timeout=WAIT_S) == {"pid": pid, "status": 0, "reason": "exited", "info": {}}
     out = _log(kernel, pid)
     assert "root spawn EPERM" in out, out
     assert f"gc uid {FOREIGN_UID}" in out, out

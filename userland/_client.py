@@ -112,6 +112,9 @@ class Llmos(TensorMethods, SyscallMethods):
             while True:
                 sock.send_multipart(msg, zmq.NOBLOCK)
                 if self._hb_stop.wait(period):
+                    if self.spawned:  # still running, detached: the kernel reaps it
+                        sock.send_multipart(encode({"t": "hb", "k": token, "bye": True}),
+                                            zmq.NOBLOCK)
                     break
         except zmq.ZMQError:
             pass
@@ -171,11 +174,14 @@ class Llmos(TensorMethods, SyscallMethods):
             return self._recv(seq)
         except BaseException as e:
             if not (isinstance(e, SyscallError) and e.errno == Errno.EIO):
-                try:
-                    self._sock.send(encode({"t": "cancel", "c": seq})[0], zmq.NOBLOCK)
-                except zmq.ZMQError:
-                    pass
+                self._cancel(seq)
             raise
+
+    def _cancel(self, seq: int) -> None:
+        try:
+            self._sock.send(encode({"t": "cancel", "c": seq})[0], zmq.NOBLOCK)
+        except zmq.ZMQError:
+            pass
 
     def _stream(self, number: int, args: dict) -> Iterator[Any]:
         """Partial replies as they come, then the final one. Holds the handle until
@@ -186,9 +192,14 @@ class Llmos(TensorMethods, SyscallMethods):
                 head = self._await(seq)
                 if "e" in head:
                     raise SyscallError(head["e"], head.get("m", ""))
-                yield head.get("r")
                 if not head.get("p"):
+                    yield head.get("r")
                     return
+                try:
+                    yield head.get("r")
+                except GeneratorExit:  # the caller stopped reading: stop the call too
+                    self._cancel(seq)
+                    raise
 
     def call(self, name: str, **args: Any) -> Any:
         """Make syscall `name` with keyword arguments; the methods wrap this."""
@@ -214,6 +225,30 @@ class Llmos(TensorMethods, SyscallMethods):
             env = {**gpu_env(gpus), **(env or {})}
         return super().spawn([os.fspath(a) for a in argv], uid,
                              os.fspath(cwd) if cwd is not None else os.getcwd(), env)
+
+    def infer(self, model: str, prompt: str, max_tokens: int = 64,  # type: ignore[override]
+              temperature: float = 1.0, top_k: int = 0, seed: int | None = None,
+              stream: bool = False) -> Any:
+        """Generate up to max_tokens of text after prompt with the model at a tensorfs
+        path. Returns {text, tokens, prompt_tokens, finish_reason, seed, time_s}; with
+        stream=True, an iterator of {text, tokens} chunks as they are generated, then
+        that final record (its text is the whole text)."""
+        it = super().infer(model, prompt, max_tokens, temperature, top_k, seed, stream)
+        if stream:
+            return it
+        result = None
+        for result in it:
+            pass
+        return result
+
+    def spawn_train(self, config: dict[str, Any],  # type: ignore[override]
+                    alloc: dict | str | None = None) -> int:
+        """Start a training job (docs/executor.md lists the config's keys) as a child
+        of this process and return its pid; wait(pid) returns its final loss in info.
+        alloc: an allocation of this process (alloc_gpu's result or its id) whose
+        GPUs the job trains on; or config["gpus"] = N for the job to allocate N."""
+        alloc_id = alloc["id"] if isinstance(alloc, dict) else alloc
+        return super().spawn_train(config, alloc_id)
 
     def exit(self, status: int = 0) -> None:  # type: ignore[override]
         """End this process with status, as exit(3) does: raises SystemExit."""

@@ -28,7 +28,7 @@ class SyscallMethods:
         return self._call(4, {'argv': argv, 'uid': uid, 'cwd': cwd, 'env': env})
 
     def wait(self, pid: int | None = None, timeout: float | None = None) -> Any:
-        'Wait for a child to end and reap it. status is the exit code, or minus the signal that killed it; reason is exited, killed or lost.'
+        'Wait for a child to end and reap it. status is the exit code, or minus the signal that killed it; reason is exited, killed or lost; info is what the child last reported (report). EAGAIN past max_inflight_per_process parked waits.'
         return self._call(5, {'pid': pid, 'timeout': timeout})
 
     def kill(self, pid: int, signal: str = 'TERM') -> Any:
@@ -46,6 +46,10 @@ class SyscallMethods:
     def sysinfo(self) -> Any:
         'Uptime, processes, drivers (state, restarts), per-syscall counts and latency percentiles, dropped messages.'
         return self._call(9, {})
+
+    def report(self, info: dict[str, Any], pid: int | None = None) -> Any:
+        "Publish a running process's progress: ps and jobs show its info, and wait returns the last one with the exit status."
+        return self._call(10, {'info': info, 'pid': pid})
 
     def echo(self, data: bytes) -> Any:
         'Return data as it came, through a driver.'
@@ -110,3 +114,15 @@ class SyscallMethods:
     def chmod(self, path: str, perm: int) -> Any:
         'Set mode bits (owner or uid 0 only).'
         return self._call(309, {'path': path, 'perm': perm})
+
+    def spawn_train(self, config: dict[str, Any], alloc_id: str | None = None) -> Any:
+        'Start a data-parallel training job as a child process of the caller. The config is checked, and its memory estimate against the allocation (ENOMEM), before anything starts; wait returns its final loss.'
+        return self._call(400, {'config': config, 'alloc_id': alloc_id})
+
+    def infer(self, model: str, prompt: str, max_tokens: int = 64, temperature: float = 1.0, top_k: int = 0, seed: int | None = None, stream: bool = False) -> Iterator[Any]:
+        "Generate text with a model, batched with other processes' requests (continuous batching, round robin across processes)."
+        return self._stream(401, {'model': model, 'prompt': prompt, 'max_tokens': max_tokens, 'temperature': temperature, 'top_k': top_k, 'seed': seed, 'stream': stream})
+
+    def models(self) -> Any:
+        'The models the executor holds loaded, and its batching statistics.'
+        return self._call(402, {})

@@ -31,6 +31,8 @@ from typing import IO, Any, NoReturn, Sequence
 
 import userland
 from syscalls import ABI_VERSION, Errno, Home, SyscallError
+from userland._cli_models import add_commands as add_model_commands
+from userland._cli_models import progress
 from userland._cli_tensors import add_commands as add_tensor_commands
 from userland._proc import alive, stop_kernel
 
@@ -338,8 +340,12 @@ def cmd_ps(home: Home, args: argparse.Namespace) -> int:
              _clock(now - p["start_time"]), _resources(p["resources"]),
              " ".join(map(_printable, p["argv"])) or "?"]
             for p in sorted(procs, key=lambda p: p["pid"])]
-    lines = _table(["PID", "PPID", "UID", "STATE", "TIME", "RESOURCES", "COMMAND"], rows,
-                   "rrrlrll")
+    headers = ["PID", "PPID", "UID", "STATE", "TIME", "RESOURCES", "COMMAND"]
+    if any(p.get("info") for p in procs):  # what report() published: a job's progress
+        headers.append("INFO")
+        for row, p in zip(rows, sorted(procs, key=lambda p: p["pid"])):
+            row.append(progress(p["info"]) if p.get("info") else "")
+    lines = _table(headers, rows, "rrrlrlll")
     width = shutil.get_terminal_size().columns if sys.stdout.isatty() else None
     for line in lines:
         print(line[:width] if width else line)
@@ -725,6 +731,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--uid", type=int, help="act as this uid (0 may signal anyone's)")
     p.add_argument("pids", type=int, nargs="+", metavar="PID")
     add_tensor_commands(command, connect)
+    add_model_commands(command, connect)
     return parser
 
 

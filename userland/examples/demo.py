@@ -1,4 +1,5 @@
-"""`make demo`: boot llmos on a temporary home, run the example, shut it down.
+"""`make demo`: boot llmos on a temporary home, run the example program, train a
+small GPT on the standard library's sources, generate from it, shut it down.
 
 Uses the same `llmos` command a person would, so what it prints is what they see.
 """
@@ -25,6 +26,10 @@ def main() -> int:
         llmos("start")
         try:
             llmos("run", "python", str(HERE / "hello.py"))
+            llmos("corpus", "/datasets/pystdlib")       # the stdlib's sources, as bytes
+            llmos("train", "demo", "--data", "/datasets/pystdlib")  # 300 steps, 2 workers
+            llmos("infer", "/models/demo", "def main(", "-n", "300", "-v", "--seed", "1")
+            llmos("models")
             llmos("ps")
             llmos("status")
         finally:

@@ -1,0 +1,436 @@
+"""The executor driver: training jobs and batched, streamed inference with torch.
+
+    spawn_train(config, alloc_id=None) -> pid      infer(model, prompt, ...)      models()
+
+spawn_train checks a job before anything starts (the config, the dataset, the
+memory estimate against the allocation: ENOMEM) and answers with the program to
+run; the kernel spawns it as the caller's child (the table's `spawns`), so the
+job is the caller's process: ps shows it, kill ends it, wait returns its final
+loss. The job itself is drivers/executor/train.py.
+
+infer resolves the model as the caller: the executor makes its own syscalls to
+tensorfs, through one connection per caller uid (so tensorfs's permissions
+apply), loads the checkpoint into a cache with a memory budget (least recently
+used out first), and hands the request to the Engine (_engine.py): continuous
+batching across processes, round robin between them. Tokens stream back as
+partial replies. Everything slow (importing torch, loading a model, checking a
+dataset) runs in one background thread, so the loop keeps answering heartbeats;
+each result comes back to the loop's thread with loop.post. The engine steps on
+the loop's thread, between messages. docs/executor.md has the details.
+It must never import the kernel; it uses the userland library (libc) for its
+own syscalls, as a MINIX driver uses libc.
+"""
+from __future__ import annotations
+
+import codecs
+import concurrent.futures
+import json
+import logging
+import os
+import secrets
+import signal
+import time
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+from drivers import DEFERRED, DriverLoop, Request, prepare_driver
+from syscalls import Errno, Home, SyscallError
+from syscalls._schema import parse_size
+
+log = logging.getLogger("llmos.executor")
+
+TRAIN_ARGV = ["python", "-m", "drivers.executor.train"]
+
+
+@dataclass
+class Loaded:
+    """A model in the cache."""
+    key: tuple
+    path: str           # the checkpoint directory it came from
+    model: Any          # a GPT in eval mode
+    nbytes: int
+    config: dict
+    loaded_at: float = field(default_factory=time.time)
+    requests: int = 0
+
+
+@dataclass
+class Pending:
+    """An infer request: its driver Request, and the text decoded so far."""
+    req: Request
+    stream: bool
+    seed: int
+    prompt_tokens: int
+    t0: float = field(default_factory=time.monotonic)
+    text: list[str] = field(default_factory=list)
+    tokens: int = 0
+    decoder: Any = field(default_factory=lambda: codecs.getincrementaldecoder("utf-8")(
+        errors="replace"))
+
+
+class Executor:
+    def __init__(self, home: Home, cfg: dict[str, Any]) -> None:
+        self.home = home
+        self.max_batch = int(cfg["infer_max_batch"])
+        self.window_s = float(cfg["infer_window_ms"]) / 1000
+        self.max_tokens = int(cfg["infer_max_tokens"])
+        self.max_prompt = int(cfg["infer_max_prompt"])
+        self.budget = parse_size(cfg["model_cache"])
+        self.threads_setting = int(cfg["infer_threads"])
+        self.threads: int | None = None
+        self.loop: DriverLoop | None = None
+        self.pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="executor")
+        self.conns: dict[int, Any] = {}        # uid -> userland handle (pool thread only)
+        self.cache: OrderedDict[tuple, Loaded] = OrderedDict()
+        self.engine: Any = None                # created on the first infer
+        self.pending: dict[int, Pending] = {}  # request id -> Pending
+        self.stepping = False
+        self.errors = 0
+
+    # -- the background thread ------------------------------------------------------
+
+    def background(self, work: Callable[[], Any], done: Callable[[Any], None],
+                   req: Request) -> Any:
+        """Run work() in the pool thread; then done(result) on the loop's thread, or
+        req.fail with work's SyscallError (any other exception: EIO)."""
+        loop = self.loop
+        assert loop is not None
+        loop.background += 1
+
+        def finish(result: Any, error: SyscallError | None) -> None:
+            loop.background -= 1
+            if req.done:
+                return
+            if error is not None:
+                req.fail(error.errno, error.message)
+                return
+            try:
+                done(result)
+            except SyscallError as e:
+                req.fail(e.errno, e.message)
+
+        def run() -> None:
+            try:
+                result, error = work(), None
+            except SyscallError as e:
+                result, error = None, e
+            except Exception as e:
+                log.exception("%s failed", req.name)
+                self.errors += 1
+                result, error = None, SyscallError(Errno.EIO, f"executor: {req.name}: "
+                                                   f"{type(e).__name__}: {e}")
+            loop.post(lambda: finish(result, error))
+
+        self.pool.submit(run)
+        return DEFERRED
+
+    def conn(self, uid: int) -> Any:
+        """This driver's connection acting as uid (pool thread only)."""
+        osh = self.conns.get(uid)
+        if osh is None:
+            import userland
+            osh = userland.connect(self.home.root, uid=uid, heartbeat=True, timeout=60)
+            self.conns[uid] = osh
+        return osh
+
+    # -- models ----------------------------------------------------------------------
+
+    def resolve(self, uid: int, path: str) -> tuple[str, dict, tuple]:
+        """(checkpoint dir, its config, cache key) of a model path, read as uid: a
+        model directory's `latest` checkpoint, or a checkpoint directory itself."""
+        osh = self.conn(uid)
+        path = path.rstrip("/") or "/"
+        try:
+            st = osh.stat(path)
+        except SyscallError as e:
+            if e.errno in (Errno.ENOENT, Errno.ENOTDIR):
+                raise SyscallError(Errno.ENOENT, f"infer: no model at {path}") from None
+            raise
+        if st["type"] != "dir":
+            raise SyscallError(Errno.ENOENT, f"infer: {path} is a tensor, not a model "
+                               "directory")
+        ckpt = path
+        try:
+            name = text_of(osh.load_tensor(f"{path}/latest")).strip()
+            ckpt = f"{path}/{name}"
+        except SyscallError as e:
+            if e.errno != Errno.ENOENT:
+                raise
+        try:
+            cst = osh.stat(f"{ckpt}/config")
+            config = json.loads(text_of(osh.load_tensor(f"{ckpt}/config")))
+        except SyscallError as e:
+            if e.errno in (Errno.ENOENT, Errno.ENOTDIR):
+                raise SyscallError(Errno.ENOENT, f"infer: {path} is not a model: no "
+                                   f"{ckpt}/config") from None
+            raise
+        except (ValueError, UnicodeDecodeError) as e:
+            raise SyscallError(Errno.EIO, f"infer: corrupt checkpoint {ckpt}: config: {e}")
+        return ckpt, config, (ckpt, cst["mtime"], cst["checksum"])
+
+    def load(self, uid: int, path: str) -> Loaded:
+        """The model at path, from the cache or loaded now (pool thread)."""
+        ckpt, config, key = self.resolve(uid, path)
+        hit = self.cache.get(key)
+        if hit is not None:
+            return hit
+        from ._gpt import GPT, GPTConfig
+        from .train import load_state, read_checkpoint
+        try:
+            got = read_checkpoint(self.conn(uid), ckpt, with_optimizer=False)
+            model = GPT(GPTConfig.from_dict(dict(got.meta["model"])))
+            load_state(model, None, got)
+        except (ValueError, KeyError, TypeError, RuntimeError) as e:
+            raise SyscallError(Errno.EIO, f"infer: corrupt checkpoint {ckpt}: {e}") from None
+        model.eval().to(self.device())
+        nbytes = sum(p.numel() * p.element_size() for p in model.parameters())
+        if nbytes > self.budget:
+            raise SyscallError(Errno.ENOMEM, f"infer: {path} needs {nbytes} bytes, over the "
+                               f"model cache budget of {self.budget}")
+        log.info("loaded %s (%d bytes)", ckpt, nbytes)
+        return Loaded(key, ckpt, model, nbytes, config)
+
+    def device(self) -> str:
+        import torch
+        if self.threads is None:
+            # torch's default, a thread per core, collides with the training workers and
+            # the clients on a small machine (10-30x slower decode steps on 2 busy cores)
+            self.threads = self.threads_setting or max(1, (os.cpu_count() or 2) // 2)
+            torch.set_num_threads(self.threads)
+        return "cuda" if torch.cuda.is_available() else "cpu"
+
+    def admit(self, m: Loaded) -> Loaded:
+        """Put m in the cache (loop thread), evicting idle models over the budget."""
+        have = self.cache.get(m.key)
+        if have is not None:
+            m = have
+        self.cache[m.key] = m
+        self.cache.move_to_end(m.key)
+        used = sum(x.nbytes for x in self.cache.values())
+        for key in list(self.cache):
+            if used <= self.budget or key == m.key:
+                continue
+            if self.engine is None or self.engine.drop_model(key):
+                used -= self.cache.pop(key).nbytes
+        return m
+
+    # -- infer -----------------------------------------------------------------------
+
+    def infer(self, req: Request, model: str, prompt: str, max_tokens: int,
+              temperature: float, top_k: int, seed: int | None, stream: bool) -> Any:
+        data = prompt.encode("utf-8", errors="surrogatepass")
+        if not data:
+            raise SyscallError(Errno.EINVAL, "infer: the prompt is empty")
+        if len(data) > self.max_prompt:
+            raise SyscallError(Errno.EINVAL, f"infer: the prompt is {len(data)} bytes, over "
+                               f"infer_max_prompt ({self.max_prompt})")
+        if max_tokens > self.max_tokens:
+            raise SyscallError(Errno.EINVAL, f"infer: max_tokens {max_tokens} is over "
+                               f"infer_max_tokens ({self.max_tokens})")
+        seed = secrets.randbits(63) if seed is None else seed
+        uid = req.uid
+
+        def start(m: Loaded) -> None:
+            m = self.admit(m)
+            vocab = int(m.config["model"].get("vocab_size", 256))
+            if vocab < 256:
+                raise SyscallError(Errno.EINVAL, f"infer: {model} has a vocabulary of "
+                                   f"{vocab}, not bytes")
+            from ._engine import GenRequest
+            if self.engine is None:
+                from ._engine import Engine
+                self.engine = Engine(self.max_batch, self.device())
+            m.requests += 1
+            self.pending[req.id] = Pending(req, stream, seed, len(data))
+            self.engine.submit(GenRequest(req.id, req.pid, m.key, m.model, list(data),
+                                          max_tokens, temperature, top_k, seed))
+            self.kick(self.window_s)
+
+        return self.background(lambda: self.load(uid, model), start, req)
+
+    def kick(self, delay: float = 0.0) -> None:
+        if not self.stepping and self.loop is not None:
+            self.stepping = True
+            self.loop.call_later(delay, self.step)
+
+    def step(self) -> None:
+        self.stepping = False
+        try:
+            events = self.engine.step()
+        except Exception as e:  # a model that fails mid-batch: fail its requests
+            log.exception("engine step failed")
+            self.errors += 1
+            for rid in list(self.pending):
+                self.engine.cancel(rid)
+                p = self.pending.pop(rid)
+                if not p.req.done:
+                    p.req.fail(Errno.EIO, f"infer: the model failed: {type(e).__name__}: {e}")
+            events = []
+        for ev in events:
+            p = self.pending.get(ev.id)
+            if p is None:
+                continue
+            chunk = p.decoder.decode(bytes(ev.tokens), final=ev.done)
+            p.tokens += len(ev.tokens)
+            p.text.append(chunk)
+            if p.stream and chunk and not (ev.done and ev.reason == "cancelled"):
+                p.req.partial({"text": chunk, "tokens": p.tokens})
+            if ev.done:
+                del self.pending[ev.id]
+                if ev.reason == "cancelled":
+                    if not p.req.done:
+                        p.req.fail(Errno.ECANCELED, "infer: cancelled")
+                    continue
+                p.req.reply({"text": "".join(p.text), "tokens": p.tokens,
+                             "prompt_tokens": p.prompt_tokens, "finish_reason": ev.reason,
+                             "seed": p.seed, "time_s": round(time.monotonic() - p.t0, 6)})
+        if self.engine.busy:
+            self.kick()
+
+    def on_cancel(self, rid: Any) -> None:
+        if self.engine is not None and type(rid) is int and rid in self.pending:
+            self.engine.cancel(rid)
+            self.kick()
+
+    def on_exit(self, pid: int) -> None:
+        if self.engine is not None and self.engine.cancel_owner(pid):
+            self.kick()
+
+    def models(self, req: Request) -> dict[str, Any]:
+        return {"models": [{"path": m.path, "bytes": m.nbytes, "requests": m.requests,
+                            "step": m.config.get("step"), "loss": m.config.get("loss"),
+                            "loaded_at": m.loaded_at} for m in self.cache.values()],
+                "engine": self.engine_stats(),
+                "budget": self.budget, "max_batch": self.max_batch}
+
+    def engine_stats(self) -> dict[str, Any]:
+        if self.engine is None:
+            return {}
+        s = dict(self.engine.stats())
+        if "batch_hist" in s:  # msgpack maps on the wire have str keys
+            s["batch_hist"] = {str(k): v for k, v in s["batch_hist"].items()}
+        return s
+
+    # -- spawn_train -----------------------------------------------------------------
+
+    def spawn_train(self, req: Request, config: dict, alloc_id: str | None) -> Any:
+        uid, pid = req.uid, req.pid
+
+        def check() -> dict:
+            from ._config import INTERNAL, memory_bytes, normalize
+            inner = sorted(set(config) & set(INTERNAL))
+            if inner:  # the executor sets these from an allocation it checked
+                raise SyscallError(Errno.EINVAL, f"spawn_train: {', '.join(inner)} cannot be "
+                                   "set; pass alloc_id, or gpus for the job to allocate")
+            try:
+                cfg = normalize(config)
+            except ValueError as e:
+                raise SyscallError(Errno.EINVAL, f"spawn_train: {e}") from None
+            need = memory_bytes(cfg)
+            if alloc_id is not None:
+                cfg.update(self.check_alloc(alloc_id, pid, need))
+            elif cfg["gpus"]:
+                self.check_gpus(cfg["gpus"], need)
+            else:
+                import psutil
+                total = need * cfg["workers"]
+                avail = psutil.virtual_memory().available
+                if total > avail:
+                    raise SyscallError(Errno.ENOMEM, f"spawn_train: {cfg['workers']} workers "
+                                       f"need about {total} bytes, {avail} are available")
+            self.check_dataset(uid, cfg)
+            return cfg
+
+        def plan(cfg: dict) -> None:
+            req.reply({"argv": [*TRAIN_ARGV, "--job", cfg["name"]],
+                       "env": {"LLMOS_TRAIN_CONFIG": json.dumps(cfg)}})
+
+        return self.background(check, plan, req)
+
+    def check_alloc(self, alloc_id: str, pid: int, need: int) -> dict:
+        devices = self.conn(0).devices()
+        for gpu in devices["gpus"]:
+            for a in gpu["allocations"]:
+                if a["id"] != alloc_id:
+                    continue
+                if a["pid"] != pid:
+                    raise SyscallError(Errno.EPERM, f"spawn_train: allocation {alloc_id} "
+                                       f"is process {a['pid']}'s")
+                if need > a["bytes"]:
+                    raise SyscallError(Errno.ENOMEM, f"spawn_train: a worker needs about "
+                                       f"{need} bytes; allocation {alloc_id} has {a['bytes']} "
+                                       "on each device")
+                idx = sorted(g["index"] for g in devices["gpus"]
+                             if any(x["id"] == alloc_id for x in g["allocations"]))
+                return {"alloc_id": alloc_id, "devices": idx, "gpu_bytes": a["bytes"],
+                        "simulated": bool(gpu["simulated"])}
+        raise SyscallError(Errno.EBADF, f"spawn_train: no allocation {alloc_id}")
+
+    def check_gpus(self, count: int, need: int) -> None:
+        gpus = self.conn(0).devices()["gpus"]
+        fit = [g for g in gpus if g["capacity"] >= need]
+        if len(fit) < count:
+            raise SyscallError(Errno.ENOMEM, f"spawn_train: a worker needs about {need} "
+                               f"bytes on each of {count} GPUs; {len(fit)} GPUs are that big")
+
+    def check_dataset(self, uid: int, cfg: dict) -> None:
+        osh = self.conn(uid)
+        info = osh.open_tensor(cfg["dataset"], "r")  # ENOENT, EACCES, EISDIR as they come
+        osh.close_tensor(info["fd"])
+        if info["dtype"] != "uint8" or len(info["shape"]) != 1:
+            raise SyscallError(Errno.EINVAL, f"spawn_train: dataset {cfg['dataset']} must be "
+                               f"a 1-D uint8 tensor (bytes), not {info['dtype']} "
+                               f"{info['shape']}")
+        least = cfg["workers"] * (cfg["block_size"] + 1)
+        if info["shape"][0] < least:
+            raise SyscallError(Errno.EINVAL, f"spawn_train: dataset {cfg['dataset']} has "
+                               f"{info['shape'][0]} bytes; {cfg['workers']} workers need at "
+                               f"least {least}")
+
+    # -- status ----------------------------------------------------------------------
+
+    def status(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"models": len(self.cache), "pending": len(self.pending),
+                               "errors": self.errors,
+                               "cache_bytes": sum(m.nbytes for m in self.cache.values())}
+        if self.engine is not None:
+            s = self.engine_stats()
+            out.update({k: s[k] for k in ("steps", "tokens", "running", "queued") if k in s})
+        return out
+
+    def shutdown(self) -> None:
+        self.pool.shutdown(wait=False, cancel_futures=True)
+        for osh in self.conns.values():
+            try:
+                osh.close()
+            except Exception:
+                pass
+
+
+def text_of(t: Any) -> str:
+    """A uint8 tensor's bytes as text."""
+    import numpy as np
+    return bytes(np.asarray(t, dtype=np.uint8).tobytes()).decode("utf-8")
+
+
+def main() -> None:
+    prepare_driver("executor")
+    home = Home.resolve(os.environ.get("LLMOS_HOME"))
+    ex = Executor(home, home.config())
+
+    def on_term(signum: int, frame: Any) -> None:
+        raise SystemExit(0)
+
+    signal.signal(signal.SIGTERM, on_term)
+    loop = DriverLoop("executor", {"spawn_train": ex.spawn_train, "infer": ex.infer,
+                                   "models": ex.models},
+                      on_exit=ex.on_exit, on_cancel=ex.on_cancel, status=ex.status)
+    ex.loop = loop
+    try:
+        loop.run()
+    finally:
+        ex.shutdown()
+
+
+__all__ = ["Executor", "main"]

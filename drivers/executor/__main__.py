@@ -1,0 +1,3 @@
+from drivers.executor import main
+
+main()
