@@ -216,3 +216,15 @@ def test_spawn_train_refuses_bad_jobs_before_starting_them(kernel: Booted) -> No
         assert errno_of(osh.spawn_train, {**ok, "dataset": "/secret1001"}) == \
             Errno.EACCES
         assert not [p for p in osh.ps() if "drivers.executor.train" in " ".join(p["argv"])]
+
+
+def test_the_executor_attaches_again_when_its_own_process_is_ended(kernel: Booted) -> None:
+    with kernel.connect() as osh:
+        assert osh.infer("/models/tiny", "x", 2)["tokens"] == 2
+        mine = [p for p in osh.ps() if p["os_pid"] is None and p["uid"] == 1000
+                and p["state"] == "running"]
+        assert mine, osh.ps()  # the executor's connection as uid 1000
+        with kernel.connect(uid=0) as root:
+            for p in mine:
+                root.kill(p["pid"], "KILL")
+        assert osh.infer("/models/tiny", "x", 2)["tokens"] == 2

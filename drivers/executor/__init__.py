@@ -112,7 +112,12 @@ class Executor:
 
         def run() -> None:
             try:
-                result, error = work(), None
+                try:
+                    result, error = work(), None
+                except SyscallError as e:
+                    if not self.lost_connection(e):
+                        raise
+                    result, error = work(), None  # once more, on fresh connections
             except SyscallError as e:
                 result, error = None, e
             except Exception as e:
@@ -124,6 +129,22 @@ class Executor:
 
         self.pool.submit(run)
         return DEFERRED
+
+    def lost_connection(self, e: SyscallError) -> bool:
+        """Whether e says one of this driver's own connections is no longer attached
+        (the kernel declared it lost); if so, forget them all, to attach anew."""
+        if (e.errno, e.message.split(":")[0]) not in (
+                (Errno.EPERM, "this connection is not attached"),
+                (Errno.EBADF, "this llmos handle is closed")):
+            return False
+        log.warning("a connection of the executor was lost (%s); attaching again", e)
+        for osh in self.conns.values():
+            try:
+                osh.close()
+            except Exception:
+                pass
+        self.conns.clear()
+        return True
 
     def conn(self, uid: int) -> Any:
         """This driver's connection acting as uid (pool thread only)."""
