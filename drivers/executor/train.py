@@ -573,6 +573,7 @@ def run_worker(osh: Any, cfg: dict, rank: int, world: int, resume: str) -> None:
         start = read_checkpoint(osh, resume) if resume else None
         trainer = Trainer(cfg, shard, rank, world, device, start)
         train_loop(trainer, LlmosHooks(osh, job_pid), cfg["steps"])
+        dist.barrier()  # no rank tears gloo down while another still talks to it
     finally:
         dist.destroy_process_group()
 
@@ -809,8 +810,13 @@ def _direct_worker(rank: int, cfg: dict, data: np.ndarray, port: int, results: A
                          "seconds": time.perf_counter() - t0, "workers": world,
                          "tokens_per_s": trainer.batch_tokens * len(timed) / sum(timed),
                          "curve": hooks.curve})
+        dist.barrier()  # no rank tears gloo down while another still talks to it
     finally:
         dist.destroy_process_group()
+    # gloo's threads can abort the process during interpreter finalization ("terminate
+    # called without an active exception", seen once in CI): the result is sent, so
+    # leave without finalizing (a SimpleQueue's put has written the result already)
+    os._exit(0)
 
 
 def direct_config(config: dict, steps: int) -> dict:
