@@ -176,8 +176,9 @@ def add_commands(command: Callable[..., argparse.ArgumentParser],
         with connect(home) as osh:
             m = osh.models()
         for x in m["models"]:
+            loss = f"{x['loss']:.3f}" if isinstance(x["loss"], (int, float)) else "-"
             print(f"{x['path']}  {x['bytes'] / 2**20:.1f}MiB  step {x['step']}  "
-                  f"loss {x['loss']}  {x['requests']} requests")
+                  f"loss {loss}  {x['requests']} requests")
         e = m["engine"]
         if e:
             print(f"engine: {e.get('steps', 0)} steps, {e.get('tokens', 0)} tokens, mean batch "

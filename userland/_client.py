@@ -44,7 +44,8 @@ class Llmos(TensorMethods, SyscallMethods):
     """
 
     def __init__(self, home: str | os.PathLike | None = None, uid: int | None = None,
-                 heartbeat: bool = True, timeout: float | None = None) -> None:
+                 heartbeat: bool = True, timeout: float | None = None,
+                 argv: list[str] | None = None) -> None:
         self.home = Home.resolve(home)
         self.timeout = timeout
         self.kernel_pid = self.home.kernel_pid()
@@ -70,7 +71,8 @@ class Llmos(TensorMethods, SyscallMethods):
         self.spawned = "token" in cred
         try:
             info = self._call(BY_NAME["attach"].number, {
-                "os_pid": os.getpid(), "argv": [sys.executable, *sys.argv][:64],
+                "os_pid": os.getpid(),
+                "argv": (argv if argv is not None else [sys.executable, *sys.argv])[:64],
                 "host": socket.gethostname(), "heartbeat": heartbeat, **cred})
         except BaseException:
             self._closed = True
@@ -289,13 +291,15 @@ class Llmos(TensorMethods, SyscallMethods):
 
 
 def connect(home: str | os.PathLike | None = None, uid: int | None = None,
-            heartbeat: bool = True, timeout: float | None = None) -> Llmos:
+            heartbeat: bool = True, timeout: float | None = None,
+            argv: list[str] | None = None) -> Llmos:
     """Attach this Python process to llmos and return its handle.
 
     home defaults to $LLMOS_HOME, then ~/.llmos. uid (with the home's secret, which
     is an administrator's credential) attaches as that uid instead of the
     configured default_uid. timeout bounds how long each call waits for its reply
     (ETIMEDOUT); by default a call waits as long as the kernel lives. A handle may be
-    shared by threads: they take turns.
+    shared by threads: they take turns. argv is what ps shows when this process
+    attaches from the host (default: this interpreter's command line).
     """
-    return Llmos(home, uid, heartbeat, timeout)
+    return Llmos(home, uid, heartbeat, timeout, argv)

@@ -151,7 +151,8 @@ class Executor:
         osh = self.conns.get(uid)
         if osh is None:
             import userland
-            osh = userland.connect(self.home.root, uid=uid, heartbeat=True, timeout=60)
+            osh = userland.connect(self.home.root, uid=uid, heartbeat=True, timeout=60,
+                                   argv=["executor", f"(as uid {uid})"])
             self.conns[uid] = osh
         return osh
 
