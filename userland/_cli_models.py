@@ -77,6 +77,37 @@ def progress(info: dict[str, Any]) -> str:
     return "  ".join(parts)
 
 
+def follow(osh: Any, pid: int, show: Callable[[str], None]) -> dict:
+    """Call show(line) with pid's progress each time it changes, until it ends; its
+    wait record."""
+    last = ""
+    while True:
+        try:
+            return osh.wait(pid, timeout=POLL_S)
+        except SyscallError as e:
+            if e.errno != Errno.ETIMEDOUT:
+                raise
+        me = next((p for p in osh.ps() if p["pid"] == pid), None)
+        line = progress(me["info"]) if me and me.get("info") else "starting"
+        if line != last:
+            show(line)
+        last = line
+
+
+def show_line() -> Callable[[str], None]:
+    """A progress display: one line rewritten in place on a terminal, else a line each."""
+    width = [0]
+
+    def show(line: str) -> None:
+        if sys.stdout.isatty():
+            line = line[:os.get_terminal_size().columns - 1]
+            print("\r" + line.ljust(width[0]), end="", flush=True)
+            width[0] = len(line)
+        else:
+            print(line, flush=True)
+    return show
+
+
 def add_commands(command: Callable[..., argparse.ArgumentParser],
                  connect: Callable[..., Any]) -> None:
     def cmd_corpus(home: Home, args: argparse.Namespace) -> int:
@@ -109,7 +140,7 @@ def add_commands(command: Callable[..., argparse.ArgumentParser],
             print(f"training job {pid}: {args.name} on {args.data} "
                   f"(llmos jobs; Ctrl-C stops it)", flush=True)
             try:
-                record = follow(osh, pid)
+                record = follow(osh, pid, show_line())
             except KeyboardInterrupt:
                 osh.kill(pid, "TERM")
                 osh.timeout = 30
@@ -121,24 +152,6 @@ def add_commands(command: Callable[..., argparse.ArgumentParser],
             status = record["status"]
             return status if status >= 0 else 128 - status
 
-    def follow(osh: Any, pid: int) -> dict:
-        """Show pid's progress until it ends; its wait record."""
-        tty = sys.stdout.isatty()
-        last = ""
-        while True:
-            try:
-                return osh.wait(pid, timeout=POLL_S)
-            except SyscallError as e:
-                if e.errno != Errno.ETIMEDOUT:
-                    raise
-            me = next((p for p in osh.ps() if p["pid"] == pid), None)
-            line = progress(me["info"]) if me and me.get("info") else "starting"
-            if tty:
-                print("\r" + line[:os.get_terminal_size().columns - 1].ljust(len(last)),
-                      end="", flush=True)
-            elif line != last:
-                print(line, flush=True)
-            last = line
 
     def cmd_jobs(home: Home, args: argparse.Namespace) -> int:
         with connect(home) as osh:

@@ -94,6 +94,15 @@ def _write_file(file: Path, tensor: Any) -> None:
         file.write_bytes(arr.tobytes())
 
 
+def remove(osh: Any, path: str, recursive: bool) -> None:
+    """unlink path; with recursive, a directory's contents first."""
+    st = osh.stat(path)
+    if st["type"] == "dir" and recursive:
+        for e in osh.listdir(path):
+            remove(osh, e["path"], True)
+    osh.unlink(path)
+
+
 def add_commands(command: Callable[..., argparse.ArgumentParser],
                  connect: Callable[..., Any]) -> None:
     """Register the tensor commands with cli.py's `command(name, func, help)`."""
@@ -119,13 +128,6 @@ def add_commands(command: Callable[..., argparse.ArgumentParser],
                 v = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(v))
             print(f"{k:9} {v}")
         return 0
-
-    def remove(osh: Any, path: str, recursive: bool) -> None:
-        st = osh.stat(path)
-        if st["type"] == "dir" and recursive:
-            for e in osh.listdir(path):
-                remove(osh, e["path"], True)
-        osh.unlink(path)
 
     def cmd_rm(home: Home, args: argparse.Namespace) -> int:
         with connect(home) as osh:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import mmap
 import os
+import sys
 from typing import Any
 
 import numpy as np
@@ -32,7 +33,7 @@ def _torch() -> Any:
 def as_raw(tensor: Any) -> tuple[str, list[int], np.ndarray]:
     """(dtype name, shape, a C-contiguous numpy array of the bytes) of a torch
     tensor or anything numpy accepts."""
-    torch = _torch()
+    torch = sys.modules.get("torch")  # a torch tensor means torch is imported already
     if torch is not None and isinstance(tensor, torch.Tensor):
         t = tensor.detach().cpu().contiguous()
         name = str(t.dtype).removeprefix("torch.")

@@ -732,7 +732,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("pids", type=int, nargs="+", metavar="PID")
     add_tensor_commands(command, connect)
     add_model_commands(command, connect)
+    p = command("shell", cmd_shell, "the interactive shell (docs/shell.md); -c runs "
+                "commands, a script comes on stdin")
+    p.add_argument("-c", dest="commands", metavar="COMMANDS",
+                   help='commands separated by ";", e.g. "ps; ls /"')
     return parser
+
+
+def cmd_shell(home: Home, args: argparse.Namespace) -> int:
+    from userland.shell import main as shell_main
+    return shell_main(home, args.commands)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
