@@ -48,6 +48,9 @@ SIGNALS = {"TERM": signal.SIGTERM, "KILL": signal.SIGKILL, "INT": signal.SIGINT}
 PROJECT_ROOT = str(Path(__file__).resolve().parent.parent)
 
 
+MAX_INFO = 2048  # bytes of report() info a process keeps (keys and values)
+
+
 @dataclass
 class Waiter:
     """A parked wait(): who waits, for which child, until when, where to answer."""
@@ -168,7 +171,13 @@ class Kernel:
         head: dict[str, Any] = {"s": seq, "r": result}
         if partial:
             head["p"] = 1
-        self.send_client(conn, encode(head, bulk))
+        frames = encode(head, bulk)
+        if len(frames[0]) > MAX_HEADER:  # the client would refuse it, and wait forever
+            self.stats.drop("reply_too_big")
+            frames = encode({"s": seq, "e": int(Errno.E2BIG),
+                             "m": f"the reply's header is {len(frames[0])} bytes, over "
+                                  f"{MAX_HEADER}"})
+        self.send_client(conn, frames)
 
     def reply_error(self, conn: bytes, seq: int, errno: int, message: str) -> None:
         self.send_client(conn, encode({"s": seq, "e": int(errno), "m": message}))
@@ -486,6 +495,10 @@ class Kernel:
                 info[k] = v
         if len(info) > 64:
             raise SyscallError(Errno.EINVAL, "report: a process keeps at most 64 info keys")
+        size = sum(len(k) + (len(v) if type(v) is str else 8) for k, v in info.items())
+        if size > MAX_INFO:  # ps carries every process's info in one reply
+            raise SyscallError(Errno.EINVAL, f"report: a process keeps at most {MAX_INFO} "
+                               f"bytes of info; this would be {size}")
         target.info = info
         return None
 

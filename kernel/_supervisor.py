@@ -53,6 +53,7 @@ class Call:
     t0: float
     queued_at: float = 0.0
     retried: bool = False
+    cancelled: bool = False  # the caller gave up on it
 
 
 @dataclass
@@ -278,6 +279,9 @@ class Supervisor:
             errno = head["e"] if type(head["e"]) is int else int(Errno.EIO)
             msg = head.get("m") if type(head.get("m")) is str else ""
             self.kernel.finish(c.call, c.conn, c.seq, c.t0, error=SyscallError(errno, msg))
+        elif final and c.call.spawns and c.cancelled:  # nobody would learn its pid
+            self.kernel.finish(c.call, c.conn, c.seq, c.t0, error=SyscallError(
+                Errno.ECANCELED, f"{c.call.name}: cancelled; nothing was started"))
         elif final and c.call.spawns:
             self._spawn_for(proc, c, head.get("r"))
         elif final:
@@ -310,7 +314,12 @@ class Supervisor:
         for d in self.drivers.values():
             for rid, c in d.inflight.items():
                 if c.conn == conn and c.seq == seq:
+                    c.cancelled = True
                     self._send(d, {"t": "cancel", "i": rid})
+                    return
+            for c in d.backlog:  # not sent yet: the driver will see it cancelled
+                if c.conn == conn and c.seq == seq:
+                    c.cancelled = True
                     return
 
     def _account(self, proc: "Process", changes: Any) -> None:

@@ -168,6 +168,8 @@ def test_report_publishes_progress_that_ps_and_wait_show(shared_kernel):
         assert errno_of(osh.report, {"x": 1}, pid=1) == Errno.EPERM  # not my parent...
         assert errno_of(osh.report, {"x": [1]}) == Errno.EINVAL
         assert errno_of(osh.report, {f"k{i}": i for i in range(33)}) == Errno.EINVAL
+        assert errno_of(osh.report, {"big": "x" * 3000}) == Errno.EINVAL  # ps carries it
+        assert me["info"] == next(p for p in osh.ps() if p["pid"] == osh.getpid())["info"]
 
 
 def test_a_wait_given_up_on_does_not_swallow_the_exit_status(shared_kernel):

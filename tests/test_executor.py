@@ -78,6 +78,22 @@ def test_infer_is_deterministic_and_streams_what_it_returns(kernel: Booted) -> N
         assert len(parts) > 2 and "".join(p["text"] for p in parts[:-1]) == a["text"]
 
 
+def test_a_tiny_temperature_is_greedy_not_a_failure_for_everyone(kernel: Booted) -> None:
+    with kernel.connect() as osh:
+        greedy = osh.infer("/models/tiny", "abc", 20, temperature=0)
+        tiny = osh.infer("/models/tiny", "abc", 20, temperature=1e-45)
+        assert tiny["text"] == greedy["text"]
+
+
+def test_a_model_that_is_not_byte_level_is_einval(kernel: Booted) -> None:
+    with kernel.connect() as osh:
+        write_model(osh, "/models/wide", GPTConfig(vocab_size=1001, n_layer=1, n_head=2,
+                                                   n_embd=32, block_size=16))
+        assert errno_of(osh.infer, "/models/wide", "x") == Errno.EINVAL
+        assert errno_of(osh.infer, "models/tiny", "x") == Errno.EINVAL  # not a path
+        assert osh.infer("/models/tiny", "x", 2)["tokens"] == 2
+
+
 def test_a_generation_outlives_the_context(kernel: Booted) -> None:
     with kernel.connect() as osh:
         r = osh.infer("/models/tiny", "x" * 100, max_tokens=3 * TINY.block_size, seed=1)
@@ -105,6 +121,14 @@ def test_another_uids_private_model_is_eacces(kernel: Booted) -> None:
         assert other.infer("/private", "hi", 3)["tokens"] == 3
     with kernel.connect() as osh:
         assert errno_of(osh.infer, "/private", "hi") == Errno.EACCES
+    # loaded for its owner, then one weight made private: the cache is no way around it
+    with kernel.connect(uid=1001) as other:
+        write_model(other, "/shared1001", seed=4)
+        assert other.infer("/shared1001", "hi", 3)["tokens"] == 3
+        other.chmod("/shared1001/step-000001/wte.weight", 0o600)
+        assert other.infer("/shared1001", "hi", 3)["tokens"] == 3
+    with kernel.connect() as osh:
+        assert errno_of(osh.infer, "/shared1001", "hi") == Errno.EACCES
 
 
 def test_a_corrupt_checkpoint_is_eio_and_the_executor_survives(kernel: Booted) -> None:

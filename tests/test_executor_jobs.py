@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from conftest import Booted, wait_until
+from syscalls import Errno, SyscallError
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY = {"n_layer": 1, "n_head": 2, "n_embd": 32, "block_size": 16, "batch_size": 8,
@@ -30,6 +31,14 @@ def kernel() -> Iterator[Booted]:
         yield b
 
 
+def errno_of(fn: Any, *args: Any) -> Errno | None:
+    try:
+        fn(*args)
+    except SyscallError as e:
+        return e.errno
+    return None
+
+
 def workers_of(osh: Any, job: int) -> list[dict]:
     return [p for p in osh.ps() if p["ppid"] == job and p["state"] == "running"]
 
@@ -40,7 +49,7 @@ def test_a_job_trains_reports_checkpoints_and_its_model_serves(kernel: Booted) -
                                "steps": 30})
         me = next(p for p in osh.ps() if p["pid"] == job)
         assert me["ppid"] == osh.getpid() and me["uid"] == 1000
-        assert me["argv"][-2:] == ["--job", "fox"]
+        assert me["argv"][-4:] == ["--job", "fox", "--out", "/models/fox"]
         assert wait_until(lambda: len(workers_of(osh, job)) == 2, timeout=60)
         end = osh.wait(job, timeout=300)
         assert end["status"] == 0, (end, kernel.boot_log())
@@ -52,6 +61,20 @@ def test_a_job_trains_reports_checkpoints_and_its_model_serves(kernel: Booted) -
         out = osh.infer("/models/fox", "the quick brown", 20, temperature=0)
         assert out["tokens"] == 20
         assert not workers_of(osh, job)
+        again = {**TINY, "name": "fox", "dataset": "/datasets/fox", "steps": 30}
+        assert errno_of(osh.spawn_train, again) == Errno.EEXIST  # no silent overwrite
+
+
+def test_one_out_one_job_and_models_is_shared(kernel: Booted) -> None:
+    with kernel.connect(uid=1001) as other:  # /models was made 1777 by the first job
+        job = other.spawn_train({**TINY, "name": "busy", "dataset": "/datasets/fox",
+                                 "steps": 100000, "checkpoint_every": 0})
+        try:
+            again = {**TINY, "name": "busy", "dataset": "/datasets/fox", "steps": 10}
+            assert errno_of(other.spawn_train, again) == Errno.EBUSY
+        finally:
+            other.kill(job, "TERM")
+            other.wait(job, timeout=60)
 
 
 def test_resume_goes_on_from_the_last_checkpoint(kernel: Booted) -> None:
@@ -80,6 +103,21 @@ def test_a_killed_worker_fails_the_job_cleanly(kernel: Booted) -> None:
         assert not workers_of(osh, job)
         assert not psutil.pid_exists(victim["os_pid"]) or \
             psutil.Process(victim["os_pid"]).status() == psutil.STATUS_ZOMBIE
+
+
+def test_a_sigkilled_job_leaves_no_workers_behind(kernel: Booted) -> None:
+    with kernel.connect() as osh:
+        job = osh.spawn_train({**TINY, "name": "orphans", "dataset": "/datasets/fox",
+                               "steps": 100000, "checkpoint_every": 0,
+                               "log_every": 100000})  # no reports: the watcher must act
+        assert wait_until(lambda: [p["attached"] for p in workers_of(osh, job)] == [True] * 2,
+                          timeout=60)
+        workers = [p["os_pid"] for p in workers_of(osh, job)]
+        os.kill(next(p for p in osh.ps() if p["pid"] == job)["os_pid"], signal.SIGKILL)
+        assert osh.wait(job, timeout=30)["reason"] == "killed"
+        assert wait_until(lambda: not any(psutil.pid_exists(w) and psutil.Process(w).status()
+                                          != psutil.STATUS_ZOMBIE for w in workers),
+                          timeout=30)
 
 
 def test_killing_the_job_ends_its_workers(kernel: Booted) -> None:

@@ -36,11 +36,15 @@ def stdlib_files() -> Iterator[Path]:
 
 
 def read_corpus(files: list[Path] | None, max_bytes: int) -> bytes:
+    """The files' bytes, up to max_bytes; files named explicitly must be readable
+    (OSError), the standard library's unreadable ones are skipped."""
     out = bytearray()
     for path in files if files else stdlib_files():
         try:
             out += path.read_bytes()
         except OSError:
+            if files:
+                raise
             continue
         if len(out) >= max_bytes:
             break
@@ -74,7 +78,8 @@ def progress(info: dict[str, Any]) -> str:
         parts.append(f"{info['tokens_per_s']:,.0f} tok/s")
     if info.get("error"):
         parts.append(f"error: {info['error']}")
-    return "  ".join(parts)
+    # what a process reported goes to other users' terminals: no control characters
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in "  ".join(parts))
 
 
 def follow(osh: Any, pid: int, show: Callable[[str], None]) -> dict:
@@ -133,7 +138,7 @@ def add_commands(command: Callable[..., argparse.ArgumentParser],
             key, _, value = item.partition("=")
             config[key] = _scalar(value)
         with connect(home, heartbeat=True) as osh:
-            pid = osh.spawn_train(config, args.alloc)
+            pid = osh.spawn_train(config)
             if args.detach:
                 print(pid)
                 return 0
@@ -145,8 +150,13 @@ def add_commands(command: Callable[..., argparse.ArgumentParser],
                 osh.kill(pid, "TERM")
                 osh.timeout = 30
                 record = osh.wait(pid)
+            if sys.stdout.isatty():
+                print()  # below the progress line rewritten in place
             info = record.get("info") or {}
-            print(progress(info) if info else f"job {pid} {record['reason']}")
+            if record["reason"] != "exited":
+                print(f"job {pid} {record['reason']} (status {record['status']})")
+            elif info:
+                print(progress(info))
             if info.get("checkpoint"):
                 print(f"checkpoint: {info['checkpoint']}")
             status = record["status"]
@@ -169,15 +179,15 @@ def add_commands(command: Callable[..., argparse.ArgumentParser],
         with connect(home) as osh:
             it = osh.infer(args.model, args.prompt, args.max_tokens, args.temperature,
                            args.top_k, args.seed, stream=True)
-            if not args.quiet:
-                sys.stdout.write(args.prompt)
             final: dict = {}
+            echo = "" if args.quiet else args.prompt  # once the model answers
             for part in it:
                 if part.get("finish_reason"):
                     final = part
                 else:
-                    sys.stdout.write(part["text"])
+                    sys.stdout.write(echo + part["text"])
                     sys.stdout.flush()
+                    echo = ""
         sys.stdout.write("\n")
         if args.verbose:
             rate = final["tokens"] / final["time_s"] if final.get("time_s") else 0.0
@@ -188,6 +198,8 @@ def add_commands(command: Callable[..., argparse.ArgumentParser],
     def cmd_models(home: Home, args: argparse.Namespace) -> int:
         with connect(home) as osh:
             m = osh.models()
+        if not m["models"]:
+            print("no models loaded")
         for x in m["models"]:
             loss = f"{x['loss']:.3f}" if isinstance(x["loss"], (int, float)) else "-"
             print(f"{x['path']}  {x['bytes'] / 2**20:.1f}MiB  step {x['step']}  "
@@ -218,7 +230,6 @@ def add_commands(command: Callable[..., argparse.ArgumentParser],
                             ("--seed", "seed", int), ("--out", "out", str)):
         p.add_argument(flag, dest=key, type=kind, default=None)
     p.add_argument("--resume", action="store_true", help="go on from the last checkpoint")
-    p.add_argument("--alloc", metavar="ID", help="train on this allocation's GPUs")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="any other config key (docs/executor.md)")
     p.add_argument("-d", "--detach", action="store_true", help="print the pid and return")

@@ -51,6 +51,7 @@ class Loaded:
     model: Any          # a GPT in eval mode
     nbytes: int
     config: dict
+    model_path: str = ""  # the path infer named: a model directory or a checkpoint
     loaded_at: float = field(default_factory=time.time)
     requests: int = 0
 
@@ -85,6 +86,7 @@ class Executor:
         self.cache: OrderedDict[tuple, Loaded] = OrderedDict()
         self.engine: Any = None                # created on the first infer
         self.pending: dict[int, Pending] = {}  # request id -> Pending
+        self.loading: dict[int, int] = {}      # request id -> caller pid, model loading
         self.stepping = False
         self.errors = 0
 
@@ -108,7 +110,13 @@ class Executor:
             try:
                 done(result)
             except SyscallError as e:
-                req.fail(e.errno, e.message)
+                if not req.done:
+                    req.fail(e.errno, e.message)
+            except Exception as e:
+                log.exception("%s failed", req.name)
+                self.errors += 1
+                if not req.done:
+                    req.fail(Errno.EIO, f"executor: {req.name}: {type(e).__name__}: {e}")
 
         def run() -> None:
             try:
@@ -162,7 +170,10 @@ class Executor:
         """(checkpoint dir, its config, cache key) of a model path, read as uid: a
         model directory's `latest` checkpoint, or a checkpoint directory itself."""
         osh = self.conn(uid)
-        path = path.rstrip("/") or "/"
+        path = path.rstrip("/")
+        if not path.startswith("/"):
+            raise SyscallError(Errno.EINVAL, "infer: model must be a tensorfs path such as "
+                               "/models/NAME")
         try:
             st = osh.stat(path)
         except SyscallError as e:
@@ -177,8 +188,14 @@ class Executor:
             name = text_of(osh.load_tensor(f"{path}/latest")).strip()
             ckpt = f"{path}/{name}"
         except SyscallError as e:
+            if e.errno == Errno.EISDIR:
+                raise SyscallError(Errno.EIO, f"infer: {path}/latest is a directory, not "
+                                   "a checkpoint's name") from None
             if e.errno != Errno.ENOENT:
                 raise
+        except UnicodeDecodeError:
+            raise SyscallError(Errno.EIO, f"infer: {path}/latest does not name a "
+                               "checkpoint") from None
         try:
             cst = osh.stat(f"{ckpt}/config")
             config = json.loads(text_of(osh.load_tensor(f"{ckpt}/config")))
@@ -194,24 +211,44 @@ class Executor:
     def load(self, uid: int, path: str) -> Loaded:
         """The model at path, from the cache or loaded now (pool thread)."""
         ckpt, config, key = self.resolve(uid, path)
+        self.check_access(uid, ckpt)  # on a cache hit too: the cache is everyone's
+        from ._gpt import GPT, GPTConfig, n_params
+        try:
+            cfg = GPTConfig.from_dict(dict(config["model"]))
+        except (ValueError, KeyError, TypeError) as e:
+            raise SyscallError(Errno.EIO, f"infer: corrupt checkpoint {ckpt}: {e}") from None
+        if cfg.vocab_size != 256:
+            raise SyscallError(Errno.EINVAL, f"infer: {path} has a vocabulary of "
+                               f"{cfg.vocab_size}; infer reads and writes bytes (256)")
+        # weights, and the KV cache of infer_max_batch slots the engine gives it
+        nbytes = 4 * n_params(cfg) + 2 * 4 * cfg.n_layer * self.max_batch * \
+            cfg.block_size * cfg.n_embd
+        if nbytes > self.budget:
+            raise SyscallError(Errno.ENOMEM, f"infer: {path} needs {nbytes} bytes with its "
+                               f"KV cache, over the model cache budget of {self.budget}")
         hit = self.cache.get(key)
         if hit is not None:
             return hit
-        from ._gpt import GPT, GPTConfig
         from .train import load_state, read_checkpoint
         try:
             got = read_checkpoint(self.conn(uid), ckpt, with_optimizer=False)
-            model = GPT(GPTConfig.from_dict(dict(got.meta["model"])))
+            model = GPT(cfg)
             load_state(model, None, got)
         except (ValueError, KeyError, TypeError, RuntimeError) as e:
             raise SyscallError(Errno.EIO, f"infer: corrupt checkpoint {ckpt}: {e}") from None
         model.eval().to(self.device())
-        nbytes = sum(p.numel() * p.element_size() for p in model.parameters())
-        if nbytes > self.budget:
-            raise SyscallError(Errno.ENOMEM, f"infer: {path} needs {nbytes} bytes, over the "
-                               f"model cache budget of {self.budget}")
-        log.info("loaded %s (%d bytes)", ckpt, nbytes)
-        return Loaded(key, ckpt, model, nbytes, config)
+        log.info("loaded %s (%d bytes with its KV cache)", ckpt, nbytes)
+        return Loaded(key, ckpt, model, nbytes, config, path)
+
+    def check_access(self, uid: int, ckpt: str) -> None:
+        """EACCES unless uid may list ckpt and read each of its tensors (pool thread)."""
+        if uid == 0:
+            return
+        for e in self.conn(uid).listdir(ckpt):  # the directory's own r bit: tensorfs
+            if e["type"] == "tensor" and e.get("owner") != uid and not e.get("mode", 0) & 0o4:
+                raise SyscallError(Errno.EACCES, f"infer: uid {uid} may not read "
+                                   f"{e['path']} (owner {e.get('owner')}, mode "
+                                   f"{e.get('mode', 0):o})")
 
     def device(self) -> str:
         import torch
@@ -229,6 +266,10 @@ class Executor:
             m = have
         self.cache[m.key] = m
         self.cache.move_to_end(m.key)
+        for key, old in list(self.cache.items()):  # older checkpoints of the same model
+            if key != m.key and old.model_path == m.model_path and (
+                    self.engine is None or self.engine.drop_model(key)):
+                del self.cache[key]
         used = sum(x.nbytes for x in self.cache.values())
         for key in list(self.cache):
             if used <= self.budget or key == m.key:
@@ -252,13 +293,13 @@ class Executor:
                                f"infer_max_tokens ({self.max_tokens})")
         seed = secrets.randbits(63) if seed is None else seed
         uid = req.uid
+        self.loading[req.id] = req.pid
 
         def start(m: Loaded) -> None:
+            if self.loading.pop(req.id, None) is None:  # cancelled, or its caller ended
+                req.fail(Errno.ECANCELED, "infer: cancelled")
+                return
             m = self.admit(m)
-            vocab = int(m.config["model"].get("vocab_size", 256))
-            if vocab < 256:
-                raise SyscallError(Errno.EINVAL, f"infer: {model} has a vocabulary of "
-                                   f"{vocab}, not bytes")
             from ._engine import GenRequest
             if self.engine is None:
                 from ._engine import Engine
@@ -293,7 +334,7 @@ class Executor:
             p = self.pending.get(ev.id)
             if p is None:
                 continue
-            chunk = p.decoder.decode(bytes(ev.tokens), final=ev.done)
+            chunk = p.decoder.decode(bytes(t & 0xFF for t in ev.tokens), final=ev.done)
             p.tokens += len(ev.tokens)
             p.text.append(chunk)
             if p.stream and chunk and not (ev.done and ev.reason == "cancelled"):
@@ -311,11 +352,14 @@ class Executor:
             self.kick()
 
     def on_cancel(self, rid: Any) -> None:
+        self.loading.pop(rid, None)
         if self.engine is not None and type(rid) is int and rid in self.pending:
             self.engine.cancel(rid)
             self.kick()
 
     def on_exit(self, pid: int) -> None:
+        for rid in [r for r, p in self.loading.items() if p == pid]:
+            del self.loading[rid]
         if self.engine is not None and self.engine.cancel_owner(pid):
             self.kick()
 
@@ -362,10 +406,11 @@ class Executor:
                     raise SyscallError(Errno.ENOMEM, f"spawn_train: {cfg['workers']} workers "
                                        f"need about {total} bytes, {avail} are available")
             self.check_dataset(uid, cfg)
+            self.check_out(uid, cfg)
             return cfg
 
         def plan(cfg: dict) -> None:
-            req.reply({"argv": [*TRAIN_ARGV, "--job", cfg["name"]],
+            req.reply({"argv": [*TRAIN_ARGV, "--job", cfg["name"], "--out", cfg["out"]],
                        "env": {"LLMOS_TRAIN_CONFIG": json.dumps(cfg)}})
 
         return self.background(check, plan, req)
@@ -395,6 +440,40 @@ class Executor:
         if len(fit) < count:
             raise SyscallError(Errno.ENOMEM, f"spawn_train: a worker needs about {need} "
                                f"bytes on each of {count} GPUs; {len(fit)} GPUs are that big")
+
+    def check_out(self, uid: int, cfg: dict) -> None:
+        """The job's out directory: not another running job's (EBUSY), not an existing
+        model unless resuming (EEXIST), and made now, as the caller (EACCES, ENOTDIR).
+        A missing top-level directory (/models) is made shared, mode 1777, like /tmp."""
+        out = cfg["out"]
+        for p in self.conn(0).ps():
+            argv = p["argv"]
+            if (p["state"] == "running" and "drivers.executor.train" in argv
+                    and "--job" in argv and argv[-2:] == ["--out", out]):
+                raise SyscallError(Errno.EBUSY, f"spawn_train: job {p['pid']} is training "
+                                   f"into {out}")
+        osh = self.conn(uid)
+        parts = out.strip("/").split("/")
+        for i in range(1, len(parts) + 1):
+            path = "/" + "/".join(parts[:i])
+            try:
+                if i == 1 and len(parts) > 1:
+                    self.conn(0).mkdir(path, 0o1777)
+                else:
+                    osh.mkdir(path)
+            except SyscallError as e:
+                if e.errno != Errno.EEXIST:
+                    raise SyscallError(e.errno, f"spawn_train: out {out}: {e.message}")
+        if cfg["resume"]:
+            return
+        try:
+            osh.stat(f"{out}/latest")
+        except SyscallError as e:
+            if e.errno in (Errno.ENOENT, Errno.ENOTDIR):
+                return
+            raise
+        raise SyscallError(Errno.EEXIST, f"spawn_train: {out} holds a trained model; "
+                           "resume it (resume=true) or remove it first (llmos rm -r)")
 
     def check_dataset(self, uid: int, cfg: dict) -> None:
         osh = self.conn(uid)

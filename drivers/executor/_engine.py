@@ -16,7 +16,7 @@ One step:
 3. **Decode** one token for every running sequence: one batched forward per
    model, each row at its own position (see _gpt.py), then sampling per
    sequence with its own ``torch.Generator`` seeded from ``req.seed``
-   (temperature 0 is argmax; else logits / temperature, the top_k filter when
+   (temperature under 0.001 is argmax; else logits / temperature, the top_k filter when
    top_k > 0, then ``torch.multinomial``). So the same requests give the same
    tokens every run. Batch mates change a sequence's logits only by float
    rounding (about 1e-7 on CPU: another matrix shape, another summation
@@ -109,6 +109,9 @@ def _new_generator(seed: int, device: torch.device) -> torch.Generator:
     return generator
 
 
+MIN_TEMPERATURE = 1e-3
+
+
 def _sample_rows(logits: torch.Tensor, seqs: list[_Sequence]) -> list[int]:
     """One token per row of logits [B, vocab], each with its sequence's sampling settings.
 
@@ -116,7 +119,9 @@ def _sample_rows(logits: torch.Tensor, seqs: list[_Sequence]) -> list[int]:
     draw itself (torch.multinomial with the row's own generator) is per row.
     """
     tokens = logits.argmax(dim=-1).tolist()
-    hot = [i for i, seq in enumerate(seqs) if seq.req.temperature > 0]
+    # below MIN_TEMPERATURE, logits / temperature overflows float32 (NaN probabilities
+    # would fail the whole step); the distribution is all but greedy there anyway
+    hot = [i for i, seq in enumerate(seqs) if seq.req.temperature >= MIN_TEMPERATURE]
     if not hot:
         return tokens
     vocab = logits.shape[-1]

@@ -54,6 +54,7 @@ from ._gpt import GPT, GPTConfig
 
 CONFIG_ENV = "LLMOS_TRAIN_CONFIG"
 RESUME_ENV = "LLMOS_TRAIN_RESUME"
+JOB_ENV = "LLMOS_TRAIN_JOB"  # the job's llmos pid, for its workers to watch
 DIST_TIMEOUT = datetime.timedelta(seconds=60)  # rendezvous and every collective
 WAIT_SLICE_S = 1.0       # the job's supervision tick: SIGTERM and watchdog latency
 REAP_TIMEOUT_S = 10.0
@@ -562,10 +563,32 @@ def worker_main() -> int:
     return status
 
 
+def watch_job(osh: Any, job_pid: int, period: float = 1.0) -> None:
+    """End this worker when its job is gone (it was SIGKILLed, so it could not stop
+    us): a thread asks for our llmos parent every period seconds; once it is no
+    longer the job (we were given to init), the worker exits at once."""
+    def watch() -> None:
+        while True:
+            time.sleep(period)
+            try:
+                gone = osh.getppid() != job_pid
+            except SyscallError:
+                gone = True
+            if gone:
+                print(f"the job {job_pid} is gone; this worker exits", flush=True)
+                os._exit(1)
+
+    threading.Thread(target=watch, name="watch-job", daemon=True).start()
+
+
 def run_worker(osh: Any, cfg: dict, rank: int, world: int, resume: str) -> None:
     """Rendezvous with the other workers (MASTER_ADDR/PORT from the job), read
     this rank's shard (and the checkpoint to resume), train."""
-    job_pid = osh.getppid()
+    # the job names itself: a worker orphaned before it attached would see init
+    job_pid = int(os.environ.get(JOB_ENV) or osh.getppid())
+    if osh.getppid() != job_pid:
+        raise SystemExit(f"the job {job_pid} is gone")
+    watch_job(osh, job_pid)
     device, backend = pick_device(cfg, rank)
     dist.init_process_group(backend, rank=rank, world_size=world, timeout=DIST_TIMEOUT)
     try:
@@ -605,6 +628,8 @@ class Job:
     def run(self) -> int:
         """The whole job; its exit status."""
         try:
+            self.say({"state": "starting", "steps": self.cfg["steps"],
+                      "workers": self.cfg["workers"]})
             self.allocate()
             check_dataset(self.osh, self.cfg["dataset"], self.cfg["workers"],
                           self.cfg["block_size"])
@@ -658,7 +683,9 @@ class Job:
     def prepare_out(self) -> str:
         """The checkpoint the first attempt resumes from ("" for none). A fresh run
         (resume false) over an existing model replaces it: its old checkpoints go,
-        `latest` first, so nothing reads a half-replaced model."""
+        `latest` first, so nothing reads a half-replaced model. (The executor refuses
+        such a run with EEXIST before it starts, unless the model has no checkpoint:
+        what is removed here is what a job killed before its first one left.)"""
         out = self.cfg["out"]
         existing = resolve_checkpoint(self.osh, out) if _exists(self.osh, out) else None
         if existing is not None and self.cfg["resume"]:
@@ -680,7 +707,8 @@ class Job:
         env = {"RANK": str(rank), "LOCAL_RANK": str(rank),
                "WORLD_SIZE": str(self.cfg["workers"]), "MASTER_ADDR": "127.0.0.1",
                "MASTER_PORT": str(port), CONFIG_ENV: json.dumps(self.cfg),
-               RESUME_ENV: resume, "CUDA_DEVICE_ORDER": "PCI_BUS_ID"}
+               RESUME_ENV: resume, "CUDA_DEVICE_ORDER": "PCI_BUS_ID",
+               JOB_ENV: str(self.osh.pid)}
         devices = self.cfg.get("devices") or []
         real = devices and not self.cfg.get("simulated", True)
         # no GPU the job does not hold: an empty list hides them all
