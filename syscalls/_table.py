@@ -8,6 +8,12 @@ retried once when it is, answered EIO when it is not) and whether it streams
 is a program for the kernel to spawn as the caller's child (spawns). Numbers are grouped by service:
 kernel 0-99, echo 100-199, devices 200-299, tensorfs 300-399, executor 400-499.
 
+Each syscall's errors are (errno, when) pairs: every errno its own code can
+return and the condition. The errors every call can get (a bad argument, an
+unattached connection, a driver that died...) are listed once, in
+syscalls/gen.py (GENERIC_ERRORS), and rendered with each syscall in
+docs/syscalls.md; tests/conformance checks that each one is produced.
+
 The kernel validates every request against this table before serving or
 routing it, so handlers receive arguments of the declared types and bounds.
 Nothing here imports anything else of llmos.
@@ -57,12 +63,18 @@ class Syscall:
     streams: bool = False
     spawns: bool = False
     returns: str = ""
-    errors: tuple[str, ...] = ()
+    # given as (errno, when) pairs (a bare name is accepted); after __init__ it
+    # holds the names, and error_when maps each name to its condition
+    errors: tuple[Any, ...] = ()
     doc: str = ""
     by_name: dict[str, Arg] = field(init=False, repr=False, compare=False)
+    error_when: dict[str, str] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "by_name", {a.name: a for a in self.args})
+        when = dict((e, "") if isinstance(e, str) else (e[0], e[1]) for e in self.errors)
+        object.__setattr__(self, "errors", tuple(when))
+        object.__setattr__(self, "error_when", when)
 
 
 TYPES = ("int", "float", "str", "bytes", "bool", "list[str]", "dict[str,str]", "size",
@@ -91,7 +103,15 @@ TABLE: tuple[Syscall, ...] = (
         Arg("heartbeat", "bool", default=False,
             doc="the caller will heartbeat: the kernel expects the first one now"),
     ), returns="{pid, ppid, uid, hb_token, heartbeat_s, kernel_pid, abi}",
-        errors=("EACCES", "EINVAL", "EPROTO", "EBUSY"),
+        errors=(
+            ("EBUSY", "this connection is attached already"),
+            ("EACCES", "neither the home's secret nor a spawn token, a wrong secret, or a "
+                       "spawn token that is unknown or used already"),
+            ("EAGAIN", "with the secret: the process table is full (max_processes)"),
+            ("EINVAL", "os_pid names no OS process on this host, or names a driver "
+                       "attaching without heartbeat=True"),
+            ("EPERM", "os_pid is the kernel's own OS pid or the OS's init (1)"),
+        ),
         doc="Bind this connection to an llmos process. The first call on every "
             "connection; the userland library makes it in connect()."),
     Syscall(1, "nop", "kernel", returns="None", idempotent=True,
@@ -112,7 +132,18 @@ TABLE: tuple[Syscall, ...] = (
         Arg("env", "dict[str,str]", default=None, nullable=True, max_len=256,
             doc="added to the kernel's environment"),
     ), returns="int (the child's pid)",
-        errors=("EINVAL", "ENOENT", "EACCES", "EPERM", "EAGAIN", "ENAMETOOLONG", "EIO"),
+        errors=(
+            ("EINVAL", "argv is empty or its program is an empty string, or env cannot be "
+                       "used (an '=' in a name)"),
+            ("EPERM", "uid is not the caller's and the caller is not uid 0"),
+            ("EAGAIN", "the process table is full (max_processes)"),
+            ("ENOENT", "the program or cwd does not exist, or cwd is not a directory"),
+            ("EACCES", "the OS refuses to execute the program (no x bit) or enter cwd"),
+            ("ENAMETOOLONG", "the program's path, or one of its components, is too long "
+                             "for the OS"),
+            ("EIO", "the OS refused to start it for another reason, e.g. a file that is "
+                    "no executable format (ENOEXEC) or arguments over its limit (E2BIG)"),
+        ),
         doc="Start a program as a child of the caller: a real OS process with an "
             "llmos pid. Its output goes to log/proc/<pid>.log under LLMOS_HOME."),
     Syscall(5, "wait", "kernel", (
@@ -120,15 +151,25 @@ TABLE: tuple[Syscall, ...] = (
             doc="a child's pid; None: any child"),
         Arg("timeout", "float", default=None, nullable=True, lo=0, hi=86400 * 365),
     ), blocks=True, returns="{pid, status, reason, info}",
-        errors=("ECHILD", "ETIMEDOUT", "EINVAL", "EAGAIN"),
+        errors=(
+            ("ECHILD", "pid is not a child of the caller, or the caller has no children; "
+                       "or, parked, no child is left that could answer it (another wait "
+                       "reaped it)"),
+            ("ETIMEDOUT", "no child it waits for ended within timeout (at once for 0)"),
+            ("EAGAIN", "the caller has max_inflight_per_process waits parked already"),
+        ),
         doc="Wait for a child to end and reap it. status is the exit code, or "
             "minus the signal that killed it; reason is exited, killed or lost; info is "
-            "what the child last reported (report). EAGAIN past max_inflight_per_process "
-            "parked waits."),
+            "what the child last reported (report)."),
     Syscall(6, "kill", "kernel", (
         Arg("pid", "int", lo=1, hi=2**31),
         Arg("signal", "str", default="TERM", choices=_SIGNALS),
-    ), returns="None", errors=("ESRCH", "EPERM", "EINVAL"),
+    ), returns="None", errors=(
+        ("ESRCH", "no running process has pid: it never did, or it ended (a zombie, "
+                  "or reaped)"),
+        ("EPERM", "pid is init (1), or a process of another uid and the caller is not "
+                  "uid 0, or an OS process the kernel may not signal"),
+    ),
         doc="Send a signal to a process: your own uid's processes only, unless uid 0."),
     Syscall(7, "exit", "kernel", (
         Arg("status", "int", default=0, lo=0, hi=255),
@@ -146,7 +187,12 @@ TABLE: tuple[Syscall, ...] = (
                 "process's info, a None value removes its key"),
         Arg("pid", "int", default=None, nullable=True, lo=1, hi=2**31,
             doc="the caller (None) or its parent: a training worker reports for its job"),
-    ), returns="None", errors=("EINVAL", "EPERM", "ESRCH"),
+    ), returns="None", errors=(
+        ("EPERM", "pid is neither the caller nor its parent, or the parent is another "
+                  "uid's and the caller is not uid 0"),
+        ("EINVAL", "the process's info would have more than 64 keys, or more than 2048 "
+                   "bytes of keys and values"),
+    ),
         doc="Publish a running process's progress: ps and jobs show its info, and "
             "wait returns the last one with the exit status."),
     # -- echo driver: a small real driver that proves the routing path ----------
@@ -176,12 +222,23 @@ TABLE: tuple[Syscall, ...] = (
         Arg("priority", "int", default=0, lo=-20, hi=20,
             doc="queue order, higher first; above 0 is for uid 0 only"),
     ), blocks=True, returns="{id, devices, bytes_each, count, exclusive, simulated, capacity}",
-        errors=("EINVAL", "ENOMEM", "ETIMEDOUT", "EDQUOT", "EPERM"),
+        errors=(
+            ("EPERM", "priority > 0 and the caller is not uid 0"),
+            ("ENOMEM", "fewer than count devices are as large as mem (at once, even with "
+                       "wait); or, without wait, it cannot be met now"),
+            ("EDQUOT", "what the caller's uid holds and waits for, plus mem x count, is "
+                       "over its gpu_quota (at once: a quota is not waited for)"),
+            ("ETIMEDOUT", "wait with a timeout, and it was not met in time"),
+        ),
         doc="Allocate mem bytes on each of count GPUs. Fails with ENOMEM when it cannot "
             "be met now (or ever), or waits in the queue with wait=True (docs/devices.md)."),
     Syscall(201, "free_gpu", "devices", (
         Arg("alloc_id", "str", max_len=64, doc="the id alloc_gpu returned"),
-    ), idempotent=True, returns="None", errors=("EBADF", "EPERM"),
+    ), idempotent=True, returns="None", errors=(
+        ("EBADF", "alloc_id is no allocation: never was, or freed by another process "
+                  "(freeing one's own again succeeds)"),
+        ("EPERM", "the allocation is another process's and the caller is not uid 0"),
+    ),
         doc="Free an allocation of the calling process (uid 0: of any process)."),
     Syscall(202, "devices", "devices", idempotent=True,
             returns="{gpus, cpus, memory, queue, simulated}",
@@ -221,8 +278,23 @@ TABLE += (
             doc="stage a large write in a /dev/shm segment named in the reply, "
                 "which the caller maps and fills instead of calling write_tensor"),
     ), returns="{fd, dtype, shape, size, shm}",
-        errors=("ENOENT", "EEXIST", "EISDIR", "ENOTDIR", "EACCES", "EFBIG", "EDQUOT",
-                "EINVAL", "EIO"),
+        errors=(
+            ("EINVAL", "a bad path: not absolute; an empty, '.', '..' or hidden component; a backslash; a name over 200 bytes; deeper than 64, or the root; dtype or shape with "
+                       "mode r or rw; mode w or x without both"),
+            ("ENOENT", "the parent directory does not exist; or mode r or rw and no tensor "
+                       "is at path"),
+            ("ENOTDIR", "the parent is a tensor"),
+            ("EISDIR", "path is a directory"),
+            ("EEXIST", "mode x and a tensor exists at path"),
+            ("EACCES", "r: no read permission on the tensor; rw: no read and write; w over "
+                       "an existing tensor: no write on it; a new tensor: no write on its "
+                       "directory"),
+            ("EFBIG", "w, x or rw: the tensor's size is over tensor_max_size"),
+            ("EDQUOT", "w, x or rw: the owner's tensors, plus its staged writes, plus this "
+                       "one, less the one it replaces, are over its tensor_quota"),
+            ("EIO", "the tensor on disk is damaged: its header is unreadable, or (rw) its "
+                    "data fails its checksum"),
+        ),
         doc="Open a tensor. Writes are staged and become visible, durably, at "
             "close_tensor; the descriptor is this process's only."),
     Syscall(301, "read_tensor", "tensorfs", (
@@ -233,44 +305,99 @@ TABLE += (
             doc="large results come as a /dev/shm segment to map (and unlink) "
                 "instead of bytes"),
     ), idempotent=True, returns="{dtype, shape, data (bytes) or shm (a segment path)}",
-        errors=("EBADF", "EINVAL", "EIO"),
+        errors=(
+            ("EBADF", "fd is not an open descriptor of the caller, or is open for writing "
+                      "only (w, x)"),
+            ("EINVAL", "slice has more dimensions than the tensor, or a pair that is not "
+                       "0 <= start <= stop <= the dimension"),
+            ("EIO", "the tensor's data fails its checksum (damaged on disk)"),
+        ),
         doc="Read a tensor, or a slice of it, in C order. Checksums are verified."),
     Syscall(302, "write_tensor", "tensorfs", (
         _fd(),
         Arg("data", "bytes", max_len=MAX_TENSOR_FRAME, doc="raw little-endian elements"),
         Arg("slice", "slice", default=None, nullable=True, max_len=MAX_DIMS,
             doc="the region to write; None: the whole tensor"),
-    ), idempotent=True, returns="int (bytes written)", errors=("EBADF", "EINVAL"),
+    ), idempotent=True, returns="int (bytes written)", errors=(
+        ("EBADF", "fd is not an open descriptor of the caller, or is open for reading "
+                  "only (r)"),
+        ("EINVAL", "a bad slice (as for read_tensor), or data that is not exactly the "
+                   "region's size in bytes"),
+    ),
         doc="Write the whole staged tensor or a slice of it; data must be exactly "
             "the region's size."),
     Syscall(303, "close_tensor", "tensorfs", (
         _fd(),
         Arg("discard", "bool", default=False, doc="drop the staged write instead"),
     ), returns="None for reads; {size, checksum} for a commit",
-        errors=("EBADF", "EEXIST", "ENOENT", "EIO"),
+        errors=(
+            ("EBADF", "fd is not an open descriptor of the caller"),
+            ("EEXIST", "committing a mode x write: another writer created the tensor "
+                       "since the open"),
+            ("ENOENT", "committing: the parent directory was removed since the open"),
+            ("ENOTDIR", "committing: the parent is a tensor now"),
+        ),
         doc="Close a descriptor. For a write it commits: temporary file, fsync, rename, "
             "fsync of the directory; when it returns, the tensor survives any crash."),
     Syscall(304, "stat", "tensorfs", (_path(),), idempotent=True,
             returns="{path, type, owner, mode, ctime, mtime; dtype, shape, size, checksum}",
-            errors=("ENOENT", "ENOTDIR", "EINVAL", "EIO"),
+            errors=(
+                ("EINVAL", "a bad path: not absolute; an empty, '.', '..' or hidden component; a backslash; a name over 200 bytes; deeper than 64"),
+                ("ENOENT", "nothing is at path, or its parent directory does not exist"),
+                ("ENOTDIR", "the parent is a tensor"),
+                ("EIO", "the tensor's header is damaged"),
+            ),
             doc="Metadata of a tensor or a directory."),
     Syscall(305, "listdir", "tensorfs", (_path(),), idempotent=True,
-            returns="list of stat records with name", errors=("ENOENT", "ENOTDIR", "EACCES",
-                                                              "EINVAL"),
+            returns="list of stat records with name", errors=(
+                ("EINVAL", "a bad path: not absolute; an empty, '.', '..' or hidden component; a backslash; a name over 200 bytes; deeper than 64"),
+                ("ENOENT", "nothing is at path, or its parent directory does not exist"),
+                ("ENOTDIR", "path is a tensor, or its parent is"),
+                ("EACCES", "no read permission on the directory"),
+            ),
             doc="The entries of a directory, sorted by name."),
     Syscall(306, "mkdir", "tensorfs", (
         _path(), Arg("perm", "int", default=0o755, lo=0, hi=0o1777)),
-        returns="None", errors=("EEXIST", "ENOENT", "ENOTDIR", "EACCES", "EINVAL"),
+        returns="None", errors=(
+            ("EINVAL", "a bad path: not absolute; an empty, '.', '..' or hidden component; a backslash; a name over 200 bytes; deeper than 64, or the root"),
+            ("ENOENT", "the parent directory does not exist"),
+            ("ENOTDIR", "the parent is a tensor"),
+            ("EEXIST", "a directory or a tensor is at path"),
+            ("EACCES", "no write permission on the parent directory"),
+        ),
         doc="Make a directory (its parent must exist)."),
     Syscall(307, "unlink", "tensorfs", (_path(),), returns="None",
-            errors=("ENOENT", "ENOTEMPTY", "EACCES", "EINVAL"),
+            errors=(
+                ("EINVAL", "a bad path: not absolute; an empty, '.', '..' or hidden component; a backslash; a name over 200 bytes; deeper than 64, or the root"),
+                ("ENOENT", "nothing is at path, or its parent directory does not exist"),
+                ("ENOTDIR", "the parent is a tensor"),
+                ("EACCES", "no write permission on the parent directory, or it is sticky "
+                           "and the caller owns neither it nor the entry (uid 0 may)"),
+                ("ENOTEMPTY", "a directory that has entries"),
+            ),
             doc="Remove a tensor or an empty directory. Open readers keep what they opened."),
     Syscall(308, "rename", "tensorfs", (_path("src"), _path("dst")), returns="None",
-            errors=("ENOENT", "EEXIST", "ENOTDIR", "EACCES", "EINVAL"),
+            errors=(
+                ("EINVAL", "a bad path: not absolute; an empty, '.', '..' or hidden component; a backslash; a name over 200 bytes; deeper than 64, or the root; or dst is inside the "
+                           "directory src"),
+                ("ENOENT", "nothing is at src, or the parent directory of src or dst does "
+                           "not exist"),
+                ("ENOTDIR", "the parent of src or dst is a tensor"),
+                ("EEXIST", "something is at dst (rename never replaces)"),
+                ("EACCES", "the caller may not remove src from its directory (as for "
+                           "unlink), or has no write permission on dst's directory"),
+            ),
             doc="Move a tensor or directory; dst must not exist."),
     Syscall(309, "chmod", "tensorfs", (
         _path(), Arg("perm", "int", lo=0, hi=0o1777)), returns="None",
-        errors=("ENOENT", "EPERM", "EINVAL"),
+        errors=(
+            ("EINVAL", "a bad path: not absolute; an empty, '.', '..' or hidden component; a backslash; a name over 200 bytes; deeper than 64"),
+            ("ENOENT", "nothing is at path, or its parent directory does not exist"),
+            ("ENOTDIR", "the parent is a tensor"),
+            ("EPERM", "the caller is neither the owner nor uid 0"),
+            ("EIO", "the tensor is damaged: its header is unreadable or its data fails "
+                    "its checksum"),
+        ),
         doc="Set mode bits (owner or uid 0 only)."),
 )
 
@@ -286,7 +413,32 @@ TABLE += (
         Arg("alloc_id", "str", default=None, nullable=True, max_len=64,
             doc="train on the GPUs of this allocation of the caller (alloc_gpu)"),
     ), spawns=True, returns="int (the job's pid)",
-        errors=("EINVAL", "ENOENT", "ENOMEM", "EACCES", "EBADF", "EAGAIN"),
+        errors=(
+            ("EINVAL", "the config: an unknown, missing (name, dataset), mistyped or "
+                       "out-of-range key, n_embd not a multiple of n_head, min_lr over lr, "
+                       "a key only the executor sets, a bad dataset path; a dataset that "
+                       "is not a 1-D uint8 tensor, or too short for its workers"),
+            ("ENOENT", "no dataset tensor, or no directory holding it"),
+            ("ENOTDIR", "the dataset's parent is a tensor, or a tensor is in the way of "
+                        "the out directory"),
+            ("EISDIR", "the dataset is a directory"),
+            ("EACCES", "the caller's uid may not read the dataset, or make the out "
+                       "directory"),
+            ("EBUSY", "a running job trains into the same out directory"),
+            ("EEXIST", "out holds a trained model (its latest) and resume is false"),
+            ("EBADF", "alloc_id is no allocation"),
+            ("EPERM", "alloc_id is another process's allocation"),
+            ("ENOMEM", "a worker's memory estimate is over the allocation's bytes per "
+                       "device; with gpus = N, fewer than N GPUs are that large; with "
+                       "neither, the workers together need more than the memory available"),
+            ("EAGAIN", "the process table is full (max_processes) when the job is "
+                       "spawned, or when the executor attaches to check it (as the "
+                       "caller's uid, or as uid 0 for GPUs and running jobs)"),
+            ("EIO", "the dataset tensor is damaged (its header)"),
+            ("ECANCELED", "the caller cancelled the call before the job was spawned and "
+                          "still waits for the answer: nothing was started (its out "
+                          "directory may have been made)"),
+        ),
         doc="Start a data-parallel training job as a child process of the caller. "
             "The config is checked, and its memory estimate against the allocation "
             "(ENOMEM), before anything starts; wait returns its final loss."),
@@ -304,7 +456,25 @@ TABLE += (
     ), blocks=True, streams=True,
         returns="{text, tokens, prompt_tokens, finish_reason, seed, time_s}; "
                 "partials {text, tokens} when streaming",
-        errors=("ENOENT", "EACCES", "EIO", "EINVAL", "EAGAIN"),
+        errors=(
+            ("EINVAL", "an empty prompt, a prompt over infer_max_prompt bytes, max_tokens "
+                       "over infer_max_tokens, a model whose vocabulary is not bytes (256), "
+                       "or a bad tensorfs path (the root included)"),
+            ("ENOENT", "no model at model: nothing there, a tensor, or a directory with no "
+                       "config (in its latest checkpoint)"),
+            ("EISDIR", "the checkpoint's config is a directory"),
+            ("EACCES", "the caller's uid may not list the checkpoint or read one of its "
+                       "tensors"),
+            ("EIO", "a corrupt checkpoint: latest is a directory or names no checkpoint, "
+                    "its config is not JSON or not a model's, its tensors do not match it "
+                    "or fail their checksums; or the model failed mid-generation"),
+            ("ENOMEM", "the model is larger than the executor's model_cache budget"),
+            ("EAGAIN", "the process table is full (max_processes) when the executor "
+                       "attaches for the caller's uid (its first call as that uid)"),
+            ("ECANCELED", "the caller cancelled the call (the library does when it gives "
+                          "up on one: its timeout, Ctrl-C, a stream closed) and still waits "
+                          "for the answer"),
+        ),
         doc="Generate text with a model, batched with other processes' requests "
             "(continuous batching, round robin across processes)."),
     Syscall(402, "models", "executor", idempotent=True,

@@ -13,6 +13,74 @@ from pathlib import Path
 from ._schema import number
 from ._table import TABLE, Arg, Syscall
 
+# The errors any call can get, whatever its own code does, as (errno, scope, when).
+# scope says which calls: "all", "attached" (all but attach), "bytes" (calls with a
+# bytes argument), "kernel" or "driver" (calls the kernel, or a driver, serves).
+GENERIC_ERRORS: tuple[tuple[str, str, str], ...] = (
+    ("EPROTO", "all", "the request's ABI version is not the kernel's (checked first)"),
+    ("ENOSYS", "all", "no syscall has the request's number; or no driver of the "
+                      "syscall's service is configured (`drivers` in config.toml)"),
+    ("EPERM", "attached", "the connection is not attached: it never was, or its "
+                          "process ended (after exit, a kill, or lost heartbeats)"),
+    ("EINVAL", "all", "the arguments break the schema: one missing, unknown or of the "
+                      "wrong type, a number out of its bounds, a string or list over "
+                      "its length or with NUL, a value not among its choices"),
+    ("E2BIG", "bytes", "a bytes argument over its length bound (echo: 16 MiB, "
+                       "write_tensor: 1 GiB)"),
+    ("E2BIG", "kernel", "the reply's header would be over 1 MiB (a ps of processes "
+                        "that attached with huge argv): the kernel answers E2BIG instead "
+                        "of a reply the library would drop"),
+    ("EAGAIN", "driver", "the caller has max_inflight_per_process calls in flight to "
+                         "drivers already (a call it gave up on counts until its driver "
+                         "answers it), or the driver's queue is full"),
+    ("EIO", "driver", "the driver died while serving the call and it is not idempotent "
+                      "(an idempotent one is retried once on the next instance first), "
+                      "or stayed down longer than driver_wait_s, or failed on an "
+                      "unexpected error (e.g. an OS error), or its reply would be over 1 "
+                      "MiB of header (a listdir of thousands of entries), or llmos is "
+                      "shutting down"),
+)
+
+# What a call waits for before it answers, for the calls that do more than answer
+# at once (the others: "answers at once", or "as soon as the driver has served it").
+BLOCKING: dict[str, str] = {
+    "wait": "parks until a child it waits for ends (at once when one is a zombie "
+            "already) or timeout passes (ETIMEDOUT; 0 polls, None waits as long as it "
+            "takes); the kernel serves everyone else meanwhile",
+    "sleep": "answers after `seconds`; the echo driver serves other calls meanwhile",
+    "ticks": "streams `count` partial replies `interval` seconds apart, then the final "
+             "one",
+    "alloc_gpu": "without `wait`, answers at once; with `wait=True`, queues until the "
+                 "request is met, `timeout` passes (ETIMEDOUT) or the caller ends",
+    "close_tensor": "a commit answers once the data and its directory are fsynced",
+    "spawn_train": "answers once the job is checked and spawned (loading torch the "
+                   "first time takes seconds); it does not wait for the job: wait does",
+    "infer": "answers when max_tokens are generated (the context slides: a generation "
+             "may outlive it); with `stream=True` partial replies bring the text as it is "
+             "generated; the first call for a model loads it",
+}
+
+
+def generic_errors(s: Syscall) -> list[tuple[str, str]]:
+    """The (errno, when) of GENERIC_ERRORS that apply to syscall s."""
+    applies = {"all": True, "attached": s.name != "attach",
+               "bytes": any(a.type == "bytes" for a in s.args),
+               "kernel": s.service == "kernel", "driver": s.service != "kernel"}
+    return [(name, when) for name, scope, when in GENERIC_ERRORS if applies[scope]]
+
+
+def _names(pairs: list[tuple[str, str]]) -> list[str]:
+    return list(dict.fromkeys(name for name, _ in pairs))
+
+
+def _blocking(s: Syscall) -> str:
+    if s.name in BLOCKING:
+        return BLOCKING[s.name]
+    if s.blocks or s.streams:
+        raise ValueError(f"syscall {s.name} blocks or streams: say how in gen.BLOCKING")
+    return ("answers at once" if s.service == "kernel"
+            else "answers as soon as the driver has served it; waits for no other process")
+
 ROOT = Path(__file__).resolve().parent.parent
 STUBS = ROOT / "userland" / "_syscalls.py"
 REFERENCE = ROOT / "docs" / "syscalls.md"
@@ -72,18 +140,16 @@ def _bounds(a: Arg) -> str:
     return "; ".join(parts)
 
 
+def _cell(text: str) -> str:
+    return text.replace("|", "\\|")
+
+
 def reference() -> str:
     out = ["# Syscall reference",
            "",
            "GENERATED from `syscalls/_table.py` by `python -m syscalls.gen`: do not edit.",
-           "A test fails when this page is out of date.",
-           "",
-           "Every syscall can also fail with `EINVAL` (arguments that break the schema "
-           "below), `ENOSYS` (unknown number), `EPROTO` (ABI version mismatch) and "
-           "`EPERM` (a connection that has not attached). Calls served by a driver can "
-           "fail with `EIO` when the driver dies mid-call (idempotent calls are retried "
-           "once first) or stays down longer than `driver_wait_s`, and with `EAGAIN` "
-           "when the caller has too many calls in flight.",
+           "A test fails when this page is out of date; `tests/conformance` fails when an "
+           "errno listed here is never produced.",
            "",
            "| # | name | service | blocks | idempotent | streams |",
            "|---|------|---------|--------|------------|---------|"]
@@ -91,6 +157,31 @@ def reference() -> str:
     for s in TABLE:
         out.append(f"| {s.number} | [`{s.name}`](#{s.name}) | {s.service} | {yn[s.blocks]} "
                    f"| {yn[s.idempotent]} | {yn[s.streams]} |")
+    scope = {"all": "every call", "attached": "every call but `attach`",
+             "bytes": "calls with a bytes argument", "kernel": "calls the kernel serves",
+             "driver": "calls a driver serves"}
+    out += ["", "## Errors every call can get", "",
+            "Besides its own errors, listed with it below, a syscall can fail with these. "
+            "The kernel checks, in this order, the ABI version (`EPROTO`), the number "
+            "(`ENOSYS`), that the connection is attached (`EPERM`) and the arguments "
+            "(`EINVAL`, `E2BIG`) before it serves a call or routes it to its driver; the "
+            "routing adds `ENOSYS`, `EAGAIN` and `EIO`.",
+            "",
+            "| errno | calls | when |",
+            "|-------|-------|------|"]
+    for name, sc, when in GENERIC_ERRORS:
+        out.append(f"| `{name}` | {scope[sc]} | {_cell(when)} |")
+    out += ["",
+            "A call to a driver that is down (restarting) waits in the kernel for up to "
+            "`driver_wait_s` (10 s) before it gets `EIO`; no call blocks the kernel or "
+            "its driver.",
+            "",
+            "The userland library raises some errors itself, with no reply from the "
+            "kernel: `ETIMEDOUT` when a reply does not come within "
+            "`connect(timeout=...)` (it then cancels the call), `EIO` when the kernel is "
+            "gone, `EBADF` on a closed handle, `E2BIG` for a request header over 1 MiB, "
+            "`EINVAL` for arguments it cannot encode, and, in `connect()`, `ENOENT` when "
+            "llmos is not running and `EACCES` when `run/secret` cannot be read."]
     for s in TABLE:
         out += ["", f"## {s.name}", "", f"`{s.number}` · service `{s.service}`", "", s.doc, ""]
         if s.args:
@@ -98,12 +189,22 @@ def reference() -> str:
                     "|----------|------|---------|--------|---------|"]
             for a in s.args:
                 default = "required" if a.required else f"`{a.default!r}`"
-                out.append(f"| `{a.name}` | `{_annotation(a)}` | {default} | {_bounds(a)} "
+                out.append(f"| `{a.name}` | `{_cell(_annotation(a))}` | {default} | {_bounds(a)} "
                            f"| {a.doc} |")
             out.append("")
         out.append(f"Returns: {s.returns or 'None'}.")
+        out += ["", f"Blocking: {_blocking(s)}."]
         if s.errors:
-            out += ["", "Errors: " + ", ".join(f"`{e}`" for e in s.errors) + "."]
+            out += ["", "| errno | when |", "|-------|------|"]
+            for name in s.errors:
+                when = s.error_when.get(name)
+                if not when:
+                    raise ValueError(f"syscall {s.name}: error {name} has no condition: "
+                                     "give it as (errno, when) in syscalls/_table.py")
+                out.append(f"| `{name}` | {_cell(when)} |")
+        generic = ", ".join(f"`{name}`" for name in _names(generic_errors(s)))
+        out += ["", ("Also" if s.errors else "Errors: only") + " the errors every call can "
+                f"get: {generic} ([above](#errors-every-call-can-get))."]
     return "\n".join(out) + "\n"
 
 

@@ -28,7 +28,7 @@ class SyscallMethods:
         return self._call(4, {'argv': argv, 'uid': uid, 'cwd': cwd, 'env': env})
 
     def wait(self, pid: int | None = None, timeout: float | None = None) -> Any:
-        'Wait for a child to end and reap it. status is the exit code, or minus the signal that killed it; reason is exited, killed or lost; info is what the child last reported (report). EAGAIN past max_inflight_per_process parked waits.'
+        'Wait for a child to end and reap it. status is the exit code, or minus the signal that killed it; reason is exited, killed or lost; info is what the child last reported (report).'
         return self._call(5, {'pid': pid, 'timeout': timeout})
 
     def kill(self, pid: int, signal: str = 'TERM') -> Any:
