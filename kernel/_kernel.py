@@ -344,7 +344,11 @@ class Kernel:
                    PYTHONPATH=os.pathsep.join(filter(None, [PROJECT_ROOT,
                                                             env.get("PYTHONPATH")])))
         logdir = self.home.log / "proc"
-        logdir.mkdir(parents=True, exist_ok=True)
+        try:
+            logdir.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            self._forget(child)
+            raise SyscallError(Errno.EIO, f"spawn: cannot make {logdir}: {e.strerror}")
         try:
             # "wb": pids restart at 1 each boot, and a log left by an earlier boot's
             # process of the same pid is not this one's
