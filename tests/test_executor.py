@@ -252,3 +252,16 @@ def test_the_executor_attaches_again_when_its_own_process_is_ended(kernel: Boote
             for p in mine:
                 root.kill(p["pid"], "KILL")
         assert osh.infer("/models/tiny", "x", 2)["tokens"] == 2
+
+
+def test_failed_loads_leave_nothing_pending(kernel: Booted) -> None:
+    with kernel.connect() as osh:
+        for _ in range(3):
+            assert errno_of(osh.infer, "/models/nothing", "x") == Errno.ENOENT
+        assert osh.infer("/models/tiny", "x", 2)["tokens"] == 2
+
+        def status() -> dict:  # as of the executor's last heartbeat (1 s)
+            return next(d for d in osh.sysinfo()["drivers"] if d["name"] == "executor")["info"]
+        assert wait_until(lambda: status().get("models", 0) >= 1, timeout=10)
+        assert wait_until(lambda: status()["loading"] == 0 and status()["pending"] == 0,
+                          timeout=10), status()

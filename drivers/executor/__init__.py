@@ -102,6 +102,8 @@ class Executor:
 
         def finish(result: Any, error: SyscallError | None) -> None:
             loop.background -= 1
+            if error is not None:
+                self.loading.pop(req.id, None)
             if req.done:
                 return
             if error is not None:
@@ -493,6 +495,7 @@ class Executor:
 
     def status(self) -> dict[str, Any]:
         out: dict[str, Any] = {"models": len(self.cache), "pending": len(self.pending),
+                               "loading": len(self.loading),
                                "errors": self.errors,
                                "cache_bytes": sum(m.nbytes for m in self.cache.values())}
         if self.engine is not None:
