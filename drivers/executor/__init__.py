@@ -200,7 +200,10 @@ class Executor:
                                "checkpoint") from None
         try:
             cst = osh.stat(f"{ckpt}/config")
-            config = json.loads(text_of(osh.load_tensor(f"{ckpt}/config")))
+            key = (ckpt, cst["mtime"], cst["checksum"])
+            hit = self.cache.get(key)  # loaded already: its config was read then
+            config = hit.config if hit is not None else json.loads(
+                text_of(osh.load_tensor(f"{ckpt}/config")))
         except SyscallError as e:
             if e.errno in (Errno.ENOENT, Errno.ENOTDIR):
                 raise SyscallError(Errno.ENOENT, f"infer: {path} is not a model: no "
@@ -208,7 +211,7 @@ class Executor:
             raise
         except (ValueError, UnicodeDecodeError) as e:
             raise SyscallError(Errno.EIO, f"infer: corrupt checkpoint {ckpt}: config: {e}")
-        return ckpt, config, (ckpt, cst["mtime"], cst["checksum"])
+        return ckpt, config, key
 
     def load(self, uid: int, path: str) -> Loaded:
         """The model at path, from the cache or loaded now (pool thread)."""
