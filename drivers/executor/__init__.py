@@ -200,8 +200,8 @@ class Executor:
                                "checkpoint") from None
         try:
             cst = osh.stat(f"{ckpt}/config")
-            key = (ckpt, cst["mtime"], cst["checksum"])
-            hit = self.cache.get(key)  # loaded already: its config was read then
+            key = (ckpt, cst["mtime"], cst.get("checksum"))  # none: not a tensor
+            hit = self.cache.get(key) if cst["type"] == "tensor" else None
             config = hit.config if hit is not None else json.loads(
                 text_of(osh.load_tensor(f"{ckpt}/config")))
         except SyscallError as e:
