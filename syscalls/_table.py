@@ -277,10 +277,15 @@ TABLE += (
         Arg("shm", "bool", default=False,
             doc="stage a large write in a /dev/shm segment named in the reply, "
                 "which the caller maps and fills instead of calling write_tensor"),
+        Arg("whole", "bool", default=False,
+            doc="with shm, w or x: the caller writes every byte through the segment, "
+                "so a reused one comes as it is (this process's previous staged "
+                "write) instead of zeroed"),
     ), returns="{fd, dtype, shape, size, shm}",
         errors=(
             ("EINVAL", "a bad path: not absolute; an empty, '.', '..' or hidden component; a backslash; a name over 200 bytes; deeper than 64, or the root; dtype or shape with "
                        "mode r or rw; mode w or x without both"),
+            ("ENAMETOOLONG", "the path's file on disk (under $LLMOS_HOME/tensors, with .safetensors) would be over PATH_MAX, 4096 bytes"),
             ("ENOENT", "the parent directory does not exist; or mode r or rw and no tensor "
                        "is at path"),
             ("ENOTDIR", "the parent is a tensor"),
@@ -336,6 +341,8 @@ TABLE += (
                        "since the open"),
             ("ENOENT", "committing: the parent directory was removed since the open"),
             ("ENOTDIR", "committing: the parent is a tensor now"),
+            ("EISDIR", "committing: a directory was made at the path since the open; the "
+                       "write is discarded"),
         ),
         doc="Close a descriptor. For a write it commits: temporary file, fsync, rename, "
             "fsync of the directory; when it returns, the tensor survives any crash."),
@@ -343,6 +350,7 @@ TABLE += (
             returns="{path, type, owner, mode, ctime, mtime; dtype, shape, size, checksum}",
             errors=(
                 ("EINVAL", "a bad path: not absolute; an empty, '.', '..' or hidden component; a backslash; a name over 200 bytes; deeper than 64"),
+                ("ENAMETOOLONG", "the path's file on disk (under $LLMOS_HOME/tensors, with .safetensors) would be over PATH_MAX, 4096 bytes"),
                 ("ENOENT", "nothing is at path, or its parent directory does not exist"),
                 ("ENOTDIR", "the parent is a tensor"),
                 ("EIO", "the tensor's header is damaged"),
@@ -351,6 +359,7 @@ TABLE += (
     Syscall(305, "listdir", "tensorfs", (_path(),), idempotent=True,
             returns="list of stat records with name", errors=(
                 ("EINVAL", "a bad path: not absolute; an empty, '.', '..' or hidden component; a backslash; a name over 200 bytes; deeper than 64"),
+                ("ENAMETOOLONG", "the path's file on disk (under $LLMOS_HOME/tensors, with .safetensors) would be over PATH_MAX, 4096 bytes"),
                 ("ENOENT", "nothing is at path, or its parent directory does not exist"),
                 ("ENOTDIR", "path is a tensor, or its parent is"),
                 ("EACCES", "no read permission on the directory"),
@@ -360,6 +369,7 @@ TABLE += (
         _path(), Arg("perm", "int", default=0o755, lo=0, hi=0o1777)),
         returns="None", errors=(
             ("EINVAL", "a bad path: not absolute; an empty, '.', '..' or hidden component; a backslash; a name over 200 bytes; deeper than 64, or the root"),
+            ("ENAMETOOLONG", "the path's file on disk (under $LLMOS_HOME/tensors, with .safetensors) would be over PATH_MAX, 4096 bytes"),
             ("ENOENT", "the parent directory does not exist"),
             ("ENOTDIR", "the parent is a tensor"),
             ("EEXIST", "a directory or a tensor is at path"),
@@ -369,6 +379,7 @@ TABLE += (
     Syscall(307, "unlink", "tensorfs", (_path(),), returns="None",
             errors=(
                 ("EINVAL", "a bad path: not absolute; an empty, '.', '..' or hidden component; a backslash; a name over 200 bytes; deeper than 64, or the root"),
+                ("ENAMETOOLONG", "the path's file on disk (under $LLMOS_HOME/tensors, with .safetensors) would be over PATH_MAX, 4096 bytes"),
                 ("ENOENT", "nothing is at path, or its parent directory does not exist"),
                 ("ENOTDIR", "the parent is a tensor"),
                 ("EACCES", "no write permission on the parent directory, or it is sticky "
@@ -380,6 +391,7 @@ TABLE += (
             errors=(
                 ("EINVAL", "a bad path: not absolute; an empty, '.', '..' or hidden component; a backslash; a name over 200 bytes; deeper than 64, or the root; or dst is inside the "
                            "directory src"),
+                ("ENAMETOOLONG", "the path's file on disk (under $LLMOS_HOME/tensors, with .safetensors) would be over PATH_MAX, 4096 bytes"),
                 ("ENOENT", "nothing is at src, or the parent directory of src or dst does "
                            "not exist"),
                 ("ENOTDIR", "the parent of src or dst is a tensor"),
@@ -392,6 +404,7 @@ TABLE += (
         _path(), Arg("perm", "int", lo=0, hi=0o1777)), returns="None",
         errors=(
             ("EINVAL", "a bad path: not absolute; an empty, '.', '..' or hidden component; a backslash; a name over 200 bytes; deeper than 64"),
+            ("ENAMETOOLONG", "the path's file on disk (under $LLMOS_HOME/tensors, with .safetensors) would be over PATH_MAX, 4096 bytes"),
             ("ENOENT", "nothing is at path, or its parent directory does not exist"),
             ("ENOTDIR", "the parent is a tensor"),
             ("EPERM", "the caller is neither the owner nor uid 0"),

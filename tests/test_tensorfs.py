@@ -14,6 +14,7 @@ import sys
 import textwrap
 import threading
 import time
+import zlib
 
 import numpy as np
 import pytest
@@ -130,6 +131,106 @@ def test_files_are_plain_safetensors(kernel):
         np.testing.assert_array_equal(got["tensor"], x)
         osh.unlink("/plain/x")
         osh.unlink("/plain")
+
+
+def data_offset(file) -> int:
+    with open(file, "rb") as f:
+        return 8 + int.from_bytes(f.read(8), "little")
+
+
+def test_large_writes_go_direct_and_stay_plain_safetensors(kernel):
+    """A tensor of 1 MiB and more is committed with direct I/O: its header is padded
+    (with spaces, as the format allows) so the data starts on a page. Both ways of
+    staging it, a /dev/shm segment and write_tensor over the socket, and a size that
+    is not whole pages (the tail goes through the page cache) must give a file the
+    safetensors library reads, whose data round-trips, and a small one stays packed."""
+    MiB = 1 << 20
+    big = np.random.default_rng(1).standard_normal(MiB // 4 + 123).astype(np.float32)
+    small = np.arange(10, dtype=np.int16)
+    with kernel.connect() as osh:
+        osh.mkdir("/direct")
+        osh.save_tensor("/direct/shm", big)
+        fd = osh.open_tensor("/direct/sock", "w", "float32", [big.size])["fd"]
+        osh.write_tensor(fd, big.tobytes())
+        osh.close_tensor(fd)
+        osh.save_tensor("/direct/small", small)
+        disk = kernel.root / "tensors" / "direct"
+        for name in ("shm", "sock"):
+            assert data_offset(disk / f"{name}.safetensors") % 4096 == 0
+            np.testing.assert_array_equal(load_file(str(disk / f"{name}.safetensors"))["tensor"],
+                                          big)
+            np.testing.assert_array_equal(osh.load_tensor(f"/direct/{name}").numpy(), big)
+            assert osh.stat(f"/direct/{name}")["checksum"] == f"crc32:{zlib.crc32(big):08x}"
+        assert data_offset(disk / "small.safetensors") % 4096 != 0
+        np.testing.assert_array_equal(load_file(str(disk / "small.safetensors"))["tensor"],
+                                      small)
+        for name in ("shm", "sock", "small"):
+            osh.unlink(f"/direct/{name}")
+        osh.unlink("/direct")
+
+
+def test_direct_io_write_unit(tmp_path):
+    """write_data_and_crc on its own: whole pages go direct, an unaligned buffer and
+    a tail do not; the file reads back the same either way."""
+    import mmap
+    from drivers.tensorfs import write_data_and_crc
+    from drivers.tensorfs._format import TensorMeta, read_meta
+    for n, aligned in ((3 << 20, True), ((1 << 20) + 7, True), (2 << 20, False)):
+        raw = np.random.default_rng(n).integers(0, 255, n, dtype=np.uint8)
+        if aligned:
+            buf = mmap.mmap(-1, n)
+            buf[:] = raw.tobytes()
+            data = memoryview(buf)
+        else:
+            data = memoryview(bytearray(b"\0" + raw.tobytes()))[1:]  # off a page
+        m = TensorMeta("uint8", [n], 1000, 0o644, 1.0, 2.0, 0)
+        fd = os.open(tmp_path / f"t{n}", os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            write_data_and_crc(fd, m, data)
+            got = read_meta(fd)
+            assert got.crc32 == zlib.crc32(raw) == m.crc32
+            assert (got.data_offset % 4096 == 0) == aligned
+            assert os.pread(fd, n + 1, got.data_offset) == raw.tobytes()
+        finally:
+            os.close(fd)
+
+
+def test_a_process_reuses_its_staging_segment(kernel):
+    """save_tensor of the same size twice: the driver hands the same segment (its
+    pages are already mapped), not zeroed (whole=True), and the second write's data
+    is what is stored; whole=False still gets zeros (the test above)."""
+    n = 4 * THRESHOLD
+    with kernel.connect() as osh:
+        a = osh.open_tensor("/reuse-c", "w", "uint8", [n], 0o644, True, True)
+        osh.close_tensor(a["fd"], True)
+        b = osh.open_tensor("/reuse-c", "w", "uint8", [n], 0o644, True, True)
+        osh.close_tensor(b["fd"], True)
+        assert a["shm"] == b["shm"]
+        for v in (3, 5):
+            osh.save_tensor("/reuse-c", np.full(n, v, np.uint8))
+            assert (osh.load_tensor("/reuse-c").numpy() == v).all()
+        osh.unlink("/reuse-c")
+
+
+def test_a_replaced_large_file_is_freed_after_the_commit(kernel):
+    """Replacing a large tensor frees the old file after the reply (a background
+    unlink of a temporary link): a reader of the old version keeps it, and no
+    temporary name stays behind."""
+    n = (1 << 20) + 4096
+    with kernel.connect() as osh:
+        osh.mkdir("/repl")
+        osh.save_tensor("/repl/t", np.zeros(n, np.uint8))
+        fd = osh.open_tensor("/repl/t", "r")["fd"]
+        osh.save_tensor("/repl/t", np.ones(n, np.uint8))
+        disk = kernel.root / "tensors" / "repl"
+        assert wait_until(lambda: [p.name for p in disk.iterdir()]
+                          == ["t.safetensors"] or sorted(p.name for p in disk.iterdir())
+                          == [".llmos-dir", "t.safetensors"], 10)
+        assert np.frombuffer(osh.read_tensor(fd)["data"], np.uint8).sum() == 0
+        osh.close_tensor(fd)
+        assert osh.load_tensor("/repl/t").numpy().sum() == n
+        osh.unlink("/repl/t")
+        osh.unlink("/repl")
 
 
 def test_slices_and_read_write_mode(kernel):

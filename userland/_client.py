@@ -274,6 +274,7 @@ class Llmos(TensorMethods, SyscallMethods):
 
     def _close(self) -> None:
         self._closed = True
+        self._drop_staging()
         self._hb_stop.set()
         if self._hb_thread is not None:
             self._hb_thread.join(2.0)

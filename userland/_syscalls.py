@@ -75,9 +75,9 @@ class SyscallMethods:
         'Every GPU with its capacity, allocated and free bytes and the allocations on it (pid, uid, bytes), the CPUs and memory, and the queue.'
         return self._call(202, {})
 
-    def open_tensor(self, path: str, mode: str, dtype: str | None = None, shape: list[int] | None = None, perm: int = 420, shm: bool = False) -> Any:
+    def open_tensor(self, path: str, mode: str, dtype: str | None = None, shape: list[int] | None = None, perm: int = 420, shm: bool = False, whole: bool = False) -> Any:
         "Open a tensor. Writes are staged and become visible, durably, at close_tensor; the descriptor is this process's only."
-        return self._call(300, {'path': path, 'mode': mode, 'dtype': dtype, 'shape': shape, 'perm': perm, 'shm': shm})
+        return self._call(300, {'path': path, 'mode': mode, 'dtype': dtype, 'shape': shape, 'perm': perm, 'shm': shm, 'whole': whole})
 
     def read_tensor(self, fd: str, slice: list[list[int]] | None = None, shm: bool = False) -> Any:
         'Read a tensor, or a slice of it, in C order. Checksums are verified.'

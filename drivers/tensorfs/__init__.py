@@ -1,6 +1,6 @@
 """The tensorfs driver: a durable, permissioned namespace of tensors.
 
-    open_tensor(path, mode, dtype=None, shape=None, perm=0o644, shm=False) -> {fd, ...}
+    open_tensor(path, mode, dtype=None, shape=None, perm=0o644, shm=False, whole=False)
     read_tensor(fd, slice=None, shm=False)   write_tensor(fd, data, slice=None)
     close_tensor(fd, discard=False)          stat, listdir, mkdir, unlink, rename, chmod
 
@@ -19,10 +19,13 @@ See docs/tensorfs.md. It must never import the kernel or userland.
 """
 from __future__ import annotations
 
+import errno
+import fcntl
 import json
 import logging
 import mmap
 import os
+import queue
 import secrets
 import signal
 import threading
@@ -48,8 +51,10 @@ DIR_META = ".llmos-dir"
 TMP_PREFIX = ".llmos-tmp-"
 MAX_NAME = 200          # bytes of one path component (the file adds ".safetensors")
 MAX_DEPTH = 64
+PATH_MAX = 4096         # Linux's, counting the NUL: a file path on disk must be shorter
 SHM_GRACE_S = 30.0      # a handed-out segment the client has not taken by then is removed
 PARALLEL_CRC_BYTES = 1 << 20  # from this size the checksum runs beside the write
+DIRECT_ALIGN = 4096      # direct I/O: buffer, file offset and length in whole pages
 ROOT_MODE = 0o1777      # like /tmp: anyone may create; only owners remove (sticky)
 WRITE_MODES = ("w", "x", "rw")
 
@@ -69,10 +74,44 @@ def write_all(fd: int, data: Any) -> None:
         mv = mv[n:]
 
 
+def page_aligned(data: memoryview) -> bool:
+    return len(data) > 0 and np.frombuffer(data, np.uint8).ctypes.data % DIRECT_ALIGN == 0
+
+
+def pwrite_direct(fd: int, data: memoryview, offset: int) -> int:
+    """Write data's whole pages at offset with O_DIRECT: straight from the staging
+    buffer to the disk, no copy into the page cache, so the fsync after it has
+    nothing left to write back. Returns how many bytes went; 0 where the file
+    system cannot do direct I/O (tmpfs, some FUSE), and the caller writes the rest
+    through the page cache."""
+    bulk = len(data) - len(data) % DIRECT_ALIGN
+    done = 0
+    flags = fcntl.fcntl(fd, fcntl.F_GETFL)
+    try:
+        fcntl.fcntl(fd, fcntl.F_SETFL, flags | os.O_DIRECT)
+    except OSError:
+        return 0
+    try:
+        while done < bulk:
+            n = os.pwrite(fd, data[done:min(bulk, done + (1 << 30))], offset + done)
+            if n <= 0 or n % DIRECT_ALIGN:
+                done += max(n, 0)
+                break
+            done += n
+    except OSError as e:
+        if e.errno != errno.EINVAL:  # a real I/O error; EINVAL: no direct I/O here
+            raise
+    finally:
+        fcntl.fcntl(fd, fcntl.F_SETFL, flags)
+    return done
+
+
 def write_data_and_crc(fd: int, m: TensorMeta, data: memoryview) -> None:
     """Write header and data, setting m.crc32. For large data the checksum runs in a
     thread while the data is written (zlib and os.write both release the GIL), then
-    the header, whose checksum field is fixed-width, is rewritten in place."""
+    the header, whose checksum field is fixed-width, is rewritten in place. Large
+    page-aligned data (every staging segment) starts at a page boundary in the
+    file and goes with direct I/O."""
     if len(data) < PARALLEL_CRC_BYTES:
         m.crc32 = zlib.crc32(data)
         write_all(fd, _format.header(m))
@@ -82,14 +121,17 @@ def write_data_and_crc(fd: int, m: TensorMeta, data: memoryview) -> None:
     worker = threading.Thread(target=lambda: crc.append(zlib.crc32(data)))
     worker.start()
     m.crc32 = 0
-    head = _format.header(m)
+    direct = page_aligned(data)
+    head = _format.header(m, DIRECT_ALIGN if direct else 8)
     try:
         write_all(fd, head)
-        write_all(fd, data)
+        done = pwrite_direct(fd, data, len(head)) if direct else 0
+        os.lseek(fd, len(head) + done, os.SEEK_SET)
+        write_all(fd, data[done:])
     finally:
         worker.join()
     m.crc32 = crc[0]
-    final = _format.header(m)
+    final = _format.header(m, DIRECT_ALIGN if direct else 8)
     assert len(final) == len(head)
     os.pwrite(fd, final, 0)
 
@@ -151,6 +193,7 @@ class Stats:
 class TensorFS:
     def __init__(self, home: Home, cfg: dict[str, Any]) -> None:
         self.root = home.root / "tensors"
+        self.root_bytes = str(self.root).encode()
         self.max_bytes = parse_size(cfg["tensor_max_size"])
         self.quota = parse_quota(cfg["tensor_quota"])
         self.cache_budget = parse_size(cfg["tensor_cache"]) if cfg["tensor_cache"] != "0" else 0
@@ -164,7 +207,20 @@ class TensorFS:
         self.cache_bytes = 0
         self.stats = Stats()
         self.usage: dict[int, int] = {}
+        # replaced files are unlinked here, off the commit's path (boot removes any
+        # a crash left: they carry the temporary prefix)
+        self.reaper: queue.SimpleQueue[Path | None] = queue.SimpleQueue()
+        self.reaper_thread = threading.Thread(target=self.reap, name="tensorfs-reaper",
+                                              daemon=True)
+        self.reaper_thread.start()
         self.boot()
+
+    def reap(self) -> None:
+        while (p := self.reaper.get()) is not None:
+            try:
+                os.unlink(p)
+            except OSError as e:
+                log.warning("removing replaced %s: %s", p, e)
 
     # -- start: the root, crash leftovers, usage ---------------------------------------
 
@@ -228,6 +284,10 @@ class TensorFS:
                 raise SyscallError(Errno.EINVAL, f"{path!r}: NUL or backslash in a name")
             if len(p.encode()) > MAX_NAME:
                 raise SyscallError(Errno.EINVAL, f"{path!r}: a name is over {MAX_NAME} bytes")
+        on_disk = len(self.root_bytes) + len(path.encode()) + len(SUFFIX)
+        if on_disk >= PATH_MAX:
+            raise SyscallError(Errno.ENAMETOOLONG, f"{path[:60]!r}...: its file on disk "
+                               f"would be {on_disk} bytes, over PATH_MAX ({PATH_MAX})")
         return parts
 
     def dir_path(self, parts: list[str]) -> Path:
@@ -331,7 +391,8 @@ class TensorFS:
         return o
 
     def open_tensor(self, req: Request, path: str, mode: str, dtype: str | None,
-                    shape: list[int] | None, perm: int, shm: bool) -> dict[str, Any]:
+                    shape: list[int] | None, perm: int, shm: bool,
+                    whole: bool = False) -> dict[str, Any]:
         parts = self.split(path)
         d = self.parent_dir(parts, path)
         target = self.tensor_path(parts)
@@ -385,7 +446,9 @@ class TensorFS:
                 o.key = (s.st_ino, s.st_mtime_ns, s.st_size)
             else:
                 if shm and size >= self.threshold:
-                    o.seg, o.buf = self.staging(req.pid, size)
+                    o.seg, o.buf = self.staging(req.pid, size, whole and mode != "rw")
+                elif size >= PARALLEL_CRC_BYTES:
+                    o.buf = mmap.mmap(-1, size)  # zeroed and page-aligned: direct I/O
                 else:
                     o.buf = bytearray(size)
                 if mode == "rw":
@@ -490,13 +553,16 @@ class TensorFS:
             self.drop(o)
             req.release("tensor", fd)
 
-    def staging(self, pid: int, size: int) -> tuple[Path, Any]:
-        """A zero-filled segment of size bytes for pid to write into: its spare
-        when the size matches (zeroing mapped pages is cheaper than faulting in new
-        ones), else a new one."""
+    def staging(self, pid: int, size: int, whole: bool) -> tuple[Path, Any]:
+        """A segment of size bytes for pid to write into: its spare when the size
+        matches (mapped pages cost less than faulting in new ones), else a new one.
+        It comes zero-filled unless whole (the caller will write every byte): a
+        spare holds only pid's own previous write, and zeroing it is a pass over
+        the tensor (12 ms for 256 MiB)."""
         spare = self.spares.pop(pid, None)
         if spare is not None and spare[2] == size:
-            np.frombuffer(spare[1], dtype=np.uint8, count=size)[:] = 0
+            if not whole:
+                np.frombuffer(spare[1], dtype=np.uint8, count=size)[:] = 0
             return spare[0], spare[1]
         if spare is not None:
             self.free_segment(spare[0], spare[1])
@@ -528,6 +594,9 @@ class TensorFS:
         parts = self.split(o.path)
         d = self.parent_dir(parts, o.path)  # it may have been removed meanwhile
         target = self.tensor_path(parts)
+        if self.dir_path(parts).is_dir():  # made since the open: one name, one thing
+            raise SyscallError(Errno.EISDIR, f"close_tensor: {o.path} is a directory now; "
+                               "the write is discarded")
         m = o.meta
         data = memoryview(o.buf).cast("B")[:m.nbytes]
         m.mtime = time.time()
@@ -556,7 +625,18 @@ class TensorFS:
             finally:
                 os.unlink(tmp)
         else:
+            doomed = None
+            if old is not None and old.nbytes >= PARALLEL_CRC_BYTES:
+                # freeing a large file's blocks takes tens of ms inside the rename;
+                # keep a link so the rename is quick and free it after the reply
+                doomed = d / (TMP_PREFIX + secrets.token_hex(8))
+                try:
+                    os.link(target, doomed)
+                except OSError:
+                    doomed = None
             os.replace(tmp, target)
+            if doomed is not None:
+                self.reaper.put(doomed)
         fsync_dir(d)
         if old is not None:
             self.usage[old.owner] = self.usage.get(old.owner, 0) - old.nbytes
@@ -761,6 +841,8 @@ class TensorFS:
             "segments_lent": sum(len(v) for v in s.handouts.values())}
 
     def shutdown(self) -> None:
+        self.reaper.put(None)
+        self.reaper_thread.join(5.0)
         for o in list(self.fds.values()):
             self.drop(o, keep_spare=False)
         for seg, buf, _ in self.spares.values():

@@ -56,9 +56,10 @@ def nbytes(dtype: str, shape: list[int]) -> int:
     return DTYPES[dtype][1] * math.prod(shape)
 
 
-def header(meta: TensorMeta) -> bytes:
-    """The length prefix and JSON header (padded with spaces to 8 bytes, as the
-    safetensors library does) for a file whose data follows."""
+def header(meta: TensorMeta, align: int = 8) -> bytes:
+    """The length prefix and JSON header for a file whose data follows, padded with
+    spaces (which the safetensors format allows) so the data starts at a multiple
+    of align: 8 as the safetensors library does, or a page for direct I/O."""
     doc = {"__metadata__": {"llmos.owner": str(meta.owner), "llmos.mode": oct(meta.mode),
                             "llmos.ctime": repr(meta.ctime), "llmos.mtime": repr(meta.mtime),
                             # fixed width, so the header can be written before the
@@ -67,7 +68,7 @@ def header(meta: TensorMeta) -> bytes:
            KEY: {"dtype": DTYPES[meta.dtype][0], "shape": list(meta.shape),
                  "data_offsets": [0, meta.nbytes]}}
     body = json.dumps(doc, separators=(",", ":")).encode()
-    body += b" " * (-(8 + len(body)) % 8)
+    body += b" " * (-(8 + len(body)) % align)
     return struct.pack("<Q", len(body)) + body
 
 

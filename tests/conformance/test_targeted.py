@@ -3,7 +3,7 @@ spawn's from the OS, parked waits past the limit, damaged tensors, commits again
 a changed namespace, quotas, cancels, replies too big), and the errors every call
 can get (docs/syscalls.md, "Errors every call can get") for every syscall: EPROTO,
 EPERM (unattached), EINVAL (schema), EAGAIN (driver calls in flight), and E2BIG,
-ENOSYS and EIO where they can happen. Two tests are strict xfails: code bugs.
+ENOSYS and EIO where they can happen.
 
 Most run on the shared kernel; the ones that need a full process table, a tiny
 model cache or a missing driver run on a second, "tight" kernel."""
@@ -356,28 +356,38 @@ def test_size_and_quota(system: Booted, tdir) -> None:
         q.unlink(qd)
 
 
-@pytest.mark.xfail(strict=True, reason="bug: a write staged at a path commits beside a "
-                   "directory made at that path meanwhile (tensorfs checks the name at "
-                   "open only)")
 def test_a_tensor_and_a_directory_never_share_a_name(tdir) -> None:
+    """A directory made at a path while a write to it is staged wins: the commit is
+    EISDIR and discards the write (the staged tensor was invisible until then)."""
     osh, d = tdir
     fd = osh.open_tensor(f"{d}/n", "w", "int8", [1])["fd"]
-    mkdir, close = errno_of(osh.mkdir, f"{d}/n"), errno_of(osh.close_tensor, fd)
+    osh.mkdir(f"{d}/n")
+    expect(Errno.EISDIR, osh.close_tensor, fd)
     names = [e["name"] for e in osh.listdir(d)]
-    assert names.count("n") == 1, (names, mkdir, close)
+    assert names.count("n") == 1 and osh.stat(f"{d}/n")["type"] == "dir"
+    expect(Errno.EBADF, osh.close_tensor, fd)  # closed all the same
+    osh.unlink(f"{d}/n")
 
 
-@pytest.mark.xfail(strict=True, reason="bug: a valid path whose file path on disk is over "
-                   "PATH_MAX fails with EIO (the driver's OSError), not ENAMETOOLONG")
-def test_a_path_too_long_for_the_disk_is_not_eio(tdir) -> None:
+def test_a_path_too_long_for_the_disk_is_enametoolong(system: Booted, tdir) -> None:
+    """Every path the schema allows (4096 characters) but whose file on disk would be
+    over PATH_MAX: ENAMETOOLONG from each call that takes a path, never EIO."""
     osh, d = tdir
+    root = len(str(system.root / "tensors").encode())
     p = d
-    while len(p) + 1 + 200 < 4095:
+    while root + len(p) + 1 + 200 + len(".safetensors") < 4096:
         p += "/" + "a" * 200
         osh.mkdir(p)
-    last = p + "/" + "b" * (4096 - len(p) - 1)   # 4096 characters: the schema allows it
-    assert len(last) == 4096 and len(last.rsplit("/", 1)[1]) <= 200
-    assert errno_of(osh.mkdir, last) in (Errno.ENAMETOOLONG, Errno.EINVAL)
+    last = p + "/" + "b" * min(200, 4096 - len(p) - 1)
+    assert len(last) <= 4096 and root + len(last) + len(".safetensors") >= 4096
+    for call, args in (("mkdir", (last,)), ("stat", (last,)), ("listdir", (last,)),
+                       ("unlink", (last,)), ("chmod", (last, 0o600)),
+                       ("open_tensor", (last, "w", "int8", [1])),
+                       ("rename", (p, last)), ("rename", (last, p + "x"))):
+        expect(Errno.ENAMETOOLONG, getattr(osh, call), *args)
+    while p != d:
+        osh.unlink(p)
+        p = p.rsplit("/", 1)[0]
 
 
 # -- the tight kernel: a full process table, a tiny model cache, no echo driver ------------
