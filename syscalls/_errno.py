@@ -24,6 +24,7 @@ class Errno(IntEnum):
     ENOTDIR = 20
     EISDIR = 21
     EINVAL = 22
+    EMFILE = 24
     EFBIG = 27
     ENOSPC = 28
     ENAMETOOLONG = 36

@@ -32,6 +32,7 @@ DEFAULTS: dict[str, Any] = {
     "tensor_quota": {},            # uid (as a string) -> most tensor bytes it may own
     "tensor_cache": "1GiB",        # memory budget of the tensorfs read cache ("0": none)
     "tensor_shm_threshold": "1MiB",  # tensors from this size move through /dev/shm
+    "tensor_max_open": 1024,       # open tensor descriptors per process (EMFILE above)
     "infer_max_batch": 16,         # sequences decoded together (1: batching off)
     "infer_window_ms": 2.0,        # an idle executor waits this long to batch arrivals
     "infer_max_tokens": 4096,      # largest max_tokens of one infer (EINVAL above)

@@ -294,6 +294,7 @@ TABLE += (
             ("EACCES", "r: no read permission on the tensor; rw: no read and write; w over "
                        "an existing tensor: no write on it; a new tensor: no write on its "
                        "directory"),
+            ("EMFILE", "the caller has tensor_max_open descriptors open already"),
             ("EFBIG", "w, x or rw: the tensor's size is over tensor_max_size"),
             ("EDQUOT", "w, x or rw: the owner's tensors, plus its staged writes, plus this "
                        "one, less the one it replaces, are over its tensor_quota"),

@@ -390,9 +390,11 @@ def test_a_path_too_long_for_the_disk_is_enametoolong(system: Booted, tdir) -> N
         p = p.rsplit("/", 1)[0]
 
 
-# -- the tight kernel: a full process table, a tiny model cache, no echo driver ------------
+# -- the tight kernel: a full process table, a tiny model cache, no echo driver, 4 open
+# tensors per process ---------------------------------------------------------------------
 
-TIGHT = {"drivers": ["tensorfs", "executor"], "max_processes": 8, "model_cache": "1KiB"}
+TIGHT = {"drivers": ["tensorfs", "executor"], "max_processes": 8, "model_cache": "1KiB",
+         "tensor_max_open": 4}
 
 
 def test_a_full_process_table_and_a_tiny_model_cache() -> None:
@@ -405,6 +407,14 @@ def test_a_full_process_table_and_a_tiny_model_cache() -> None:
             write_model(osh, "/m")
             expect(Errno.ENOMEM, osh.infer, "/m", "x", 1)        # over model_cache
             osh.save_tensor("/data", as_bytes(b"z" * 4096))
+            fds = [osh.open_tensor("/data", "r")["fd"] for _ in range(4)]
+            expect(Errno.EMFILE, osh.open_tensor, "/data", "r")  # tensor_max_open
+            with b.connect() as third:                           # per process
+                third.close_tensor(third.open_tensor("/data", "r")["fd"])
+            osh.close_tensor(fds.pop())
+            fds.append(osh.open_tensor("/data", "r")["fd"])      # room again
+            for fd in fds:
+                osh.close_tensor(fd)
             while True:                                          # fill the table
                 try:
                     extra.append(b.connect(uid=0, heartbeat=False))
