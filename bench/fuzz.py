@@ -820,7 +820,11 @@ class Fuzzer:
                 [r.randrange(0, 8) for _ in range(r.randrange(0, 4))]
             args: dict[str, Any] = {"path": r.choice(self.names), "mode": mode,
                                     "perm": r.choice([0o644, 0o600, 0o666, 0o1777])}
-            if mode in ("w", "x") or r.random() < 0.1:
+            if r.random() < 0.2:  # a group: named members instead of dtype and shape
+                names = ["a", "b", "a", "__metadata__", ""]
+                args["members"] = [[r.choice(names), r.choice([dtype, "int64", "nope"]),
+                                    shape] for _ in range(r.randrange(0, 4))]
+            elif mode in ("w", "x") or r.random() < 0.1:
                 args.update(dtype=dtype, shape=shape)
             if r.random() < 0.2:
                 args["shm"] = True
@@ -834,6 +838,8 @@ class Fuzzer:
                 args["slice"] = [[0, r.randrange(0, 4)] for _ in range(r.randrange(1, 3))]
             if name == "read_tensor" and r.random() < 0.2:
                 args["shm"] = True
+            if name != "close_tensor" and r.random() < 0.2:
+                args["member"] = r.choice(["a", "b", "nope"])
             if name == "close_tensor":
                 args["discard"] = r.random() < 0.3
             return args
@@ -1183,6 +1189,10 @@ def edge_values(arg: Arg, g: Gen) -> list[Any]:
         out += [[[3, 1]], [[0, 2**62]], [[0]], [[-1, 2]], [[0, 1, 2]], [[0, 1]] * 40]
     if arg.type == "list[int]":
         out += [[2**62 - 1, 2**62 - 1], [-1], [2**31] * 3, [0] * 33]
+    if arg.type == "members":
+        out += [[], [[1, 2, 3]], [["a", "uint8"]], [["a", "uint8", [-1]]],
+                [["a", "uint8", [1] * 40]], [["a", "float32", [2**61, 2**61]]],
+                [["x" * 300, "uint8", [1]]], [["a", "uint8", [1]]] * 2, [None]]
     if arg.type == "str":
         out += ["a\x00b", "\udcff".encode("utf-8", "surrogatepass").decode("utf-8", "replace")]
     return out

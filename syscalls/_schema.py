@@ -120,6 +120,13 @@ def _check_one(call: Syscall, arg: Arg, value: Any) -> Any:
                 type(p) is not list or len(p) != 2
                 or any(type(v) is not int or not 0 <= v < 2**62 for v in p) for p in value):
             raise _fail(call, arg, "must be a list of [start, stop] pairs of ints >= 0")
+    elif t == "members":
+        if type(value) is not list or any(
+                type(m) is not list or len(m) != 3 or type(m[0]) is not str
+                or type(m[1]) is not str or type(m[2]) is not list
+                or any(type(v) is not int or not 0 <= v < 2**62 for v in m[2])
+                for m in value):
+            raise _fail(call, arg, "must be a list of [name, dtype, shape] triples")
     elif t == "dict[str,str]":
         if type(value) is not dict or any(
                 type(k) is not str or type(v) is not str or "\x00" in k + v

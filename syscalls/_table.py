@@ -78,13 +78,15 @@ class Syscall:
 
 
 TYPES = ("int", "float", "str", "bytes", "bool", "list[str]", "dict[str,str]", "size",
-         "list[int]", "slice", "dict")
+         "list[int]", "slice", "dict", "members")
 # "list[int]": ints from 0 to 2**62 (a tensor's shape); "slice": a list of [start, stop]
 # pairs of such ints, one per leading dimension (tensorfs, docs/tensorfs.md).
 # "size": a byte count, as an int or a string such as "2GiB", "512MiB" or "1.5GB"
 # (syscalls._schema.parse_size); handlers receive the int.
 # "dict": str keys (at most 64 characters) to scalars: int, float (finite), str
 # (at most MAX_STR, no NUL), bool or None; max_len bounds the number of keys.
+# "members": a list of [name, dtype, shape] triples, the tensors of a group
+# (tensorfs); the driver checks the names and dtypes.
 
 _SIGNALS = ("TERM", "KILL", "INT")
 
@@ -251,6 +253,7 @@ _DTYPES = ("float32", "float16", "bfloat16", "int8", "int16", "int32", "int64", 
            "bool")
 MAX_TENSOR_FRAME = 1 << 30
 MAX_DIMS = 32
+MAX_MEMBERS = 65536
 
 
 def _path(name: str = "path") -> Arg:
@@ -281,10 +284,16 @@ TABLE += (
             doc="with shm, w or x: the caller writes every byte through the segment, "
                 "so a reused one comes as it is (this process's previous staged "
                 "write) instead of zeroed"),
-    ), returns="{fd, dtype, shape, size, shm}",
+        Arg("members", "members", default=None, nullable=True, max_len=MAX_MEMBERS,
+            doc="w or x: make a group, one safetensors file of named tensors, "
+                "[[name, dtype, shape], ...], instead of one tensor (no dtype, shape)"),
+    ), returns="{fd, dtype, shape, size, shm, members: None, or [[name, dtype, shape, "
+               "offset], ...] for a group}",
         errors=(
             ("EINVAL", "a bad path: not absolute; an empty, '.', '..' or hidden component; a backslash; a name over 200 bytes; deeper than 64, or the root; dtype or shape with "
-                       "mode r or rw; mode w or x without both"),
+                       "mode r or rw; mode w or x without both; members with mode r or "
+                       "rw, or with dtype or shape; a member name empty, over 200 "
+                       "bytes, repeated or __metadata__, an unknown dtype"),
             ("ENAMETOOLONG", "the path's file on disk (under $LLMOS_HOME/tensors, with .safetensors) would be over PATH_MAX, 4096 bytes"),
             ("ENOENT", "the parent directory does not exist; or mode r or rw and no tensor "
                        "is at path"),
@@ -310,12 +319,16 @@ TABLE += (
         Arg("shm", "bool", default=False,
             doc="large results come as a /dev/shm segment to map (and unlink) "
                 "instead of bytes"),
+        Arg("member", "str", default=None, nullable=True, max_len=MAX_STR,
+            doc="of a group: this tensor; None: the group's data as uint8 bytes"),
     ), idempotent=True, returns="{dtype, shape, data (bytes) or shm (a segment path)}",
         errors=(
             ("EBADF", "fd is not an open descriptor of the caller, or is open for writing "
                       "only (w, x)"),
             ("EINVAL", "slice has more dimensions than the tensor, or a pair that is not "
-                       "0 <= start <= stop <= the dimension"),
+                       "0 <= start <= stop <= the dimension; member on a tensor that is "
+                       "not a group"),
+            ("ENOENT", "the group has no member of that name"),
             ("EIO", "the tensor's data fails its checksum (damaged on disk)"),
         ),
         doc="Read a tensor, or a slice of it, in C order. Checksums are verified."),
@@ -324,11 +337,14 @@ TABLE += (
         Arg("data", "bytes", max_len=MAX_TENSOR_FRAME, doc="raw little-endian elements"),
         Arg("slice", "slice", default=None, nullable=True, max_len=MAX_DIMS,
             doc="the region to write; None: the whole tensor"),
+        Arg("member", "str", default=None, nullable=True, max_len=MAX_STR,
+            doc="of a group: this tensor; None: the group's data as uint8 bytes"),
     ), idempotent=True, returns="int (bytes written)", errors=(
         ("EBADF", "fd is not an open descriptor of the caller, or is open for reading "
                   "only (r)"),
         ("EINVAL", "a bad slice (as for read_tensor), or data that is not exactly the "
-                   "region's size in bytes"),
+                   "region's size in bytes; member on a tensor that is not a group"),
+        ("ENOENT", "the group has no member of that name"),
     ),
         doc="Write the whole staged tensor or a slice of it; data must be exactly "
             "the region's size."),
@@ -348,7 +364,9 @@ TABLE += (
         doc="Close a descriptor. For a write it commits: temporary file, fsync, rename, "
             "fsync of the directory; when it returns, the tensor survives any crash."),
     Syscall(304, "stat", "tensorfs", (_path(),), idempotent=True,
-            returns="{path, type, owner, mode, ctime, mtime; dtype, shape, size, checksum}",
+            returns="{path, type (dir, tensor or group), owner, mode, ctime, mtime; "
+                    "dtype, shape, size, checksum for a tensor; size, checksum, "
+                    "members [{name, dtype, shape, size}] for a group}",
             errors=(
                 ("EINVAL", "a bad path: not absolute; an empty, '.', '..' or hidden component; a backslash; a name over 200 bytes; deeper than 64"),
                 ("ENAMETOOLONG", "the path's file on disk (under $LLMOS_HOME/tensors, with .safetensors) would be over PATH_MAX, 4096 bytes"),
@@ -358,7 +376,8 @@ TABLE += (
             ),
             doc="Metadata of a tensor or a directory."),
     Syscall(305, "listdir", "tensorfs", (_path(),), idempotent=True,
-            returns="list of stat records with name", errors=(
+            returns="list of stat records with name (a group's: n_members, not "
+                    "members)", errors=(
                 ("EINVAL", "a bad path: not absolute; an empty, '.', '..' or hidden component; a backslash; a name over 200 bytes; deeper than 64"),
                 ("ENAMETOOLONG", "the path's file on disk (under $LLMOS_HOME/tensors, with .safetensors) would be over PATH_MAX, 4096 bytes"),
                 ("ENOENT", "nothing is at path, or its parent directory does not exist"),

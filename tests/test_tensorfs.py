@@ -233,6 +233,81 @@ def test_a_replaced_large_file_is_freed_after_the_commit(kernel):
         osh.unlink("/repl")
 
 
+def test_groups_of_named_tensors(kernel):
+    """A group (a state_dict, say) is one safetensors file of named tensors: it
+    round-trips through save_tensors / load_tensors in every dtype, small (socket)
+    and large (/dev/shm, cached, direct I/O); the safetensors library reads the file
+    itself; members read and update by name; stat, listdir, chmod, rename and
+    quota accounting treat it as one entry."""
+    from safetensors.torch import load_file as load_torch
+    g = torch.Generator().manual_seed(0)
+    small = {"wte": torch.randn(5, 3, generator=g), "bias": torch.arange(7, dtype=torch.int16),
+             "mask": torch.tensor([True, False, True]), "bf": torch.randn(4).bfloat16(),
+             "step": torch.tensor([42], dtype=torch.int64), "empty": torch.zeros(0, 2)}
+    large = {"w": torch.randn(300, 1024, generator=g), "b": torch.randn(3)}  # direct I/O
+    with kernel.connect() as osh:
+        osh.mkdir("/grp")
+        for name, state in (("small", small), ("large", large)):
+            r = osh.save_tensors(f"/grp/{name}", state)
+            want_size = sum(t.numel() * t.element_size() for t in state.values())
+            assert r["size"] == want_size
+            for _ in range(2):  # the second read of the large one is a cache hit
+                got = osh.load_tensors(f"/grp/{name}")
+                assert set(got) == set(state)
+                for k, t in state.items():
+                    assert got[k].dtype == t.dtype and torch.equal(got[k], t), k
+            on_disk = load_torch(str(kernel.root / "tensors" / "grp" / f"{name}.safetensors"))
+            assert set(on_disk) == set(state)
+            assert all(torch.equal(on_disk[k], t) for k, t in state.items())
+            st = osh.stat(f"/grp/{name}")
+            assert st["type"] == "group" and st["size"] == want_size and "dtype" not in st
+            assert {m["name"]: m["shape"] for m in st["members"]} == \
+                {k: list(t.shape) for k, t in state.items()}
+        assert data_offset(kernel.root / "tensors" / "grp" / "large.safetensors") % 4096 == 0
+        listing = {e["name"]: e for e in osh.listdir("/grp")}
+        assert listing["small"]["type"] == "group" and listing["small"]["n_members"] == 6
+        assert "members" not in listing["small"]
+        # one member, a slice of it, without reading the rest
+        assert torch.equal(osh.load_tensor("/grp/large", [[2, 4]], member="w"),
+                           large["w"][2:4])
+        with pytest.raises(SyscallError) as e:
+            osh.load_tensor("/grp/small")
+        assert e.value.errno == Errno.EINVAL and "group" in str(e.value)
+        osh.save_tensor("/grp/one", torch.zeros(2))
+        assert errno_of(osh.load_tensors, "/grp/one") == Errno.EINVAL
+        assert errno_of(osh.load_tensor, "/grp/small", member="nope") == Errno.ENOENT
+        # update one member in place (mode rw); the others stay
+        fd = osh.open_tensor("/grp/small", "rw")["fd"]
+        osh.write_tensor(fd, np.array([7], np.int64).tobytes(), None, "step")
+        osh.close_tensor(fd)
+        got = osh.load_tensors("/grp/small")
+        assert got["step"].item() == 7 and torch.equal(got["wte"], small["wte"])
+        osh.chmod("/grp/small", 0o600)
+        osh.rename("/grp/small", "/grp/renamed")
+        st = osh.stat("/grp/renamed")
+        assert st["mode"] == 0o600 and len(st["members"]) == 6
+        assert torch.equal(osh.load_tensors("/grp/renamed")["bias"], small["bias"])
+        assert errno_of(osh.save_tensors, "/grp/renamed", small, exclusive=True) == Errno.EEXIST
+        # replacing a group with a plain tensor and back is a replace like any other
+        osh.save_tensor("/grp/renamed", torch.ones(3))
+        assert osh.stat("/grp/renamed")["type"] == "tensor"
+        for p in ("renamed", "large", "one"):
+            osh.unlink(f"/grp/{p}")
+        osh.unlink("/grp")
+
+
+def test_group_quota_counts_every_member(kernel):
+    with kernel.connect(uid=QUOTA_UID) as q:
+        q.mkdir("/home-q-grp")
+        half = np.zeros(100 * KiB, np.uint8)
+        q.save_tensors("/home-q-grp/a", {"x": half, "y": half})  # 200 of 256 KiB
+        assert errno_of(q.save_tensors, "/home-q-grp/b", {"x": half}) == Errno.EDQUOT
+        q.unlink("/home-q-grp/a")
+        q.save_tensors("/home-q-grp/b", {"x": half})
+        q.unlink("/home-q-grp/b")
+        q.unlink("/home-q-grp")
+
+
 def test_slices_and_read_write_mode(kernel):
     x = np.arange(60, dtype=np.float32).reshape(3, 4, 5)
     with kernel.connect() as osh:
@@ -649,7 +724,18 @@ def test_cli_put_get_ls_stat_mv_rm(kernel, tmp_path, capsys):
         check(tmp_path / name)
     r = llmos(kernel, "stat", "/nope")
     assert r.returncode == 1 and "ENOENT" in r.stderr
-    assert llmos(kernel, "rm", "-r", "/cli-g", "/cli-x2", "/cli-y", "/cli-t").returncode == 0
+    # -g: the file's tensors as one group, exported back with their names
+    assert llmos(kernel, "put", "-g", str(tmp_path / "g.safetensors"), "/cli-grp").returncode == 0
+    ls = llmos(kernel, "ls", "-l", "/")
+    assert any(line.startswith("g") and "cli-grp" in line and "2 tensors" in line
+               for line in ls.stdout.splitlines()), ls.stdout
+    assert llmos(kernel, "get", "/cli-grp", str(tmp_path / "back.safetensors")).returncode == 0
+    back = load_file(str(tmp_path / "back.safetensors"))
+    assert set(back) == {"a", "b"} and back["b"].tolist() == [1, 1]
+    r = llmos(kernel, "get", "/cli-grp", str(tmp_path / "grp.npy"))
+    assert r.returncode == 1 and "EINVAL" in r.stderr and "group" in r.stderr
+    assert llmos(kernel, "rm", "-r", "/cli-g", "/cli-x2", "/cli-y", "/cli-t",
+                 "/cli-grp").returncode == 0
     assert "cli-" not in llmos(kernel, "ls").stdout
 
 

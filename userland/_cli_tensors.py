@@ -6,22 +6,37 @@
 put imports .npy, .pt (a tensor, or a dict of tensors: one tensorfs tensor per
 key under PATH/) and .safetensors files (one tensor per key when there are
 several), and anything else as raw bytes, uint8. get exports by FILE's suffix:
-.npy, .pt, .safetensors, else raw bytes. cli.py registers these with add_commands.
+.npy, .pt, .safetensors, else raw bytes. Both show a rich progress bar on stderr
+(TransferBar) for BAR_BYTES and more when it is a terminal, for any size with
+--progress, never with -q. cli.py registers these with add_commands; the shell's
+put and get use the same helpers.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import stat
 import sys
 import time
+from datetime import timedelta
 from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
+from rich import filesize
+from rich.console import Console
+from rich.progress import BarColumn, DownloadColumn, Progress, ProgressColumn, Task, TextColumn
+from rich.text import Text
 
 from syscalls import Errno, Home, SyscallError
 
+from . import _tensors
 from ._tensors import as_raw
+
+# A transfer of this many bytes or more gets a progress bar when stderr is a
+# terminal (smaller ones are over before a bar would say anything); --progress
+# shows it for any size and anywhere, -q never.
+BAR_BYTES = 64 * 2**20
 
 
 def _size(n: int) -> str:
@@ -35,16 +50,115 @@ def _line(e: dict[str, Any], long: bool) -> str:
     name = e.get("name", e["path"]) + ("/" if e["type"] == "dir" else "")
     if not long:
         return name
-    kind = "d" if e["type"] == "dir" else "-"
-    what = f"{e['dtype']}{e['shape']}" if e["type"] == "tensor" else ""
-    size = _size(e["size"]) if e["type"] == "tensor" else "-"
+    kind = {"dir": "d", "group": "g"}.get(e["type"], "-")
+    what = (f"{e['dtype']}{e['shape']}" if e["type"] == "tensor"
+            else f"{e['n_members']} tensors" if e["type"] == "group" else "")
+    size = _size(e["size"]) if "size" in e else "-"
     when = time.strftime("%Y-%m-%d %H:%M", time.localtime(e["mtime"]))
     return f"{kind}{e['mode']:04o} {e['owner']:>6} {size:>9} {when}  {name}  {what}"
 
 
-def _save(osh: Any, path: str, tensor: Any, quiet: bool) -> None:
+def show_bar(quiet: bool, force: bool, size: int) -> bool:
+    """Whether a transfer of size bytes gets a progress bar: -q never, --progress
+    always, else from BAR_BYTES on when stderr is a terminal."""
+    return not quiet and (force or (size >= BAR_BYTES and sys.stderr.isatty()))
+
+
+class _Speed(ProgressColumn):
+    """Bytes per second in binary units, like the sizes: rich's estimate while the
+    bytes move; once all are there, the average since the start (so the commit
+    counts, and a transfer of one chunk, one update, still gets a figure)."""
+
+    def render(self, task: Task) -> Text:
+        if task.total is None:  # a step with nothing to count
+            return Text("")
+        speed = task.completed / task.elapsed if task.finished and task.elapsed else task.speed
+        if speed is None:
+            return Text("?", style="progress.data.speed")
+        unit, suffix = filesize.pick_unit_and_suffix(
+            int(speed), ["B", "KiB", "MiB", "GiB", "TiB"], 1024)
+        return Text(f"{speed / unit:.1f} {suffix}/s", style="progress.data.speed")
+
+
+class _Time(ProgressColumn):
+    """Time left while the bytes move, then the time taken: it runs on through the
+    commit and stops when the transfer ends (TransferBar stops the task)."""
+
+    def render(self, task: Task) -> Text:
+        if task.finished:
+            seconds, style = task.elapsed, "progress.elapsed"
+        else:
+            seconds, style = task.time_remaining, "progress.remaining"
+        if seconds is None:
+            return Text("-:--:--", style=style)
+        return Text(str(timedelta(seconds=int(seconds))), style=style)
+
+
+class TransferBar:
+    """The rich progress bar of one put or get on stderr: bar, bytes, speed, time
+    left (once finished: the average speed and the time taken). Its part()
+    callbacks are the progress argument of save_tensor and _write_file. Without
+    show every method does nothing and part() is None, so the transfer keeps its
+    single copy.
+
+    The bar is not transient: on a terminal the finished bar stays (put's summary
+    lines print above it while it runs); on anything else rich draws only the
+    final state, once, when it stops. A failed transfer removes its bar."""
+
+    WORDS = {"write": "writing", "commit": "committing", "done": ""}  # by phase
+
+    def __init__(self, label: str, show: bool) -> None:
+        self.label = label
+        self._bar: Progress | None = None
+        if show:
+            self._bar = Progress(TextColumn("{task.description}"), BarColumn(),
+                                 DownloadColumn(binary_units=True), _Speed(), _Time(),
+                                 console=Console(stderr=True))
+            # the clock starts at the first step, after imports that are no transfer
+            self._task = self._bar.add_task(label, total=None, start=False)
+
+    def __enter__(self) -> "TransferBar":
+        if self._bar is not None:
+            self._bar.start()
+        return self
+
+    def __exit__(self, exc_type: Any, *exc: Any) -> None:
+        if self._bar is not None:
+            if exc_type is not None:
+                self._bar.live.transient = True  # erased on a terminal, never printed
+            self._bar.stop_task(self._task)  # its time and speed: the whole transfer
+            self._bar.stop()
+
+    def reading(self) -> None:
+        """A step with nothing to count (loading a .pt or .safetensors file, or the
+        tensor of a get): the bar pulses."""
+        if self._bar is not None:
+            self._bar.start_task(self._task)
+            self._bar.update(self._task, description=f"{self.label} reading",
+                             completed=0, total=None)
+
+    def part(self, name: str | None = None, offset: int = 0,
+             total: int | None = None) -> _tensors.Progress | None:
+        """The progress(done, size, phase) callback of one tensor, named name on
+        the bar, whose bytes start at offset of the transfer's total (a file of
+        several tensors is one bar); total None: the tensor is the transfer."""
+        bar = self._bar
+        if bar is None:
+            return None
+        task, name = self._task, name or self.label
+
+        def progress(done: int, size: int, phase: str) -> None:
+            bar.start_task(task)  # once: later calls leave its start time
+            bar.update(task, completed=offset + done,
+                       total=size if total is None else total,
+                       description=f"{name} {self.WORDS.get(phase, phase)}".rstrip())
+        return progress
+
+
+def _save(osh: Any, path: str, tensor: Any, quiet: bool,
+          progress: _tensors.Progress | None = None) -> None:
     t0 = time.monotonic()
-    r = osh.save_tensor(path, tensor)
+    r = osh.save_tensor(path, tensor, progress=progress)
     if not quiet:
         dt = time.monotonic() - t0
         print(f"{path}: {_size(r['size'])} in {dt:.2f}s "
@@ -52,46 +166,165 @@ def _save(osh: Any, path: str, tensor: Any, quiet: bool) -> None:
               file=sys.stderr)
 
 
-def _read_file(file: Path) -> dict[str, Any] | Any:
-    """A tensor, or a dict of name -> tensor, from a file by its suffix."""
+def _nbytes(tensor: Any) -> int:
+    if isinstance(tensor, dict):  # a group
+        return sum(_nbytes(t) for t in tensor.values())
+    n = getattr(tensor, "nbytes", None)  # numpy and torch
+    return int(n) if n is not None else np.asarray(tensor).nbytes
+
+
+def put_data(osh: Any, path: str, data: Any, quiet: bool, bar: TransferBar,
+             group: bool = False) -> None:
+    """Save what _read_file gave: a tensor at path, or a dict of them as one tensor
+    per key under the directory path (a dict of one: that tensor at path), each
+    with put's summary line unless quiet, all on one bar. group: all of it as one
+    group at path (a lone tensor as its member "tensor")."""
+    if group:
+        t0 = time.monotonic()
+        members = data if isinstance(data, dict) else {"tensor": data}
+        r = osh.save_tensors(path, members, progress=bar.part(path))
+        if not quiet:
+            dt = time.monotonic() - t0
+            print(f"{path}: a group of {len(members)}, {_size(r['size'])} in {dt:.2f}s "
+                  f"({r['size'] / max(dt, 1e-9) / 2**20:.0f} MiB/s), {r['checksum']}",
+                  file=sys.stderr)
+        return
+    if isinstance(data, dict) and len(data) == 1:
+        data = next(iter(data.values()))
+    if not isinstance(data, dict):
+        _save(osh, path, data, quiet, bar.part(path))
+        return
+    try:
+        osh.mkdir(path)
+    except SyscallError as e:
+        if e.errno != Errno.EEXIST:
+            raise
+    total, offset = sum(_nbytes(t) for t in data.values()), 0
+    for name, t in data.items():
+        p = f"{path.rstrip('/')}/{name}"
+        _save(osh, p, t, quiet, bar.part(p, offset, total))
+        offset += _nbytes(t)
+
+
+def file_size(file: Path) -> int:
+    """file's size, 0 when it cannot be read (reading it says why)."""
+    try:
+        return file.stat().st_size
+    except OSError:
+        return 0
+
+
+def _mappable(file: Path) -> bool:
+    try:
+        st = file.stat()
+    except OSError:
+        return False
+    return stat.S_ISREG(st.st_mode) and st.st_size > 0
+
+
+def _read_file(file: Path, bar: TransferBar | None = None) -> dict[str, Any] | Any:
+    """A tensor, or a dict of name -> tensor, from a file by its suffix.
+
+    A .npy or raw file is mapped, not read: its pages come in as save_tensor copies
+    them (chunk by chunk, counted on the bar), with no copy of the file in memory
+    first. A .pt or .safetensors file loads in one call: the bar pulses."""
     suffix = file.suffix.lower()
     if suffix == ".npy":
+        if _mappable(file):
+            try:
+                return np.load(file, mmap_mode="r", allow_pickle=False)
+            except ValueError:  # not mappable (object dtype...): np.load says why
+                pass
         return np.load(file, allow_pickle=False)
     if suffix == ".pt":
         import torch
+        if bar is not None:
+            bar.reading()
         return torch.load(file, map_location="cpu", weights_only=True)
     if suffix == ".safetensors":
         from safetensors.numpy import load_file
+        if bar is not None:
+            bar.reading()
         try:
             return load_file(file)
         except Exception:  # bfloat16 and friends: torch reads them
             from safetensors.torch import load_file as load_torch
             return load_torch(file)
+    if _mappable(file):
+        return np.memmap(file, dtype=np.uint8, mode="r")
     return np.frombuffer(file.read_bytes(), dtype=np.uint8)
 
 
-def _write_file(file: Path, tensor: Any) -> None:
+def _write_file(file: Path, tensor: Any, progress: _tensors.Progress | None = None) -> None:
+    """Export tensor to file by its suffix: .pt, .safetensors, .npy, else raw bytes.
+
+    progress(done, total, phase): a .npy or raw file is written PROGRESS_CHUNK
+    bytes at a time, each reported as "write" (a tensor from load_tensor is a
+    mapping: this is where its bytes move), then "done"; a .pt or .safetensors
+    file is one step between progress(0, total, "write") and "done"."""
     suffix = file.suffix.lower()
+    if suffix in (".pt", ".safetensors"):
+        total = _nbytes(tensor)
+        if progress is not None:
+            progress(0, total, "write")
+        _write_whole(file, tensor, suffix)
+        if progress is not None:
+            progress(total, total, "done")
+        return
+    if suffix == ".npy" and isinstance(tensor, np.ndarray):
+        arr = tensor if tensor.flags.c_contiguous else tensor.copy(order="C")
+    else:  # torch (bfloat16 as its uint16 bits), or raw bytes of anything
+        arr = as_raw(tensor)[2]
+    with open(file, "wb") as f:
+        if suffix == ".npy":
+            _npy_header(f, arr)
+        _write_chunks(f, arr.reshape(-1).view(np.uint8), progress)
+
+
+def _write_whole(file: Path, tensor: Any, suffix: str) -> None:
+    """A tensor, or a group's dict of them (its names kept), as .pt or .safetensors."""
     if suffix == ".pt":
         import torch
-        torch.save(tensor if hasattr(tensor, "dtype") and not isinstance(tensor, np.ndarray)
+        torch.save(tensor if isinstance(tensor, dict) or hasattr(tensor, "dtype") and
+                   not isinstance(tensor, np.ndarray)
                    else torch.from_numpy(np.asarray(tensor)), file)
         return
-    if suffix == ".safetensors":
-        try:
-            import torch
-            from safetensors.torch import save_file
-            t = tensor if isinstance(tensor, torch.Tensor) else torch.from_numpy(tensor)
-            save_file({"tensor": t.contiguous()}, file)
-        except ImportError:
-            from safetensors.numpy import save_file as save_np
-            save_np({"tensor": np.ascontiguousarray(tensor)}, file)
+    try:
+        import torch
+        from safetensors.torch import save_file
+        if isinstance(tensor, dict):
+            save_file({k: v.contiguous() for k, v in tensor.items()}, file)
+            return
+        t = tensor if isinstance(tensor, torch.Tensor) else torch.from_numpy(tensor)
+        save_file({"tensor": t.contiguous()}, file)
+    except ImportError:
+        from safetensors.numpy import save_file as save_np
+        save_np({"tensor": np.ascontiguousarray(tensor)}, file)
+
+
+def _npy_header(f: Any, arr: np.ndarray) -> None:
+    """The header np.save writes for arr (format 1.0, or 2.0 when it is too long)."""
+    header = np.lib.format.header_data_from_array_1_0(arr)
+    try:
+        np.lib.format.write_array_header_1_0(f, header)
+    except ValueError:
+        np.lib.format.write_array_header_2_0(f, header)
+
+
+def _write_chunks(f: Any, data: np.ndarray, progress: _tensors.Progress | None) -> None:
+    """Write a flat uint8 array: in one call without progress, else in chunks."""
+    if progress is None:
+        f.write(memoryview(data))
         return
-    _, _, arr = as_raw(tensor)
-    if suffix == ".npy":
-        np.save(file, np.asarray(tensor) if isinstance(tensor, np.ndarray) else arr)
-    else:
-        file.write_bytes(arr.tobytes())
+    total, start = len(data), 0
+    while True:
+        stop = min(start + _tensors.PROGRESS_CHUNK, total)
+        f.write(memoryview(data[start:stop]))
+        progress(stop, total, "write")
+        if stop == total:
+            break
+        start = stop
+    progress(total, total, "done")
 
 
 def remove(osh: Any, path: str, recursive: bool) -> None:
@@ -141,29 +374,34 @@ def add_commands(command: Callable[..., argparse.ArgumentParser],
         return 0
 
     def cmd_put(home: Home, args: argparse.Namespace) -> int:
-        try:
-            data = _read_file(Path(args.file))
-        except OSError as e:
-            raise SyscallError(Errno.ENOENT, f"{args.file}: {e.strerror}") from None
-        with connect(home) as osh:
-            if isinstance(data, dict) and len(data) == 1:
-                data = next(iter(data.values()))
-            if isinstance(data, dict):
-                try:
-                    osh.mkdir(args.path)
-                except SyscallError as e:
-                    if e.errno != Errno.EEXIST:
-                        raise
-                for name, t in data.items():
-                    _save(osh, f"{args.path.rstrip('/')}/{name}", t, args.quiet)
-            else:
-                _save(osh, args.path, data, args.quiet)
+        file = Path(args.file)
+        with TransferBar(args.path, show_bar(args.quiet, args.progress,
+                                             file_size(file))) as bar:
+            try:
+                data = _read_file(file, bar)
+            except OSError as e:
+                raise SyscallError(Errno.ENOENT, f"{args.file}: {e.strerror}") from None
+            with connect(home) as osh:
+                put_data(osh, args.path, data, args.quiet, bar, args.group)
         return 0
 
     def cmd_get(home: Home, args: argparse.Namespace) -> int:
         with connect(home) as osh:
-            t = osh.load_tensor(args.path)
-        _write_file(Path(args.file), t)
+            st = osh.stat(args.path)
+            file = Path(args.file)
+            if st["type"] == "group" and file.suffix.lower() not in (".pt", ".safetensors"):
+                raise SyscallError(Errno.EINVAL, f"{args.path} is a group of "
+                                   f"{len(st['members'])} tensors: export it to a "
+                                   ".safetensors or .pt file")
+            with TransferBar(args.path, show_bar(args.quiet, args.progress,
+                                                 st.get("size", 0))) as bar:
+                _tensors._torch()  # load_tensor's import: before the bar's clock
+                bar.reading()
+                if st["type"] == "group":
+                    t: Any = osh.load_tensors(args.path)
+                else:
+                    t = osh.load_tensor(args.path)
+                _write_file(file, t, bar.part())
         return 0
 
     p = command("ls", cmd_ls, "list a tensorfs directory")
@@ -180,9 +418,20 @@ def add_commands(command: Callable[..., argparse.ArgumentParser],
     p.add_argument("dst")
     p = command("put", cmd_put, "import a .npy, .pt or .safetensors file (else raw bytes "
                 "as uint8) as a tensor")
-    p.add_argument("-q", "--quiet", action="store_true", help="no transfer summary")
+    p.add_argument("-q", "--quiet", action="store_true",
+                   help="no output: no summary, no progress bar")
+    p.add_argument("--progress", action="store_true",
+                   help="a progress bar whatever the size, also when stderr is not a "
+                   "terminal (by default: from 64 MiB, on a terminal)")
+    p.add_argument("-g", "--group", action="store_true",
+                   help="store the file's tensors as one group at PATH (one safetensors "
+                   "file, names kept) instead of one tensor per name under PATH/")
     p.add_argument("file", metavar="FILE")
     p.add_argument("path", metavar="PATH")
     p = command("get", cmd_get, "export a tensor to FILE (.npy, .pt, .safetensors, else raw)")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--progress", action="store_true",
+                   help="a progress bar whatever the size, also when stderr is not a "
+                   "terminal (by default: from 64 MiB, on a terminal)")
     p.add_argument("path", metavar="PATH")
     p.add_argument("file", metavar="FILE")

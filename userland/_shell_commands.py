@@ -27,8 +27,9 @@ from syscalls._schema import parse_size
 from userland import _shell_views as views
 from userland._cli_models import _mkdirs, _scalar, progress, read_corpus
 from userland._cli_models import follow as follow_job
-from userland._cli_tensors import _read_file, _save, _write_file, remove
-from userland._tensors import _NP, map_segment
+from userland._cli_tensors import (TransferBar, _read_file, _write_file, file_size, put_data,
+                                   remove, show_bar)
+from userland._tensors import _NP, _torch, map_segment
 from userland.cli import LogTail, _wait_forwarding
 
 FIRST_VALUES = 8
@@ -435,40 +436,36 @@ def do_cat(sh: Any, a: argparse.Namespace) -> bool:
     return each(sh, a.paths, one)
 
 
-@command("put", "put [-q] FILE PATH", "import a local file as a tensor: .npy, .pt, "
-         ".safetensors, else its bytes as uint8", "tensors",
-         arg("-q", "--quiet", action="store_true"), arg("file"), arg("path"),
+@command("put", "put [-q] [--progress] FILE PATH", "import a local file as a tensor: "
+         ".npy, .pt, .safetensors, else its bytes as uint8", "tensors",
+         arg("-q", "--quiet", action="store_true"), arg("--progress", action="store_true"),
+         arg("file"), arg("path"),
          details="A .pt or .safetensors file with several tensors becomes a directory "
                  "PATH with one tensor per key. Prints the size, speed and checksum "
-                 "(stderr) unless -q.", complete=("local", "tensor"))
+                 "(stderr) unless -q, and a progress bar from 64 MiB when stderr is a "
+                 "terminal (--progress: always; -q: never).", complete=("local", "tensor"))
 def do_put(sh: Any, a: argparse.Namespace) -> None:
     file = Path(os.path.expanduser(a.file))
-    try:
-        data = _read_file(file)
-    except OSError:
-        raise  # the shell prints it as ENOENT: ... and the like
-    except Exception as e:  # not the format its suffix says
-        raise SyscallError(Errno.EINVAL, f"put: cannot read {file}: {e}") from None
     path = sh.resolve(a.path)
-    if isinstance(data, dict) and len(data) == 1:
-        data = next(iter(data.values()))
-    try:
-        if isinstance(data, dict):
-            try:
-                sh.osh.mkdir(path)
-            except SyscallError as e:
-                if e.errno != Errno.EEXIST:
-                    raise
-            for name, t in data.items():
-                _save(sh.osh, f"{path.rstrip('/')}/{name}", t, a.quiet)
-        else:
-            _save(sh.osh, path, data, a.quiet)
-    except TypeError as e:  # a dtype tensorfs does not store (float64...)
-        raise SyscallError(Errno.EINVAL, f"put: {e}") from None
+    with TransferBar(path, show_bar(a.quiet, a.progress, file_size(file))) as bar:
+        try:
+            data = _read_file(file, bar)
+        except OSError:
+            raise  # the shell prints it as ENOENT: ... and the like
+        except Exception as e:  # not the format its suffix says
+            raise SyscallError(Errno.EINVAL, f"put: cannot read {file}: {e}") from None
+        try:
+            put_data(sh.osh, path, data, a.quiet, bar)
+        except TypeError as e:  # a dtype tensorfs does not store (float64...)
+            raise SyscallError(Errno.EINVAL, f"put: {e}") from None
 
 
-@command("get", "get PATH FILE", "export a tensor to a local file (.npy, .pt, "
-         ".safetensors, else its raw bytes)", "tensors", arg("path"), arg("file"),
+@command("get", "get [-q] [--progress] PATH FILE", "export a tensor to a local file (.npy, "
+         ".pt, .safetensors, else its raw bytes)", "tensors",
+         arg("-q", "--quiet", action="store_true"), arg("--progress", action="store_true"),
+         arg("path"), arg("file"),
+         details="Prints what it wrote unless -q, and a progress bar (stderr) from 64 MiB "
+                 "when stderr is a terminal (--progress: always; -q: never).",
          complete=("tensor", "local"))
 def do_get(sh: Any, a: argparse.Namespace) -> None:
     path = sh.resolve(a.path)
@@ -476,13 +473,17 @@ def do_get(sh: Any, a: argparse.Namespace) -> None:
     if st["type"] == "dir":
         raise SyscallError(Errno.EISDIR, f"get: {path}: a directory")
     file = Path(os.path.expanduser(a.file))
-    if st["dtype"] == "bfloat16" or file.suffix.lower() in (".pt", ".safetensors"):
-        _write_file(file, sh.osh.load_tensor(path))  # torch: keeps bfloat16
-    elif file.suffix.lower() == ".npy":  # numpy alone: no torch to import
-        np.save(file, load_numpy(sh.osh, path))
-    else:
-        file.write_bytes(load_numpy(sh.osh, path).tobytes())
-    sh.line(f"{file}: {st['dtype']}{st['shape']}, {views.size(st['size'])}")
+    with TransferBar(path, show_bar(a.quiet, a.progress, st["size"])) as bar:
+        if st["dtype"] == "bfloat16" or file.suffix.lower() in (".pt", ".safetensors"):
+            _torch()  # load_tensor's import: before the bar's clock starts
+            bar.reading()
+            t = sh.osh.load_tensor(path)  # torch: keeps bfloat16
+        else:
+            bar.reading()
+            t = load_numpy(sh.osh, path)  # numpy alone: no torch to import
+        _write_file(file, t, bar.part())
+    if not a.quiet:
+        sh.line(f"{file}: {st['dtype']}{st['shape']}, {views.size(st['size'])}")
 
 
 def _mode(text: str) -> int:

@@ -75,17 +75,17 @@ class SyscallMethods:
         'Every GPU with its capacity, allocated and free bytes and the allocations on it (pid, uid, bytes), the CPUs and memory, and the queue.'
         return self._call(202, {})
 
-    def open_tensor(self, path: str, mode: str, dtype: str | None = None, shape: list[int] | None = None, perm: int = 420, shm: bool = False, whole: bool = False) -> Any:
+    def open_tensor(self, path: str, mode: str, dtype: str | None = None, shape: list[int] | None = None, perm: int = 420, shm: bool = False, whole: bool = False, members: list[list[Any]] | None = None) -> Any:
         "Open a tensor. Writes are staged and become visible, durably, at close_tensor; the descriptor is this process's only."
-        return self._call(300, {'path': path, 'mode': mode, 'dtype': dtype, 'shape': shape, 'perm': perm, 'shm': shm, 'whole': whole})
+        return self._call(300, {'path': path, 'mode': mode, 'dtype': dtype, 'shape': shape, 'perm': perm, 'shm': shm, 'whole': whole, 'members': members})
 
-    def read_tensor(self, fd: str, slice: list[list[int]] | None = None, shm: bool = False) -> Any:
+    def read_tensor(self, fd: str, slice: list[list[int]] | None = None, shm: bool = False, member: str | None = None) -> Any:
         'Read a tensor, or a slice of it, in C order. Checksums are verified.'
-        return self._call(301, {'fd': fd, 'slice': slice, 'shm': shm})
+        return self._call(301, {'fd': fd, 'slice': slice, 'shm': shm, 'member': member})
 
-    def write_tensor(self, fd: str, data: bytes, slice: list[list[int]] | None = None) -> Any:
+    def write_tensor(self, fd: str, data: bytes, slice: list[list[int]] | None = None, member: str | None = None) -> Any:
         "Write the whole staged tensor or a slice of it; data must be exactly the region's size."
-        return self._call(302, {'fd': fd, 'data': data, 'slice': slice})
+        return self._call(302, {'fd': fd, 'data': data, 'slice': slice, 'member': member})
 
     def close_tensor(self, fd: str, discard: bool = False) -> Any:
         'Close a descriptor. For a write it commits: temporary file, fsync, rename, fsync of the directory; when it returns, the tensor survives any crash.'

@@ -13,9 +13,11 @@ from __future__ import annotations
 import mmap
 import os
 import sys
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
+
+from syscalls import Errno, SyscallError
 
 _NP = {"float32": "<f4", "float16": "<f2", "int8": "i1", "int16": "<i2", "int32": "<i4",
        "int64": "<i8", "uint8": "u1", "bool": "?"}
@@ -89,29 +91,139 @@ def map_segment(path: str, size: int, writable: bool) -> mmap.mmap:
                 pass
 
 
+# Bytes copied between two progress calls: a few ms at memcpy speed, longer when
+# the source is a file's mapping being read in (llmos put of a .npy or raw file).
+PROGRESS_CHUNK = 64 * 2**20
+
+# progress(done_bytes, total_bytes, phase): see save_tensor and load_tensor.
+Progress = Callable[[int, int, str], None]
+
+
+def _copy(dst: np.ndarray, src: np.ndarray, progress: Progress | None) -> None:
+    """dst[:] = src (flat uint8 arrays of one size); with progress, PROGRESS_CHUNK
+    bytes at a time, each reported as phase "write" (the last at total, also for
+    no bytes). Without progress it stays one numpy copy."""
+    if progress is None:
+        dst[:] = src
+        return
+    total, start = len(dst), 0
+    while True:
+        stop = min(start + PROGRESS_CHUNK, total)
+        dst[start:stop] = src[start:stop]
+        progress(stop, total, "write")
+        if stop == total:
+            return
+        start = stop
+
+
+def _itemsize(dtype: str) -> int:
+    return 2 if dtype == "bfloat16" else np.dtype(_NP[dtype]).itemsize
+
+
 class TensorMethods:
     """Mixed into Llmos; uses its generated syscall methods."""
 
     def save_tensor(self, path: str, tensor: Any, perm: int = 0o644,
-                    exclusive: bool = False) -> dict[str, Any]:
+                    exclusive: bool = False, progress: Progress | None = None,
+                    ) -> dict[str, Any]:
         """Write a whole tensor to path, durably: when this returns, it is on disk.
-        exclusive: fail with EEXIST if path exists."""
+        exclusive: fail with EEXIST if path exists.
+
+        progress: called as progress(done, total, phase) with byte counts. phase
+        "write": done bytes are staged (after each PROGRESS_CHUNK copied into the
+        shared-memory segment; once, at the end, for a tensor small enough for the
+        socket); "commit": all is staged and the commit (close_tensor: a file
+        write and fsync) starts, the one step that reports nothing while it runs;
+        "done": it returned, the tensor is durable. done == total in the last two."""
         dtype, shape, arr = as_raw(tensor)
         info = self.open_tensor(path, "x" if exclusive else "w", dtype, shape,  # type: ignore[attr-defined]
                                 perm, True, True)
-        fd = info["fd"]
+        fd, size = info["fd"], info["size"]
         try:
             if info["shm"]:
-                mm = self._staging_map(info["shm"], info["size"])
-                dst = np.frombuffer(mm, dtype=np.uint8, count=info["size"])
-                dst[:] = arr.reshape(-1).view(np.uint8)
+                mm = self._staging_map(info["shm"], size)
+                dst = np.frombuffer(mm, dtype=np.uint8, count=size)
+                _copy(dst, arr.reshape(-1).view(np.uint8), progress)
                 del dst
-            elif info["size"]:
+            elif size:
                 self.write_tensor(fd, memoryview(arr).cast("B"))  # type: ignore[attr-defined]
+            if progress is not None:
+                if not info["shm"]:  # one write_tensor: nothing to report before
+                    progress(size, size, "write")
+                progress(size, size, "commit")
         except BaseException:
             self.close_tensor(fd, True)  # type: ignore[attr-defined]
             raise
-        return self.close_tensor(fd)  # type: ignore[attr-defined]
+        r = self.close_tensor(fd)  # type: ignore[attr-defined]
+        if progress is not None:
+            progress(size, size, "done")
+        return r
+
+    def save_tensors(self, path: str, tensors: dict[str, Any], perm: int = 0o644,
+                     exclusive: bool = False, progress: Progress | None = None,
+                     ) -> dict[str, Any]:
+        """Write a group: several named tensors (a state_dict, say) as one
+        safetensors file, durably and atomically, like save_tensor. progress: as
+        for save_tensor, over all the members' bytes."""
+        raws = {name: as_raw(t) for name, t in tensors.items()}
+        members = [[name, dtype, shape] for name, (dtype, shape, _) in raws.items()]
+        info = self.open_tensor(path, "x" if exclusive else "w", None, None,  # type: ignore[attr-defined]
+                                perm, True, True, members)
+        fd, size = info["fd"], info["size"]
+        try:
+            dst_buf: Any = self._staging_map(info["shm"], size) if info["shm"] \
+                else bytearray(size)
+            for name, _, _, offset in info["members"]:
+                src = raws[name][2].reshape(-1).view(np.uint8)
+                dst = np.frombuffer(dst_buf, np.uint8, count=src.size, offset=offset)
+                if progress is not None and info["shm"]:
+                    _copy(dst, src, lambda d, t, ph, at=offset: progress(at + d, size, ph))
+                else:
+                    dst[:] = src
+                del dst
+            if not info["shm"] and size:
+                self.write_tensor(fd, dst_buf)  # type: ignore[attr-defined]
+            if progress is not None:
+                if not info["shm"]:
+                    progress(size, size, "write")
+                progress(size, size, "commit")
+        except BaseException:
+            self.close_tensor(fd, True)  # type: ignore[attr-defined]
+            raise
+        r = self.close_tensor(fd)  # type: ignore[attr-defined]
+        if progress is not None:
+            progress(size, size, "done")
+        return r
+
+    def load_tensors(self, path: str) -> dict[str, Any]:
+        """A group's tensors, {name: tensor} in file order. One read of the group's
+        data (a mapping of the driver's cache when large: no copy) and a view per
+        member; the views share it, and writing to one never touches the file."""
+        info = self.open_tensor(path, "r")  # type: ignore[attr-defined]
+        try:
+            if info["members"] is None:
+                raise SyscallError(Errno.EINVAL, f"load_tensors: {path} is one tensor, "
+                                   "not a group: use load_tensor")
+            r = self.read_tensor(info["fd"], None, True)  # type: ignore[attr-defined]
+        finally:
+            self.close_tensor(info["fd"])  # type: ignore[attr-defined]
+        buf, _ = self._received(r)
+        view = memoryview(buf).cast("B") if len(buf) else memoryview(bytearray())
+        out = {}
+        for name, dtype, shape, offset in info["members"]:
+            n = int(np.prod(shape, dtype=np.int64)) * _itemsize(dtype)
+            out[name] = from_raw(view[offset:offset + n], dtype, shape)
+        return out
+
+    @staticmethod
+    def _received(r: dict[str, Any]) -> tuple[Any, int]:
+        """A read_tensor reply's bytes: its segment mapped (copy-on-write), or its
+        data in a writable buffer (as torch.from_numpy wants); and their size."""
+        size = int(np.prod(r["shape"], dtype=np.int64)) * _itemsize(r["dtype"])
+        if r["shm"]:
+            buf: Any = map_segment(r["shm"], size, writable=False)
+            return (b"" if size == 0 else buf), size
+        return bytearray(r["data"]), size
 
     def _staging_map(self, path: str, size: int) -> mmap.mmap:
         """The driver hands a process the same staging segment for its next write of
@@ -134,20 +246,26 @@ class TensorMethods:
             except BufferError:  # still exported to a view: the GC unmaps it
                 pass
 
-    def load_tensor(self, path: str, slice: list[list[int]] | None = None) -> Any:
+    def load_tensor(self, path: str, slice: list[list[int]] | None = None,
+                    progress: Progress | None = None, member: str | None = None) -> Any:
         """Read a whole tensor (or a slice: [[start, stop], ...] per leading
-        dimension) from path."""
-        fd = self.open_tensor(path, "r")["fd"]  # type: ignore[attr-defined]
+        dimension) from path; of a group, its member of that name.
+
+        progress: called once, progress(size, size, "done"), when the tensor is
+        here. A shared-memory read maps the driver's segment, no copy, so there is
+        nothing to report along the way: the bytes move when the pages are first
+        touched (a caller writing the tensor to a file reports that copy)."""
+        info = self.open_tensor(path, "r")  # type: ignore[attr-defined]
         try:
-            r = self.read_tensor(fd, slice, True)  # type: ignore[attr-defined]
+            if info["members"] is not None and member is None:
+                raise SyscallError(Errno.EINVAL, f"load_tensor: {path} is a group of "
+                                   f"{len(info['members'])} tensors: name a member, or "
+                                   "use load_tensors")
+            r = self.read_tensor(info["fd"], slice, True, member)  # type: ignore[attr-defined]
         finally:
-            self.close_tensor(fd)  # type: ignore[attr-defined]
-        if r["shm"]:
-            size = int(np.prod(r["shape"], dtype=np.int64)) * (
-                2 if r["dtype"] == "bfloat16" else np.dtype(_NP[r["dtype"]]).itemsize)
-            buf: Any = map_segment(r["shm"], size, writable=False)
-            if size == 0:
-                buf = b""
-        else:
-            buf = bytearray(r["data"])  # writable, as torch.from_numpy wants
-        return from_raw(buf, r["dtype"], r["shape"])
+            self.close_tensor(info["fd"])  # type: ignore[attr-defined]
+        buf, size = self._received(r)
+        t = from_raw(buf, r["dtype"], r["shape"])
+        if progress is not None:
+            progress(size, size, "done")
+        return t

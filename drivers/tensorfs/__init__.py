@@ -51,6 +51,7 @@ DIR_META = ".llmos-dir"
 TMP_PREFIX = ".llmos-tmp-"
 MAX_NAME = 200          # bytes of one path component (the file adds ".safetensors")
 MAX_DEPTH = 64
+MAX_DIMS_GROUP = 32     # dimensions of a group member (as the table's MAX_DIMS)
 PATH_MAX = 4096         # Linux's, counting the NUL: a file path on disk must be shorter
 SHM_GRACE_S = 30.0      # a handed-out segment the client has not taken by then is removed
 PARALLEL_CRC_BYTES = 1 << 20  # from this size the checksum runs beside the write
@@ -379,9 +380,15 @@ class TensorFS:
             t = self.file_meta(p)
         except FormatError as e:
             raise SyscallError(Errno.EIO, f"{path}: {e}") from None
-        return {"path": path, "type": "tensor", "owner": t.owner, "mode": t.mode,
-                "ctime": t.ctime, "mtime": t.mtime, "dtype": t.dtype, "shape": t.shape,
-                "size": t.nbytes, "checksum": f"crc32:{t.crc32:08x}"}
+        out = {"path": path, "type": "tensor", "owner": t.owner, "mode": t.mode,
+               "ctime": t.ctime, "mtime": t.mtime, "dtype": t.dtype, "shape": t.shape,
+               "size": t.nbytes, "checksum": f"crc32:{t.crc32:08x}"}
+        if t.members is not None:
+            del out["dtype"], out["shape"]
+            out["type"] = "group"
+            out["members"] = [{"name": m.name, "dtype": m.dtype, "shape": m.shape,
+                               "size": m.nbytes} for m in t.members]
+        return out
 
     # -- descriptors -------------------------------------------------------------------
 
@@ -393,9 +400,10 @@ class TensorFS:
         return o
 
     def open_tensor(self, req: Request, path: str, mode: str, dtype: str | None,
-                    shape: list[int] | None, perm: int, shm: bool,
-                    whole: bool = False) -> dict[str, Any]:
+                    shape: list[int] | None, perm: int, shm: bool, whole: bool = False,
+                    members: list[list[Any]] | None = None) -> dict[str, Any]:
         parts = self.split(path)
+        specs = self.member_specs(members, mode, dtype, shape) if members is not None else None
         if self.open_count.get(req.pid, 0) >= self.max_open:
             raise SyscallError(Errno.EMFILE, f"open_tensor: pid {req.pid} has "
                                f"{self.max_open} descriptors open (tensor_max_open)")
@@ -411,6 +419,8 @@ class TensorFS:
         if mode in ("r", "rw") and (dtype is not None or shape is not None):
             raise SyscallError(Errno.EINVAL, "open_tensor: dtype and shape are for "
                                "modes w and x")
+        if specs is not None:  # a group: its data is its members' bytes, back to back
+            dtype, shape = "uint8", [0]
         now = time.time()
         os_fd, old = -1, None
         if exists:
@@ -427,18 +437,25 @@ class TensorFS:
             elif mode == "rw":
                 self.need(req, old.owner, old.mode, 6, f"open_tensor {path}")
                 meta = TensorMeta(old.dtype, old.shape, old.owner, old.mode, old.ctime,
-                                  now, 0)
+                                  now, 0, members=old.members)
             else:
                 if dtype is None or shape is None:
                     raise SyscallError(Errno.EINVAL, f"open_tensor: mode {mode} needs "
                                        "dtype and shape")
                 if old is not None:  # overwriting keeps the owner and mode, as O_TRUNC does
                     self.need(req, old.owner, old.mode, 2, f"open_tensor {path}")
-                    meta = TensorMeta(dtype, shape, old.owner, old.mode, old.ctime, now, 0)
+                    owner, bits, ctime = old.owner, old.mode, old.ctime
                 else:
                     dm = self.read_dir_meta(d)
                     self.need(req, dm.owner, dm.mode, 2, f"open_tensor {path} (its directory)")
-                    meta = TensorMeta(dtype, shape, req.uid, perm, now, now, 0)
+                    owner, bits, ctime = req.uid, perm, now
+                if specs is not None:
+                    meta = _format.group_meta(_format.layout(specs), owner, bits, ctime, now)
+                    if len(_format.header(meta, DIRECT_ALIGN)) > _format.MAX_HEADER:
+                        raise SyscallError(Errno.EINVAL, f"open_tensor: {len(specs)} members "
+                                           "make a header over 1 MiB")
+                else:
+                    meta = TensorMeta(dtype, shape, owner, bits, ctime, now, 0)
             size = meta.nbytes
             if mode != "r":
                 self.check_space(meta.owner, size, old.nbytes if old and
@@ -467,8 +484,48 @@ class TensorFS:
         self.open_count[o.pid] = self.open_count.get(o.pid, 0) + 1
         req.hold("tensor", o.fd)
         reply = {"fd": o.fd, "dtype": meta.dtype, "shape": meta.shape, "size": meta.nbytes,
-                 "shm": str(o.seg) if o.seg else None}
+                 "shm": str(o.seg) if o.seg else None, "members": None}
+        if meta.members is not None:
+            reply["members"] = [[m.name, m.dtype, m.shape, m.offset] for m in meta.members]
         return reply
+
+    @staticmethod
+    def member_specs(members: list[list[Any]], mode: str, dtype: str | None,
+                     shape: list[int] | None) -> list[tuple[str, str, list[int]]]:
+        """A group's [name, dtype, shape] triples, checked: EINVAL for anything off."""
+        if mode not in ("w", "x"):
+            raise SyscallError(Errno.EINVAL, "open_tensor: members are for modes w and x")
+        if dtype is not None or shape is not None:
+            raise SyscallError(Errno.EINVAL, "open_tensor: a group takes members, not "
+                               "dtype and shape")
+        seen: set[str] = set()
+        out = []
+        for name, mdtype, mshape in members:
+            if not name or len(name.encode()) > MAX_NAME or "\x00" in name \
+                    or name == "__metadata__" or name in seen:
+                raise SyscallError(Errno.EINVAL, f"open_tensor: member name {name[:80]!r}: "
+                                   f"empty, over {MAX_NAME} bytes, NUL, __metadata__ or "
+                                   "repeated")
+            if mdtype not in DTYPES or len(mshape) > MAX_DIMS_GROUP:
+                raise SyscallError(Errno.EINVAL, f"open_tensor: member {name!r}: dtype "
+                                   f"{mdtype!r} or a shape of {len(mshape)} dimensions")
+            seen.add(name)
+            out.append((name, mdtype, mshape))
+        return out
+
+    @staticmethod
+    def region(m: TensorMeta, member: str | None, call: str) -> tuple[str, list[int], int]:
+        """(dtype, shape, byte offset) of what a read or write addresses: the tensor,
+        a group's member, or (no member) a group's data as bytes."""
+        if member is None:
+            return m.dtype, m.shape, 0
+        if m.members is None:
+            raise SyscallError(Errno.EINVAL, f"{call}: member {member!r} of a tensor that "
+                               "is not a group")
+        for g in m.members:
+            if g.name == member:
+                return g.dtype, g.shape, g.offset
+        raise SyscallError(Errno.ENOENT, f"{call}: the group has no member {member!r}")
 
     def check_space(self, owner: int, size: int, replaced: int, path: str) -> None:
         if size > self.max_bytes:
@@ -497,7 +554,7 @@ class TensorFS:
         return tuple(out)
 
     def read_tensor(self, req: Request, fd: str, slice: list[list[int]] | None,
-                    shm: bool) -> dict[str, Any]:
+                    shm: bool, member: str | None = None) -> dict[str, Any]:
         o = self.get_fd(req, fd, "read_tensor")
         m = o.meta
         if o.mode == "r":
@@ -507,15 +564,20 @@ class TensorFS:
         else:
             raise SyscallError(Errno.EBADF, f"read_tensor: {fd} is open for writing only")
         buf = src.buf if isinstance(src, Cached) else src
-        sl = self.slices(m.shape, slice, "read_tensor")
+        dtype, full, at = self.region(m, member, "read_tensor")
+        sl = self.slices(full, slice, "read_tensor")
+        if at or member is not None:
+            n = _format.nbytes(dtype, full)
+            buf = memoryview(buf).cast("B")[at:at + n]
+            src = None  # not the cache's whole segment: never hand out its link
         if sl:
-            arr = _format.view(buf, m.dtype, m.shape)[sl]
+            arr = _format.view(buf, dtype, full)[sl]
             shape = list(arr.shape)
             data: Any = np.ascontiguousarray(arr)
         else:
-            shape, data = m.shape, None
-        out = {"dtype": m.dtype, "shape": shape, "data": None, "shm": None}
-        size = _format.nbytes(m.dtype, shape)
+            shape, data = full, None
+        out = {"dtype": dtype, "shape": shape, "data": None, "shm": None}
+        size = _format.nbytes(dtype, shape)
         if shm and size >= self.threshold:
             seg = _shm.new_name(self.pfx, "x")
             if data is None and isinstance(src, Cached):
@@ -531,20 +593,20 @@ class TensorFS:
         return out
 
     def write_tensor(self, req: Request, fd: str, data: bytes,
-                     slice: list[list[int]] | None) -> int:
+                     slice: list[list[int]] | None, member: str | None = None) -> int:
         o = self.get_fd(req, fd, "write_tensor")
         if o.mode == "r":
             raise SyscallError(Errno.EBADF, f"write_tensor: {fd} is open for reading only")
-        m = o.meta
-        sl = self.slices(m.shape, slice, "write_tensor")
-        dst = _format.view(o.buf, m.dtype, m.shape)
-        if not dst.flags.writeable:
-            dst = np.frombuffer(o.buf, dtype=dst.dtype).reshape(dst.shape)
+        dtype, full, at = self.region(o.meta, member, "write_tensor")
+        sl = self.slices(full, slice, "write_tensor")
+        n = _format.nbytes(dtype, full)
+        dst = np.frombuffer(o.buf, dtype=DTYPES[dtype][2], count=n // DTYPES[dtype][1],
+                            offset=at).reshape(full)
         part = dst[sl] if sl else dst
-        want = part.size * DTYPES[m.dtype][1]
+        want = part.size * DTYPES[dtype][1]
         if len(data) != want:
             raise SyscallError(Errno.EINVAL, f"write_tensor: {len(data)} bytes for a "
-                               f"{m.dtype} region of shape {list(part.shape)} "
+                               f"{dtype} region of shape {list(part.shape)} "
                                f"({want} bytes)")
         part[...] = np.frombuffer(data, dtype=dst.dtype).reshape(part.shape)
         return len(data)
@@ -729,6 +791,8 @@ class TensorFS:
                     out.append({"path": f"{base}/{name}", "type": "tensor", "error": "EIO"})
         for e in out:
             e["name"] = e["path"].rsplit("/", 1)[1]
+            if "members" in e:  # stat lists them; a listing only counts them
+                e["n_members"] = len(e.pop("members"))
         return out
 
     def mkdir(self, req: Request, path: str, perm: int) -> None:
@@ -810,7 +874,8 @@ class TensorFS:
         finally:
             os.close(fd)
         o = Open("", req.pid, req.uid, path, "w", TensorMeta(
-            meta.dtype, meta.shape, meta.owner, perm, meta.ctime, meta.mtime, 0))
+            meta.dtype, meta.shape, meta.owner, perm, meta.ctime, meta.mtime, 0,
+            members=meta.members))
         o.buf = src.buf if isinstance(src, Cached) else src
         self.commit(o)
 

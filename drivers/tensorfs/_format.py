@@ -37,7 +37,22 @@ class FormatError(ValueError):
 
 
 @dataclass
+class Member:
+    """One named tensor of a group, at offset bytes into the group's data."""
+    name: str
+    dtype: str
+    shape: list[int]
+    offset: int
+
+    @property
+    def nbytes(self) -> int:
+        return nbytes(self.dtype, self.shape)
+
+
+@dataclass
 class TensorMeta:
+    """A tensor's metadata. A group (several named tensors in one file) has
+    members, and dtype uint8 with shape [total bytes]: its data as raw bytes."""
     dtype: str
     shape: list[int]
     owner: int
@@ -46,10 +61,29 @@ class TensorMeta:
     mtime: float
     crc32: int
     data_offset: int = 0  # where the data starts in the file
+    members: list[Member] | None = None
 
     @property
     def nbytes(self) -> int:
         return nbytes(self.dtype, self.shape)
+
+
+def layout(specs: list[tuple[str, str, list[int]]]) -> list[Member]:
+    """Members laid out back to back, widest dtype first (as the safetensors library
+    orders them), so each starts aligned to its element size when the data starts on
+    8 bytes; the format allows no gaps."""
+    order = sorted(specs, key=lambda m: -DTYPES[m[1]][1])
+    out, offset = [], 0
+    for name, dtype, shape in order:
+        out.append(Member(name, dtype, list(shape), offset))
+        offset += nbytes(dtype, shape)
+    return out
+
+
+def group_meta(members: list[Member], owner: int, mode: int, ctime: float,
+               mtime: float) -> TensorMeta:
+    total = sum(m.nbytes for m in members)
+    return TensorMeta("uint8", [total], owner, mode, ctime, mtime, 0, members=members)
 
 
 def nbytes(dtype: str, shape: list[int]) -> int:
@@ -64,9 +98,15 @@ def header(meta: TensorMeta, align: int = 8) -> bytes:
                             "llmos.ctime": repr(meta.ctime), "llmos.mtime": repr(meta.mtime),
                             # fixed width, so the header can be written before the
                             # checksum is known and rewritten in place after
-                            "llmos.crc32": f"{meta.crc32:010d}", "format": "np"},
-           KEY: {"dtype": DTYPES[meta.dtype][0], "shape": list(meta.shape),
-                 "data_offsets": [0, meta.nbytes]}}
+                            "llmos.crc32": f"{meta.crc32:010d}", "format": "np"}}
+    if meta.members is None:
+        doc[KEY] = {"dtype": DTYPES[meta.dtype][0], "shape": list(meta.shape),
+                    "data_offsets": [0, meta.nbytes]}
+    else:
+        doc["__metadata__"]["llmos.group"] = "1"
+        for m in meta.members:
+            doc[m.name] = {"dtype": DTYPES[m.dtype][0], "shape": list(m.shape),
+                           "data_offsets": [m.offset, m.offset + m.nbytes]}
     body = json.dumps(doc, separators=(",", ":")).encode()
     body += b" " * (-(8 + len(body)) % align)
     return struct.pack("<Q", len(body)) + body
@@ -82,16 +122,42 @@ def read_meta(fd: int) -> TensorMeta:
         if n > MAX_HEADER:
             raise FormatError(f"header of {n} bytes")
         doc = json.loads(os.pread(fd, n, 8))
-        md, t = doc["__metadata__"], doc[KEY]
+        md = doc.pop("__metadata__")
+        owner, mode = int(md["llmos.owner"]), int(md["llmos.mode"], 8)
+        times, crc = (float(md["llmos.ctime"]), float(md["llmos.mtime"])), int(md["llmos.crc32"])
+        if md.get("llmos.group") == "1":
+            members = read_members(doc)
+            meta = group_meta(members, owner, mode, *times)
+            meta.crc32, meta.data_offset = crc, 8 + n
+            return meta
+        t = doc[KEY]
         meta = TensorMeta(BY_ST_NAME[t["dtype"]], [int(x) for x in t["shape"]],
-                          int(md["llmos.owner"]), int(md["llmos.mode"], 8),
-                          float(md["llmos.ctime"]), float(md["llmos.mtime"]),
-                          int(md["llmos.crc32"]), 8 + n)
-    except (KeyError, TypeError, ValueError, UnicodeDecodeError) as e:
+                          owner, mode, *times, crc, 8 + n)
+        if list(t["data_offsets"]) != [0, meta.nbytes]:
+            raise FormatError("data offsets do not match dtype and shape")
+    except (KeyError, TypeError, ValueError, UnicodeDecodeError, AttributeError) as e:
         raise FormatError(f"not an llmos tensor file: {e}") from None
-    if list(t["data_offsets"]) != [0, meta.nbytes]:
-        raise FormatError("data offsets do not match dtype and shape")
     return meta
+
+
+def read_members(doc: dict) -> list[Member]:
+    """A group's members from its header, in data order; they must cover the data
+    back to back, each its dtype and shape's size."""
+    members = []
+    for name, t in doc.items():
+        shape = [int(x) for x in t["shape"]]
+        start, stop = (int(x) for x in t["data_offsets"])
+        m = Member(name, BY_ST_NAME[t["dtype"]], shape, start)
+        if stop - start != m.nbytes:
+            raise FormatError(f"member {name!r}: data offsets do not match dtype and shape")
+        members.append(m)
+    members.sort(key=lambda m: m.offset)
+    end = 0
+    for m in members:
+        if m.offset != end:
+            raise FormatError(f"member {m.name!r}: a gap or an overlap in the data")
+        end += m.nbytes
+    return members
 
 
 def view(buf, dtype: str, shape: list[int]) -> np.ndarray:

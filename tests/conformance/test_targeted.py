@@ -369,6 +369,33 @@ def test_a_tensor_and_a_directory_never_share_a_name(tdir) -> None:
     osh.unlink(f"{d}/n")
 
 
+def test_groups_members_and_their_errors(tdir) -> None:
+    """A group: members by name for read_tensor and write_tensor (ENOENT for a name
+    it lacks, EINVAL for a member of a plain tensor), members only with w or x."""
+    osh, d = tdir
+    ms = [["w", "float32", [2, 2]], ["b", "uint8", [3]]]
+    fd = osh.open_tensor(f"{d}/g", "w", None, None, 0o644, False, False, ms)["fd"]
+    expect(Errno.ENOENT, osh.write_tensor, fd, b"123", None, "nope")
+    osh.write_tensor(fd, b"abc", None, "b")
+    osh.close_tensor(fd)
+    expect(Errno.EINVAL, osh.open_tensor, f"{d}/g", "r", None, None, 0o644, False, False, ms)
+    expect(Errno.EINVAL, osh.open_tensor, f"{d}/h", "w", "uint8", [1], 0o644, False, False,
+           ms)
+    expect(Errno.EINVAL, osh.open_tensor, f"{d}/h", "w", None, None, 0o644, False, False,
+           [["b", "uint8", [1]], ["b", "uint8", [1]]])
+    fd = osh.open_tensor(f"{d}/g", "r")["fd"]
+    assert osh.read_tensor(fd, None, False, "b")["data"] == b"abc"
+    expect(Errno.ENOENT, osh.read_tensor, fd, None, False, "nope")
+    osh.close_tensor(fd)
+    osh.save_tensor(f"{d}/plain", np.zeros(2, np.uint8))
+    fd = osh.open_tensor(f"{d}/plain", "rw")["fd"]
+    expect(Errno.EINVAL, osh.read_tensor, fd, None, False, "b")
+    expect(Errno.EINVAL, osh.write_tensor, fd, b"a", None, "b")
+    osh.close_tensor(fd, True)
+    for p in ("g", "plain"):
+        osh.unlink(f"{d}/{p}")
+
+
 def test_a_path_too_long_for_the_disk_is_enametoolong(system: Booted, tdir) -> None:
     """Every path the schema allows (4096 characters) but whose file on disk would be
     over PATH_MAX: ENAMETOOLONG from each call that takes a path, never EIO."""
