@@ -206,6 +206,13 @@ def test_a_process_reuses_its_staging_segment(kernel):
         b = osh.open_tensor("/reuse-c", "w", "uint8", [n], 0o644, True, True)
         osh.close_tensor(b["fd"], True)
         assert a["shm"] == b["shm"]
+        # two sizes in turn (a checkpoint's weights and moments): both are kept
+        c = osh.open_tensor("/reuse-d", "w", "uint8", [2 * n], 0o644, True, True)
+        osh.close_tensor(c["fd"], True)
+        d = osh.open_tensor("/reuse-c", "w", "uint8", [n], 0o644, True, True)
+        osh.close_tensor(d["fd"], True)
+        assert d["shm"] == a["shm"] != c["shm"]
+        assert len(shm_segments(kernel, "x")) == 2
         for v in (3, 5):
             osh.save_tensor("/reuse-c", np.full(n, v, np.uint8))
             assert (osh.load_tensor("/reuse-c").numpy() == v).all()

@@ -116,6 +116,16 @@ def _copy(dst: np.ndarray, src: np.ndarray, progress: Progress | None) -> None:
         start = stop
 
 
+STAGING_MAPS = 2  # staging segments kept mapped: the driver keeps 2 per process
+
+
+def _unmap(mm: mmap.mmap) -> None:
+    try:
+        mm.close()
+    except BufferError:  # still exported to a view: the GC unmaps it
+        pass
+
+
 def _itemsize(dtype: str) -> int:
     return 2 if dtype == "bfloat16" else np.dtype(_NP[dtype]).itemsize
 
@@ -230,21 +240,21 @@ class TensorMethods:
         the same size; keeping the last one mapped saves faulting in its pages again
         (a write fault per page: about 60 ms for 256 MiB, more than the copy)."""
         held = getattr(self, "_staging", None)
-        if held is not None and held[0] == path and held[2] == size:
-            return held[1]
-        self._drop_staging()
+        if held is None:
+            held = self._staging = {}
+        if path in held and held[path][1] == size:
+            held[path] = held.pop(path)  # most recently used last
+            return held[path][0]
+        while len(held) >= STAGING_MAPS:  # as many as the driver keeps (MAX_SPARES)
+            _unmap(held.pop(next(iter(held)))[0])
         mm = map_segment(path, size, writable=True)
-        self._staging = (path, mm, size)
+        held[path] = (mm, size)
         return mm
 
     def _drop_staging(self) -> None:
-        held = getattr(self, "_staging", None)
-        self._staging = None
-        if held is not None:
-            try:
-                held[1].close()
-            except BufferError:  # still exported to a view: the GC unmaps it
-                pass
+        for mm, _ in (getattr(self, "_staging", None) or {}).values():
+            _unmap(mm)
+        self._staging = {}
 
     def load_tensor(self, path: str, slice: list[list[int]] | None = None,
                     progress: Progress | None = None, member: str | None = None) -> Any:

@@ -58,6 +58,7 @@ PARALLEL_CRC_BYTES = 1 << 20  # from this size the checksum runs beside the writ
 DIRECT_ALIGN = 4096      # direct I/O: buffer, file offset and length in whole pages
 ROOT_MODE = 0o1777      # like /tmp: anyone may create; only owners remove (sticky)
 WRITE_MODES = ("w", "x", "rw")
+MAX_SPARES = 2          # staging segments kept per process: a checkpoint's two groups
 
 
 def fsync_dir(path: Path) -> None:
@@ -205,7 +206,7 @@ class TensorFS:
         self.fds: dict[str, Open] = {}
         # each process's last staging segment, kept for its next write of the same
         # size: a fresh segment's first touch of new pages costs more than the copy
-        self.spares: dict[int, tuple[Path, Any, int]] = {}
+        self.spares: dict[int, list[tuple[Path, Any, int]]] = {}  # newest last
         self.cache: OrderedDict[tuple[int, int, int], Cached] = OrderedDict()
         self.cache_bytes = 0
         self.stats = Stats()
@@ -627,13 +628,13 @@ class TensorFS:
         It comes zero-filled unless whole (the caller will write every byte): a
         spare holds only pid's own previous write, and zeroing it is a pass over
         the tensor (12 ms for 256 MiB)."""
-        spare = self.spares.pop(pid, None)
-        if spare is not None and spare[2] == size:
-            if not whole:
-                np.frombuffer(spare[1], dtype=np.uint8, count=size)[:] = 0
-            return spare[0], spare[1]
-        if spare is not None:
-            self.free_segment(spare[0], spare[1])
+        mine = self.spares.get(pid, [])
+        for i, spare in enumerate(mine):
+            if spare[2] == size:
+                del mine[i]
+                if not whole:
+                    np.frombuffer(spare[1], dtype=np.uint8, count=size)[:] = 0
+                return spare[0], spare[1]
         seg = _shm.new_name(self.pfx, "x")
         return seg, _shm.create(seg, size)
 
@@ -656,8 +657,12 @@ class TensorFS:
             os.close(o.os_fd)
             o.os_fd = -1
         if o.seg is not None:
-            if keep_spare and o.mode in WRITE_MODES and o.pid not in self.spares:
-                self.spares[o.pid] = (o.seg, o.buf, o.meta.nbytes)
+            if keep_spare and o.mode in WRITE_MODES:
+                mine = self.spares.setdefault(o.pid, [])
+                mine.append((o.seg, o.buf, o.meta.nbytes))
+                while len(mine) > MAX_SPARES:  # the least recently used goes
+                    old = mine.pop(0)
+                    self.free_segment(old[0], old[1])
             else:
                 self.free_segment(o.seg, o.buf)
         o.buf = None
@@ -885,9 +890,8 @@ class TensorFS:
         mine = [o for o in self.fds.values() if o.pid == pid]
         for o in mine:
             self.drop(o, keep_spare=False)  # uncommitted writes are discarded
-        spare = self.spares.pop(pid, None)
-        if spare is not None:
-            self.free_segment(spare[0], spare[1])
+        for seg, buf, _ in self.spares.pop(pid, []):
+            self.free_segment(seg, buf)
         for seg in self.stats.handouts.pop(pid, {}):
             _shm.unlink(seg)
         if mine:
@@ -921,8 +925,9 @@ class TensorFS:
         self.reaper_thread.join(5.0)
         for o in list(self.fds.values()):
             self.drop(o, keep_spare=False)
-        for seg, buf, _ in self.spares.values():
-            self.free_segment(seg, buf)
+        for mine in self.spares.values():
+            for seg, buf, _ in mine:
+                self.free_segment(seg, buf)
         self.spares.clear()
         self.cache.clear()
         _shm.sweep_all(self.pfx)
