@@ -58,6 +58,17 @@ def test_a_job_trains_reports_checkpoints_and_its_model_serves(kernel: Booted) -
         assert info["loss"] < info["loss0"] - 0.5, info  # the text is learnable
         assert {e["name"] for e in osh.listdir("/models/fox")} == {
             "latest", "step-000020", "step-000030"}  # two kept
+        # a checkpoint is two tensorfs groups and its config; the weights open with
+        # the safetensors library as the state_dict (lm_head tied: stored once)
+        step = {e["name"]: e for e in osh.listdir("/models/fox/step-000030")}
+        assert {n: e["type"] for n, e in step.items()} == {
+            "config": "tensor", "model": "group", "optim": "group"}
+        from safetensors.torch import load_file
+        sd = load_file(str(kernel.root / "tensors/models/fox/step-000030/model.safetensors"))
+        assert "wte.weight" in sd and "lm_head.weight" not in sd
+        assert sd["wte.weight"].shape == (256, TINY["n_embd"])
+        assert set(osh.load_tensors("/models/fox/step-000030/optim")) == {
+            "optim.exp_avg", "optim.exp_avg_sq"}
         out = osh.infer("/models/fox", "the quick brown", 20, temperature=0)
         assert out["tokens"] == 20
         assert not workers_of(osh, job)

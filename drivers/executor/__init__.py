@@ -250,7 +250,8 @@ class Executor:
         if uid == 0:
             return
         for e in self.conn(uid).listdir(ckpt):  # the directory's own r bit: tensorfs
-            if e["type"] == "tensor" and e.get("owner") != uid and not e.get("mode", 0) & 0o4:
+            if e["type"] in ("tensor", "group") and e.get("owner") != uid \
+                    and not e.get("mode", 0) & 0o4:
                 raise SyscallError(Errno.EACCES, f"infer: uid {uid} may not read "
                                    f"{e['path']} (owner {e.get('owner')}, mode "
                                    f"{e.get('mode', 0):o})")

@@ -22,8 +22,9 @@ worker 0 done, 1 failed (the traceback is in its llmos log).
 Each worker reads its own shard of the dataset (a uint8 1-D tensor), trains a DDP
 copy of the model (gloo on CPU, NCCL on a real GPU), and rank 0 reports progress to
 the job (`report` syscall, pid = the job) and writes checkpoints in the format of
-docs/executor.md: <out>/step-NNNNNN/{config, <state_dict keys>, optim.exp_avg,
-optim.exp_avg_sq}, then <out>/latest, then older step dirs pruned (keep 2).
+docs/executor.md: <out>/step-NNNNNN/{config, model (a group of the state_dict's
+tensors), optim (a group of AdamW's moments)}, then <out>/latest, then older step
+dirs pruned (keep 2).
 """
 from __future__ import annotations
 
@@ -61,6 +62,7 @@ REAP_TIMEOUT_S = 10.0
 KEEP_CHECKPOINTS = 2
 EXIT_TERMINATED = 128 + signal.SIGTERM
 OPTIM_TENSORS = ("optim.exp_avg", "optim.exp_avg_sq")
+MODEL_GROUP, OPTIM_GROUP = "model", "optim"  # a checkpoint's two groups (tensorfs)
 
 
 # -- the training loop (the same in a worker and in direct mode) ----------------------
@@ -346,13 +348,12 @@ def write_checkpoint(osh: Any, out: str, model: nn.Module,
     osh.mkdir(path)
     config = {"model": model.config.to_dict(), **meta}
     aliases = _aliases(model)
-    for key, value in model.state_dict().items():
-        if key not in aliases:
-            osh.save_tensor(f"{path}/{key}", value)
+    osh.save_tensors(f"{path}/{MODEL_GROUP}", {
+        key: value for key, value in model.state_dict().items() if key not in aliases})
     if optimizer is not None:
         moments, step = optimizer_moments(model, optimizer)
-        for key, value in moments.items():
-            osh.save_tensor(f"{path}/{key}", value)
+        if moments:
+            osh.save_tensors(f"{path}/{OPTIM_GROUP}", moments)
         config["optim_step"] = step
     osh.save_tensor(f"{path}/config", _bytes_tensor(json.dumps(config).encode()))
     osh.save_tensor(f"{out}/latest", _bytes_tensor(name.encode()))
@@ -409,14 +410,21 @@ def read_meta(osh: Any, path: str) -> tuple[str, dict[str, Any]]:
 
 
 def read_checkpoint(osh: Any, path: str, with_optimizer: bool = True) -> Checkpoint:
-    """Read the checkpoint path names (see resolve_checkpoint); ENOENT if none."""
+    """Read the checkpoint path names (see resolve_checkpoint); ENOENT if none. The
+    weights are the `model` group and the moments the `optim` group; a checkpoint of
+    one tensor per entry (the layout before groups) reads the same."""
     where, meta = read_meta(osh, path)
     state, optim = {}, {}
     for entry in osh.listdir(where):
         name = entry["name"]
-        if entry["type"] != "tensor" or name == "config":
+        if entry["type"] == "group" and name == MODEL_GROUP:
+            state.update(osh.load_tensors(entry["path"]))
+        elif entry["type"] == "group" and name == OPTIM_GROUP:
+            if with_optimizer:
+                optim.update(osh.load_tensors(entry["path"]))
+        elif entry["type"] != "tensor" or name == "config":
             continue
-        if name in OPTIM_TENSORS:
+        elif name in OPTIM_TENSORS:
             if with_optimizer:
                 optim[name] = osh.load_tensor(entry["path"])
         else:
