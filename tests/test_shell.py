@@ -149,6 +149,24 @@ def test_tensor_commands(kernel: Booted, tmp_path: Path) -> None:
         assert "t" not in [e["name"] for e in osh.listdir("/")]
 
 
+def test_group_commands(kernel: Booted, tmp_path: Path) -> None:
+    """put -g stores a multi-tensor file as one group; ls, stat and cat show its
+    members; get writes it back with its names, and refuses a .npy."""
+    from safetensors.numpy import load_file, save_file
+    save_file({"w": np.arange(6, dtype=np.float32).reshape(2, 3),
+               "n": np.array([7], np.int64)}, tmp_path / "ck.safetensors")
+    out = ok(shell(kernel, "put -q -g ck.safetensors /ck; ls -l /; stat /ck; cat /ck; "
+                   "get /ck back.safetensors", cwd=tmp_path))
+    assert re.search(r"^-rw-r--r--\s+1000\s+32B\s.*group\s+2 tensors\s+ck$", out, re.M), out
+    assert "type      group" in out and "  w  float32[2, 3]  24B" in out
+    assert "/ck[w]" in out and "/ck[n]" in out and "values  [7]" in out
+    back = load_file(tmp_path / "back.safetensors")
+    assert back["w"].tolist() == [[0, 1, 2], [3, 4, 5]] and back["n"].tolist() == [7]
+    r = shell(kernel, "get /ck x.npy", cwd=tmp_path)
+    assert r.returncode == 1 and r.stderr.startswith("EINVAL: get: /ck is a group")
+    ok(shell(kernel, "rm /ck"))
+
+
 def test_device_commands(kernel: Booted) -> None:
     out = ok(shell(kernel, "alloc 1MiB --count 2; devices; free --all; devices"))
     alloc = out.split()[0]

@@ -354,11 +354,12 @@ def do_stat(sh: Any, a: argparse.Namespace) -> bool:
     return each(sh, a.paths, one)
 
 
-def load_numpy(osh: Any, path: str) -> np.ndarray:
-    """A tensor as a numpy array without torch: bfloat16 becomes float32."""
+def load_numpy(osh: Any, path: str, member: str | None = None) -> np.ndarray:
+    """A tensor (or a group's member) as a numpy array without torch: bfloat16
+    becomes float32."""
     fd = osh.open_tensor(path, "r")["fd"]
     try:
-        r = osh.read_tensor(fd, None, True)
+        r = osh.read_tensor(fd, None, True, member)
     finally:
         osh.close_tensor(fd)
     dtype, shape = r["dtype"], r["shape"]
@@ -426,22 +427,26 @@ def do_cat(sh: Any, a: argparse.Namespace) -> bool:
         st = sh.osh.stat(path)
         if st["type"] == "dir":
             raise SyscallError(Errno.EISDIR, f"cat: {path}: a directory")
-        arr = load_numpy(sh.osh, path)
-        if not first[0]:
-            sh.line("")
-        first[0] = False
-        for line in summary_lines(path, st, arr, a.values):
-            sh.line(line)
+        parts = [(path, st, None)] if st["type"] != "group" else [
+            (f"{path}[{m['name']}]", m, m["name"]) for m in st["members"]]
+        for title, meta, member in parts:  # a group: each member in turn
+            arr = load_numpy(sh.osh, path, member)
+            if not first[0]:
+                sh.line("")
+            first[0] = False
+            for line in summary_lines(title, meta, arr, a.values):
+                sh.line(line)
 
     return each(sh, a.paths, one)
 
 
-@command("put", "put [-q] [--progress] FILE PATH", "import a local file as a tensor: "
+@command("put", "put [-q] [--progress] [-g] FILE PATH", "import a local file as a tensor: "
          ".npy, .pt, .safetensors, else its bytes as uint8", "tensors",
          arg("-q", "--quiet", action="store_true"), arg("--progress", action="store_true"),
-         arg("file"), arg("path"),
+         arg("-g", "--group", action="store_true"), arg("file"), arg("path"),
          details="A .pt or .safetensors file with several tensors becomes a directory "
-                 "PATH with one tensor per key. Prints the size, speed and checksum "
+                 "PATH with one tensor per key, or with -g one group at PATH (one "
+                 "safetensors file, names kept). Prints the size, speed and checksum "
                  "(stderr) unless -q, and a progress bar from 64 MiB when stderr is a "
                  "terminal (--progress: always; -q: never).", complete=("local", "tensor"))
 def do_put(sh: Any, a: argparse.Namespace) -> None:
@@ -455,7 +460,7 @@ def do_put(sh: Any, a: argparse.Namespace) -> None:
         except Exception as e:  # not the format its suffix says
             raise SyscallError(Errno.EINVAL, f"put: cannot read {file}: {e}") from None
         try:
-            put_data(sh.osh, path, data, a.quiet, bar)
+            put_data(sh.osh, path, data, a.quiet, bar, a.group)
         except TypeError as e:  # a dtype tensorfs does not store (float64...)
             raise SyscallError(Errno.EINVAL, f"put: {e}") from None
 
@@ -464,7 +469,8 @@ def do_put(sh: Any, a: argparse.Namespace) -> None:
          ".pt, .safetensors, else its raw bytes)", "tensors",
          arg("-q", "--quiet", action="store_true"), arg("--progress", action="store_true"),
          arg("path"), arg("file"),
-         details="Prints what it wrote unless -q, and a progress bar (stderr) from 64 MiB "
+         details="A group goes to a .safetensors or .pt file, its names kept. Prints "
+                 "what it wrote unless -q, and a progress bar (stderr) from 64 MiB "
                  "when stderr is a terminal (--progress: always; -q: never).",
          complete=("tensor", "local"))
 def do_get(sh: Any, a: argparse.Namespace) -> None:
@@ -473,6 +479,18 @@ def do_get(sh: Any, a: argparse.Namespace) -> None:
     if st["type"] == "dir":
         raise SyscallError(Errno.EISDIR, f"get: {path}: a directory")
     file = Path(os.path.expanduser(a.file))
+    if st["type"] == "group":
+        if file.suffix.lower() not in (".pt", ".safetensors"):
+            raise SyscallError(Errno.EINVAL, f"get: {path} is a group of "
+                               f"{len(st['members'])} tensors: export it to a "
+                               ".safetensors or .pt file")
+        with TransferBar(path, show_bar(a.quiet, a.progress, st["size"])) as bar:
+            _torch()
+            bar.reading()
+            _write_file(file, sh.osh.load_tensors(path), bar.part())
+        if not a.quiet:
+            sh.line(f"{file}: a group of {len(st['members'])}, {views.size(st['size'])}")
+        return
     with TransferBar(path, show_bar(a.quiet, a.progress, st["size"])) as bar:
         if st["dtype"] == "bfloat16" or file.suffix.lower() in (".pt", ".safetensors"):
             _torch()  # load_tensor's import: before the bar's clock starts

@@ -122,10 +122,12 @@ def entry_name(e: dict[str, Any]) -> Text:
 def ls_table(entries: list[dict[str, Any]]) -> Table:
     rows = []
     for e in entries:
-        tensor = e["type"] == "tensor"
-        rows.append([mode_string(e), e["owner"], size(e["size"]) if tensor else "-",
-                     when(e["mtime"]), e.get("dtype", "") if tensor else "",
-                     str(e["shape"]) if tensor else "", entry_name(e)])
+        tensor, group = e["type"] == "tensor", e["type"] == "group"
+        rows.append([mode_string(e), e["owner"], size(e["size"]) if "size" in e else "-",
+                     when(e["mtime"]), e.get("dtype", "") if tensor else
+                     "group" if group else "",
+                     str(e["shape"]) if tensor else
+                     f"{e['n_members']} tensors" if group else "", entry_name(e)])
     return table(["MODE", "OWNER", "SIZE", "MODIFIED", "DTYPE", "SHAPE", "NAME"], rows,
                  right="OWNER,SIZE", fold="SHAPE,NAME")
 
@@ -140,7 +142,11 @@ def stat_lines(st: dict[str, Any]) -> list[str]:
             v = when(v, seconds=True)
         elif k == "size":
             v = f"{v} ({size(v)})"
+        elif k == "members":  # a group: one line each, below
+            continue
         lines.append(f"{k:9} {v}")
+    for m in st.get("members", []):
+        lines.append(f"  {m['name']}  {m['dtype']}{m['shape']}  {size(m['size'])}")
     return lines
 
 
