@@ -46,13 +46,21 @@ def _size(n: int) -> str:
     return f"{n}B"
 
 
+def _tensors_count(e: dict[str, Any]) -> str:
+    """A group's member count (listdir gives n_members, stat the members)."""
+    n = e["n_members"] if "n_members" in e else len(e.get("members", []))
+    return f"{n} tensor{'' if n == 1 else 's'}"
+
+
 def _line(e: dict[str, Any], long: bool) -> str:
     name = e.get("name", e["path"]) + ("/" if e["type"] == "dir" else "")
     if not long:
         return name
+    if "error" in e:  # a file listdir could not read (damaged, or not tensorfs's)
+        return f"?????  {'?':>6} {'?':>9} {'?':16}  {name}  ({e['error']}: unreadable)"
     kind = {"dir": "d", "group": "g"}.get(e["type"], "-")
     what = (f"{e['dtype']}{e['shape']}" if e["type"] == "tensor"
-            else f"{e['n_members']} tensors" if e["type"] == "group" else "")
+            else _tensors_count(e) if e["type"] == "group" else "")
     size = _size(e["size"]) if "size" in e else "-"
     when = time.strftime("%Y-%m-%d %H:%M", time.localtime(e["mtime"]))
     return f"{kind}{e['mode']:04o} {e['owner']:>6} {size:>9} {when}  {name}  {what}"
@@ -206,6 +214,35 @@ def put_data(osh: Any, path: str, data: Any, quiet: bool, bar: TransferBar,
         offset += _nbytes(t)
 
 
+def _errno_of(e: OSError) -> Errno:
+    """The llmos errno of a local OS error (EIO for one llmos has no name for)."""
+    try:
+        return Errno(e.errno)
+    except ValueError:
+        return Errno.EIO
+
+
+def check_storable(data: Any, split: bool) -> None:
+    """EINVAL, before anything is written, when what a file held is not tensors of
+    a dtype tensorfs stores (float64, nested dicts...), naming the key; and, when
+    its tensors are to be one per key under a directory (split), when a key cannot
+    be a tensorfs name."""
+    for key, t in (data.items() if isinstance(data, dict) else [(None, data)]):
+        if isinstance(data, dict) and not isinstance(key, str):
+            raise SyscallError(Errno.EINVAL, f"put: key {key!r} is not a string")
+        if split and isinstance(data, dict) and len(data) > 1 and (
+                not key or key.startswith(".")
+                or any(c in key for c in "/\\\x00") or len(key.encode()) > 200):
+            raise SyscallError(Errno.EINVAL, f"put: key {key!r} cannot be a tensorfs "
+                               "name (empty, a leading '.', '/', '\\', NUL, over 200 "
+                               "bytes); put -g keeps such names in a group")
+        try:
+            as_raw(t)
+        except (TypeError, ValueError) as e:
+            where = f" {key!r}:" if key is not None else ""
+            raise SyscallError(Errno.EINVAL, f"put:{where} {e}") from None
+
+
 def file_size(file: Path) -> int:
     """file's size, 0 when it cannot be read (reading it says why)."""
     try:
@@ -328,8 +365,14 @@ def _write_chunks(f: Any, data: np.ndarray, progress: _tensors.Progress | None) 
 
 
 def remove(osh: Any, path: str, recursive: bool) -> None:
-    """unlink path; with recursive, a directory's contents first."""
-    st = osh.stat(path)
+    """unlink path; with recursive, a directory's contents first. A file tensorfs
+    cannot read (stat is EIO) is still removed: unlink does not need its header."""
+    try:
+        st = osh.stat(path)
+    except SyscallError as e:
+        if e.errno != Errno.EIO:
+            raise
+        st = {"type": "tensor"}
     if st["type"] == "dir" and recursive:
         for e in osh.listdir(path):
             remove(osh, e["path"], True)
@@ -359,7 +402,25 @@ def add_commands(command: Callable[..., argparse.ArgumentParser],
                 v = f"{v:04o}"
             elif k in ("ctime", "mtime"):
                 v = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(v))
+            elif k == "members":  # a group: one line each, below
+                v = _tensors_count(st)
             print(f"{k:9} {v}")
+        for m in st.get("members", []):
+            print(f"  {m['name']}  {m['dtype']}{m['shape']}  {_size(m['size'])}")
+        return 0
+
+    def cmd_mkdir(home: Home, args: argparse.Namespace) -> int:
+        with connect(home) as osh:
+            for path in args.paths:
+                parts = [x for x in path.split("/") if x]
+                targets = ["/" + "/".join(parts[:i + 1]) for i in range(len(parts))] \
+                    if args.parents else [path]
+                for target in targets:
+                    try:
+                        osh.mkdir(target, args.mode)
+                    except SyscallError as e:
+                        if not (args.parents and e.errno == Errno.EEXIST):
+                            raise
         return 0
 
     def cmd_rm(home: Home, args: argparse.Namespace) -> int:
@@ -380,15 +441,22 @@ def add_commands(command: Callable[..., argparse.ArgumentParser],
             try:
                 data = _read_file(file, bar)
             except OSError as e:
-                raise SyscallError(Errno.ENOENT, f"{args.file}: {e.strerror}") from None
+                raise SyscallError(_errno_of(e), f"{args.file}: {e.strerror}") from None
+            except Exception as e:  # not the format its suffix says
+                raise SyscallError(Errno.EINVAL, f"put: cannot read {file}: {e}") from None
+            check_storable(data, not args.group)  # before anything is written
             with connect(home) as osh:
                 put_data(osh, args.path, data, args.quiet, bar, args.group)
         return 0
 
     def cmd_get(home: Home, args: argparse.Namespace) -> int:
+        file = Path(args.file)
+        if not file.parent.is_dir():
+            raise SyscallError(Errno.ENOENT, f"get: {file.parent}: no such directory")
+        if file.is_dir():
+            raise SyscallError(Errno.EISDIR, f"get: {file}: a directory")
         with connect(home) as osh:
             st = osh.stat(args.path)
-            file = Path(args.file)
             if st["type"] == "group" and file.suffix.lower() not in (".pt", ".safetensors"):
                 raise SyscallError(Errno.EINVAL, f"{args.path} is a group of "
                                    f"{len(st['members'])} tensors: export it to a "
@@ -410,6 +478,12 @@ def add_commands(command: Callable[..., argparse.ArgumentParser],
     p.add_argument("path", nargs="?", default="/")
     p = command("stat", cmd_stat, "metadata of a tensor or directory")
     p.add_argument("path")
+    p = command("mkdir", cmd_mkdir, "make tensorfs directories")
+    p.add_argument("-p", "--parents", action="store_true",
+                   help="make missing parents too; an existing directory is no error")
+    p.add_argument("-m", "--mode", type=lambda t: int(t, 8), default=0o755,
+                   help="mode bits, octal (default 755)")
+    p.add_argument("paths", nargs="+", metavar="PATH")
     p = command("rm", cmd_rm, "remove tensors or empty directories")
     p.add_argument("-r", "--recursive", action="store_true", help="directories and contents")
     p.add_argument("paths", nargs="+", metavar="PATH")
@@ -417,7 +491,7 @@ def add_commands(command: Callable[..., argparse.ArgumentParser],
     p.add_argument("src")
     p.add_argument("dst")
     p = command("put", cmd_put, "import a .npy, .pt or .safetensors file (else raw bytes "
-                "as uint8) as a tensor")
+                "as uint8) as a tensor, or with -g several as one group")
     p.add_argument("-q", "--quiet", action="store_true",
                    help="no output: no summary, no progress bar")
     p.add_argument("--progress", action="store_true",
@@ -428,7 +502,8 @@ def add_commands(command: Callable[..., argparse.ArgumentParser],
                    "file, names kept) instead of one tensor per name under PATH/")
     p.add_argument("file", metavar="FILE")
     p.add_argument("path", metavar="PATH")
-    p = command("get", cmd_get, "export a tensor to FILE (.npy, .pt, .safetensors, else raw)")
+    p = command("get", cmd_get, "export a tensor to FILE (.npy, .pt, .safetensors, else raw; "
+                "a group to .safetensors or .pt)")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     p.add_argument("--progress", action="store_true",
                    help="a progress bar whatever the size, also when stderr is not a "

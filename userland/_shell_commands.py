@@ -27,8 +27,8 @@ from syscalls._schema import parse_size
 from userland import _shell_views as views
 from userland._cli_models import _mkdirs, _scalar, progress, read_corpus
 from userland._cli_models import follow as follow_job
-from userland._cli_tensors import (TransferBar, _read_file, _write_file, file_size, put_data,
-                                   remove, show_bar)
+from userland._cli_tensors import (TransferBar, _read_file, _write_file, check_storable,
+                                   file_size, put_data, remove, show_bar)
 from userland._tensors import _NP, _torch, map_segment
 from userland.cli import LogTail, _wait_forwarding
 
@@ -459,6 +459,7 @@ def do_put(sh: Any, a: argparse.Namespace) -> None:
             raise  # the shell prints it as ENOENT: ... and the like
         except Exception as e:  # not the format its suffix says
             raise SyscallError(Errno.EINVAL, f"put: cannot read {file}: {e}") from None
+        check_storable(data, not a.group)  # before anything is written
         try:
             put_data(sh.osh, path, data, a.quiet, bar, a.group)
         except TypeError as e:  # a dtype tensorfs does not store (float64...)

@@ -122,12 +122,16 @@ def entry_name(e: dict[str, Any]) -> Text:
 def ls_table(entries: list[dict[str, Any]]) -> Table:
     rows = []
     for e in entries:
+        if "error" in e:  # a file listdir could not read (damaged, or not tensorfs's)
+            rows.append(["?", "?", "?", "?", e["error"], "unreadable", entry_name(e)])
+            continue
         tensor, group = e["type"] == "tensor", e["type"] == "group"
         rows.append([mode_string(e), e["owner"], size(e["size"]) if "size" in e else "-",
                      when(e["mtime"]), e.get("dtype", "") if tensor else
                      "group" if group else "",
                      str(e["shape"]) if tensor else
-                     f"{e['n_members']} tensors" if group else "", entry_name(e)])
+                     f"{e['n_members']} tensor{'' if e['n_members'] == 1 else 's'}"
+                     if group else "", entry_name(e)])
     return table(["MODE", "OWNER", "SIZE", "MODIFIED", "DTYPE", "SHAPE", "NAME"], rows,
                  right="OWNER,SIZE", fold="SHAPE,NAME")
 

@@ -45,8 +45,8 @@ def as_raw(tensor: Any) -> tuple[str, list[int], np.ndarray]:
     else:
         arr = np.asarray(tensor)
         if arr.dtype.name == "bfloat16":  # ml_dtypes
-            return "bfloat16", list(arr.shape), np.ascontiguousarray(arr).view("<u2")
-    arr = np.ascontiguousarray(arr)
+            return "bfloat16", list(arr.shape), np.asarray(arr, order="C").view("<u2")
+    arr = np.asarray(arr, order="C")  # not ascontiguousarray: it makes a 0-d array 1-d
     name = _FROM_NP.get(arr.dtype.newbyteorder("<").str if arr.dtype.byteorder != "|"
                         else arr.dtype.str)
     if name is None:

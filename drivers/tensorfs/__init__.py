@@ -502,14 +502,17 @@ class TensorFS:
         seen: set[str] = set()
         out = []
         for name, mdtype, mshape in members:
-            if not name or len(name.encode()) > MAX_NAME or "\x00" in name \
-                    or name == "__metadata__" or name in seen:
-                raise SyscallError(Errno.EINVAL, f"open_tensor: member name {name[:80]!r}: "
-                                   f"empty, over {MAX_NAME} bytes, NUL, __metadata__ or "
-                                   "repeated")
-            if mdtype not in DTYPES or len(mshape) > MAX_DIMS_GROUP:
-                raise SyscallError(Errno.EINVAL, f"open_tensor: member {name!r}: dtype "
-                                   f"{mdtype!r} or a shape of {len(mshape)} dimensions")
+            why = ("is empty" if not name else
+                   f"is over {MAX_NAME} bytes" if len(name.encode()) > MAX_NAME else
+                   "has a NUL" if "\x00" in name else
+                   "is reserved by the format" if name == "__metadata__" else
+                   "is given twice" if name in seen else
+                   f"has dtype {mdtype!r}, not one of {', '.join(DTYPES)}"
+                   if mdtype not in DTYPES else
+                   f"has {len(mshape)} dimensions, over {MAX_DIMS_GROUP}"
+                   if len(mshape) > MAX_DIMS_GROUP else None)
+            if why:
+                raise SyscallError(Errno.EINVAL, f"open_tensor: member {name[:80]!r} {why}")
             seen.add(name)
             out.append((name, mdtype, mshape))
         return out

@@ -98,7 +98,10 @@ def header(meta: TensorMeta, align: int = 8) -> bytes:
                             "llmos.ctime": repr(meta.ctime), "llmos.mtime": repr(meta.mtime),
                             # fixed width, so the header can be written before the
                             # checksum is known and rewritten in place after
-                            "llmos.crc32": f"{meta.crc32:010d}", "format": "np"}}
+                            "llmos.crc32": f"{meta.crc32:010d}",
+                            # what torch-based loaders (transformers) look for; the
+                            # data is plain little-endian either way
+                            "format": "pt"}}
     if meta.members is None:
         doc[KEY] = {"dtype": DTYPES[meta.dtype][0], "shape": list(meta.shape),
                     "data_offsets": [0, meta.nbytes]}
