@@ -360,6 +360,8 @@ TABLE += (
             ("ENOTDIR", "committing: the parent is a tensor now"),
             ("EISDIR", "committing: a directory was made at the path since the open; the "
                        "write is discarded"),
+            ("EINVAL", "committing: a bool tensor or member holds a byte other than 0 "
+                       "or 1; the write is discarded"),
         ),
         doc="Close a descriptor. For a write it commits: temporary file, fsync, rename, "
             "fsync of the directory; when it returns, the tensor survives any crash."),

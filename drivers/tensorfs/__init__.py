@@ -670,6 +670,20 @@ class TensorFS:
                 self.free_segment(o.seg, o.buf)
         o.buf = None
 
+    @staticmethod
+    def check_bools(m: TensorMeta, data: memoryview, path: str) -> None:
+        """EINVAL when a bool tensor (or member) holds a byte other than 0 and 1: the
+        format stores one byte per bool, and torch's reading of any other value is
+        undefined. A shared-memory write is only seen here, at the commit."""
+        regions = [("", 0, m.nbytes)] if m.dtype == "bool" and m.members is None else [
+            (f" member {g.name!r}", g.offset, g.nbytes)
+            for g in m.members or [] if g.dtype == "bool"]
+        for what, at, n in regions:
+            if n and int(np.frombuffer(data, np.uint8, count=n, offset=at).max()) > 1:
+                raise SyscallError(Errno.EINVAL, f"close_tensor: {path}{what}: a bool "
+                                   "holds a byte other than 0 or 1; the write is "
+                                   "discarded")
+
     def commit(self, o: Open) -> dict[str, Any]:
         """Make o's staged data the tensor at o.path: temp file, fsync, rename, fsync dir."""
         parts = self.split(o.path)
@@ -680,6 +694,7 @@ class TensorFS:
                                "the write is discarded")
         m = o.meta
         data = memoryview(o.buf).cast("B")[:m.nbytes]
+        self.check_bools(m, data, o.path)
         m.mtime = time.time()
         old = None
         if target.is_file():

@@ -394,6 +394,15 @@ def test_groups_members_and_their_errors(tdir) -> None:
     osh.close_tensor(fd, True)
     for p in ("g", "plain"):
         osh.unlink(f"{d}/{p}")
+    # a bool is one byte, 0 or 1: anything else is refused at the commit
+    fd = osh.open_tensor(f"{d}/b", "w", "bool", [3])["fd"]
+    osh.write_tensor(fd, b"\x01\x05\x00")
+    expect(Errno.EINVAL, osh.close_tensor, fd)
+    fd = osh.open_tensor(f"{d}/b", "w", None, None, 0o644, False, False,
+                         [["f", "float32", [1]], ["m", "bool", [2]]])["fd"]
+    osh.write_tensor(fd, b"\x00\xff", None, "m")
+    expect(Errno.EINVAL, osh.close_tensor, fd)
+    expect(Errno.ENOENT, osh.stat, f"{d}/b")  # nothing was committed
 
 
 def test_a_path_too_long_for_the_disk_is_enametoolong(system: Booted, tdir) -> None:
