@@ -76,6 +76,16 @@ def test_infer_is_deterministic_and_streams_what_it_returns(kernel: Booted) -> N
         final = parts[-1]
         assert final["text"] == a["text"] and final["tokens"] == 30
         assert len(parts) > 2 and "".join(p["text"] for p in parts[:-1]) == a["text"]
+        # other calls on the same handle while reading a stream lose none of it
+        parts, pids = [], []
+        for p in osh.infer("/models/tiny", "import os", 30, temperature=1.0, seed=7,
+                           stream=True):
+            parts.append(p)
+            pids.append(osh.getpid())
+            osh.stat("/models/tiny")
+        assert set(pids) == {osh.getpid()}
+        assert parts[-1]["text"] == a["text"]
+        assert "".join(p["text"] for p in parts[:-1]) == a["text"]
 
 
 def test_a_tiny_temperature_is_greedy_not_a_failure_for_everyone(kernel: Booted) -> None:

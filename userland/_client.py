@@ -13,6 +13,7 @@ kernel gives EIO, never a hang.
 """
 from __future__ import annotations
 
+import collections
 import itertools
 import os
 import socket
@@ -57,6 +58,7 @@ class Llmos(TensorMethods, SyscallMethods):
         # one call at a time on the socket (a DEALER is not thread-safe, and replies
         # are matched by sequence number): threads sharing a handle take turns
         self._lock = threading.RLock()
+        self._streams: dict[int, collections.deque] = {}  # seq -> replies held for it
         self._sock = self._socket()
         self._closed = False
         self._kernel_gone = False
@@ -145,6 +147,9 @@ class Llmos(TensorMethods, SyscallMethods):
         return seq
 
     def _recv(self, seq: int) -> dict:
+        held = self._streams.get(seq)
+        if held:  # came while a call made inside this stream's loop waited
+            return held.popleft()
         deadline = None if self.timeout is None else time.monotonic() + self.timeout
         while True:
             try:
@@ -160,6 +165,8 @@ class Llmos(TensorMethods, SyscallMethods):
             head = decode(frames)
             if head.get("s") == seq:
                 return head
+            if head.get("s") in self._streams:  # a stream being read: keep it for it
+                self._streams[head["s"]].append(head)
             # else: the answer to a call abandoned earlier (e.g. by Ctrl-C); skip it
 
     def _call(self, number: int, args: dict) -> Any:
@@ -190,18 +197,24 @@ class Llmos(TensorMethods, SyscallMethods):
         the stream ends or the iterator is closed."""
         with self._lock:
             seq = self._send(number, args)
-            while True:
-                head = self._await(seq)
-                if "e" in head:
-                    raise SyscallError(head["e"], head.get("m", ""))
-                if not head.get("p"):
-                    yield head.get("r")
-                    return
-                try:
-                    yield head.get("r")
-                except GeneratorExit:  # the caller stopped reading: stop the call too
-                    self._cancel(seq)
-                    raise
+            # replies to it that arrive while the caller makes other calls in its
+            # loop (same thread: the lock is reentrant) wait here, not dropped
+            self._streams[seq] = collections.deque()
+            try:
+                while True:
+                    head = self._await(seq)
+                    if "e" in head:
+                        raise SyscallError(head["e"], head.get("m", ""))
+                    if not head.get("p"):
+                        yield head.get("r")
+                        return
+                    try:
+                        yield head.get("r")
+                    except GeneratorExit:  # the caller stopped reading: stop the call
+                        self._cancel(seq)
+                        raise
+            finally:
+                self._streams.pop(seq, None)
 
     def call(self, name: str, **args: Any) -> Any:
         """Make syscall `name` with keyword arguments; the methods wrap this."""
