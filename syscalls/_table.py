@@ -514,7 +514,8 @@ TABLE += (
             "(continuous batching, round robin across processes)."),
     Syscall(402, "models", "executor", idempotent=True,
             returns="{models: [...], engine: {...}, budget}",
-            doc="The models the executor holds loaded, and its batching statistics."),
+            doc="The models the executor holds loaded that the caller may read (uid 0: "
+                "all), and its batching statistics."),
 )
 
 BY_NAME: dict[str, Syscall] = {s.name: s for s in TABLE}

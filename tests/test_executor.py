@@ -131,6 +131,12 @@ def test_another_uids_private_model_is_eacces(kernel: Booted) -> None:
         assert other.infer("/private", "hi", 3)["tokens"] == 3
     with kernel.connect() as osh:
         assert errno_of(osh.infer, "/private", "hi") == Errno.EACCES
+        # models() does not show it either, not even its path; its owner and root see it
+        assert not any(m["path"].startswith("/private/") for m in osh.models()["models"])
+    with kernel.connect(uid=1001) as other:
+        assert any(m["path"].startswith("/private/") for m in other.models()["models"])
+    with kernel.connect(uid=0) as root:
+        assert any(m["path"].startswith("/private/") for m in root.models()["models"])
     # loaded for its owner, then one weight made private: the cache is no way around it
     with kernel.connect(uid=1001) as other:
         write_model(other, "/shared1001", seed=4)

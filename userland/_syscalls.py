@@ -124,5 +124,5 @@ class SyscallMethods:
         return self._stream(401, {'model': model, 'prompt': prompt, 'max_tokens': max_tokens, 'temperature': temperature, 'top_k': top_k, 'seed': seed, 'stream': stream})
 
     def models(self) -> Any:
-        'The models the executor holds loaded, and its batching statistics.'
+        'The models the executor holds loaded that the caller may read (uid 0: all), and its batching statistics.'
         return self._call(402, {})

@@ -369,12 +369,33 @@ class Executor:
         if self.engine is not None and self.engine.cancel_owner(pid):
             self.kick()
 
-    def models(self, req: Request) -> dict[str, Any]:
-        return {"models": [{"path": m.path, "bytes": m.nbytes, "requests": m.requests,
-                            "step": m.config.get("step"), "loss": m.config.get("loss"),
-                            "loaded_at": m.loaded_at} for m in self.cache.values()],
-                "engine": self.engine_stats(),
-                "budget": self.budget, "max_batch": self.max_batch}
+    def models(self, req: Request) -> Any:
+        """The loaded models the caller may read (as infer would let it: the check
+        reads tensorfs as the caller, in the pool thread), with the engine's figures."""
+        uid, loaded = req.uid, list(self.cache.values())
+
+        def visible() -> list[Loaded]:
+            if uid == 0:
+                return loaded
+            out = []
+            for m in loaded:
+                try:
+                    self.check_access(uid, m.path)
+                except SyscallError as e:
+                    if e.errno not in (Errno.EACCES, Errno.ENOENT, Errno.ENOTDIR):
+                        raise
+                    continue  # another uid's private model: not even its path
+                out.append(m)
+            return out
+
+        def answer(shown: list[Loaded]) -> None:
+            req.reply({"models": [{"path": m.path, "bytes": m.nbytes,
+                                   "requests": m.requests, "step": m.config.get("step"),
+                                   "loss": m.config.get("loss"), "loaded_at": m.loaded_at}
+                                  for m in shown],
+                       "engine": self.engine_stats(),
+                       "budget": self.budget, "max_batch": self.max_batch})
+        return self.background(visible, answer, req)
 
     def engine_stats(self) -> dict[str, Any]:
         if self.engine is None:

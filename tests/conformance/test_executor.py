@@ -182,7 +182,10 @@ class ExecutorMachine(RuleBasedStateMachine):
     @rule(i=st.integers(0, 1))
     def models(self, i) -> None:
         listed = {m["path"] for m in self.handles[i].models()["models"]}
-        assert self.loaded <= listed, (self.loaded, listed)
+        mine = {p for p in self.loaded if UIDS[i] == 1001 or not p.startswith("/private1001")}
+        assert mine <= listed, (mine, listed)
+        if UIDS[i] != 1001:  # another uid's private model: not even its path
+            assert not any(p.startswith("/private1001") for p in listed), listed
 
     # -- spawn_train: refusals only ----------------------------------------------------
 
