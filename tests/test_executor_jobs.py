@@ -111,6 +111,9 @@ def test_a_killed_worker_fails_the_job_cleanly(kernel: Booted) -> None:
         os.kill(victim["os_pid"], signal.SIGKILL)
         end = osh.wait(job, timeout=120)
         assert end["status"] == 1 and end["info"]["state"] == "failed", end
+        # the one killed is named, not the other, whose gloo call failed with it
+        assert f"worker rank 1 (pid {victim['pid']}) ended with status -9" in \
+            end["info"]["error"], end
         assert not workers_of(osh, job)
         assert not psutil.pid_exists(victim["os_pid"]) or \
             psutil.Process(victim["os_pid"]).status() == psutil.STATUS_ZOMBIE

@@ -62,6 +62,7 @@ REAP_TIMEOUT_S = 10.0
 KEEP_CHECKPOINTS = 2
 EXIT_TERMINATED = 128 + signal.SIGTERM
 OPTIM_TENSORS = ("optim.exp_avg", "optim.exp_avg_sq")
+BLAME_GRACE_S = 2.0  # after a worker fails, how long the others get to end (blame)
 MODEL_GROUP, OPTIM_GROUP = "model", "optim"  # a checkpoint's two groups (tensorfs)
 
 
@@ -752,10 +753,33 @@ class Job:
                 raise
             rank = pids.pop(ended["pid"], None)
             if rank is not None and ended["status"] != 0:
-                return (f"worker rank {rank} (pid {ended['pid']}) ended with status "
-                        f"{ended['status']} ({ended.get('reason', '?')}); its log: "
-                        f"log/proc/{ended['pid']}.log")
+                return self.blame(pids, rank, ended)
         return None
+
+    def blame(self, pids: dict[int, int], rank: int, ended: dict[str, Any]) -> str:
+        """Why the attempt failed, after a first worker ended badly. When one worker
+        dies of a signal, gloo fails in every other one too, and which the kernel
+        reaps first is a race: so a worker that failed with a status is not blamed
+        before the others had BLAME_GRACE_S to end, and one killed by a signal
+        (status < 0), if any, is the one named."""
+        failed = [(rank, ended)]
+        deadline = time.monotonic() + BLAME_GRACE_S
+        while pids and ended["status"] > 0 and time.monotonic() < deadline:
+            try:
+                other = self.osh.wait(timeout=0.2)
+            except SyscallError as e:
+                if e.errno == Errno.ETIMEDOUT:
+                    continue
+                raise
+            r = pids.pop(other["pid"], None)
+            if r is not None and other["status"] != 0:
+                failed.append((r, other))
+                if other["status"] < 0:
+                    break
+        rank, ended = min(failed, key=lambda f: f[1]["status"] >= 0)  # a signal first
+        return (f"worker rank {rank} (pid {ended['pid']}) ended with status "
+                f"{ended['status']} ({ended.get('reason', '?')}); its log: "
+                f"log/proc/{ended['pid']}.log")
 
     def kill_all(self, pids: dict[int, int]) -> None:
         """SIGKILL the workers still in pids and reap them."""
