@@ -470,8 +470,12 @@ class Executor:
 
     def check_out(self, uid: int, cfg: dict) -> None:
         """The job's out directory: not another running job's (EBUSY), not an existing
-        model unless resuming (EEXIST), and made now, as the caller (EACCES, ENOTDIR).
-        A missing top-level directory (/models) is made shared, mode 1777, like /tmp."""
+        model unless resuming (EEXIST), and one the caller can make: the deepest part
+        that exists is a directory it may write (EACCES, ENOTDIR). The job makes the
+        rest, as the caller, at its first checkpoint, so a call refused later (by the
+        kernel: a full process table, the caller gone) leaves nothing behind. A
+        missing top-level directory (/models) is made now, shared, mode 1777, like
+        /tmp."""
         out = cfg["out"]
         for p in self.conn(0).ps():
             argv = p["argv"]
@@ -481,16 +485,29 @@ class Executor:
                                    f"into {out}")
         osh = self.conn(uid)
         parts = out.strip("/").split("/")
-        for i in range(1, len(parts) + 1):
-            path = "/" + "/".join(parts[:i])
+        if len(parts) > 1:
             try:
-                if i == 1 and len(parts) > 1:
-                    self.conn(0).mkdir(path, 0o1777)
-                else:
-                    osh.mkdir(path)
+                self.conn(0).mkdir("/" + parts[0], 0o1777)
             except SyscallError as e:
                 if e.errno != Errno.EEXIST:
                     raise SyscallError(e.errno, f"spawn_train: out {out}: {e.message}")
+        deepest = None  # the last existing part of out, as uid sees it
+        for i in range(len(parts), -1, -1):
+            path = "/" + "/".join(parts[:i])
+            try:
+                deepest = osh.stat(path)
+                break
+            except SyscallError as e:
+                if e.errno not in (Errno.ENOENT,):
+                    raise SyscallError(e.errno, f"spawn_train: out {out}: {e.message}")
+        if deepest is None or deepest["type"] != "dir":
+            raise SyscallError(Errno.ENOTDIR, f"spawn_train: out {out}: "
+                               f"{deepest and deepest['path']} is not a directory")
+        owner, mode = deepest["owner"], deepest["mode"]  # tensorfs's rule: no groups
+        bits = (mode >> 6) & 7 if uid == owner else mode & 7
+        if uid != 0 and not bits & 2:
+            raise SyscallError(Errno.EACCES, f"spawn_train: out {out}: uid {uid} may not "
+                               f"write {deepest['path']} (owner {owner}, mode {mode:o})")
         if cfg["resume"]:
             return
         try:

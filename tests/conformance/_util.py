@@ -154,6 +154,7 @@ def unattached(root: Any, timeout: float = 10.0) -> Llmos:
     h.ctx = zmq.Context.instance()
     h._seq = itertools.count(1)
     h._lock = threading.RLock()
+    h._streams = {}
     h._sock = h._socket()
     h._closed = False
     h._kernel_gone = False

@@ -467,6 +467,7 @@ def test_a_full_process_table_and_a_tiny_model_cache() -> None:
             if got is None:
                 pytest.fail("spawn_train started a job in a full process table")
             assert got == Errno.EAGAIN, got
+            expect(Errno.ENOENT, osh.stat, "/models/t")  # the refused job made nothing
     finally:
         for h in extra:
             h.close()
