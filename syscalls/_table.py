@@ -321,7 +321,8 @@ TABLE += (
                 "instead of bytes"),
         Arg("member", "str", default=None, nullable=True, max_len=MAX_STR,
             doc="of a group: this tensor; None: the group's data as uint8 bytes"),
-    ), idempotent=True, returns="{dtype, shape, data (bytes) or shm (a segment path)}",
+    ), idempotent=True, returns="{dtype, shape, data (bytes) or shm (a segment path) and "
+                                "offset (where the data starts in the segment)}",
         errors=(
             ("EBADF", "fd is not an open descriptor of the caller, or is open for writing "
                       "only (w, x)"),

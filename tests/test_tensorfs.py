@@ -316,6 +316,27 @@ def test_a_scalar_keeps_its_shape(kernel):
             osh.unlink(f"/scalar{i}")
 
 
+def test_a_members_read_maps_the_cached_group(kernel):
+    """Reading one member of a cached group through /dev/shm copies nothing: the
+    reply links the cache's segment and says where in it the member starts."""
+    g = torch.Generator().manual_seed(1)
+    state = {"a": torch.randn(40000, generator=g), "b": torch.randn(50000, generator=g)}
+    with kernel.connect() as osh:
+        osh.save_tensors("/zc", state)
+        osh.load_tensors("/zc")  # now cached
+        info = osh.open_tensor("/zc", "r")
+        offsets = {name: at for name, _, _, at in info["members"]}
+        r = osh.read_tensor(info["fd"], None, True, "b")
+        cache_inodes = {os.stat(p).st_ino for p in shm_segments(kernel, "c")}
+        assert r["offset"] == offsets["b"] > 0 and os.stat(r["shm"]).st_ino in cache_inodes
+        os.unlink(r["shm"])
+        osh.close_tensor(info["fd"])
+        for name, t in state.items():
+            assert torch.equal(osh.load_tensor("/zc", member=name), t)
+        assert torch.equal(osh.load_tensor("/zc", [[10, 20]], member="b"), state["b"][10:20])
+        osh.unlink("/zc")
+
+
 def test_group_quota_counts_every_member(kernel):
     with kernel.connect(uid=QUOTA_UID) as q:
         q.mkdir("/home-q-grp")

@@ -365,8 +365,10 @@ def load_numpy(osh: Any, path: str, member: str | None = None) -> np.ndarray:
     dtype, shape = r["dtype"], r["shape"]
     count = int(np.prod(shape, dtype=np.int64))
     itemsize = 2 if dtype == "bfloat16" else np.dtype(_NP[dtype]).itemsize
+    at = r.get("offset") or 0  # a group's member, in the group's segment
     buf: Any = r["data"] if not r["shm"] else (
-        map_segment(r["shm"], count * itemsize, writable=False) if count else b"")
+        memoryview(map_segment(r["shm"], at + count * itemsize, writable=False))[at:]
+        if count else b"")
     if dtype == "bfloat16":
         arr = (np.frombuffer(buf, dtype="<u2", count=count).astype(np.uint32) << 16) \
             .view(np.float32)

@@ -231,8 +231,11 @@ class TensorMethods:
         data in a writable buffer (as torch.from_numpy wants); and their size."""
         size = int(np.prod(r["shape"], dtype=np.int64)) * _itemsize(r["dtype"])
         if r["shm"]:
-            buf: Any = map_segment(r["shm"], size, writable=False)
-            return (b"" if size == 0 else buf), size
+            at = r.get("offset") or 0  # a group's member, in the group's segment
+            buf: Any = map_segment(r["shm"], at + size, writable=False)
+            if size == 0:
+                return b"", 0
+            return (memoryview(buf)[at:at + size] if at else buf), size
         return bytearray(r["data"]), size
 
     def _staging_map(self, path: str, size: int) -> mmap.mmap:

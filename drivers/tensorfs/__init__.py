@@ -573,19 +573,21 @@ class TensorFS:
         if at or member is not None:
             n = _format.nbytes(dtype, full)
             buf = memoryview(buf).cast("B")[at:at + n]
-            src = None  # not the cache's whole segment: never hand out its link
         if sl:
             arr = _format.view(buf, dtype, full)[sl]
             shape = list(arr.shape)
             data: Any = np.ascontiguousarray(arr)
         else:
             shape, data = full, None
-        out = {"dtype": dtype, "shape": shape, "data": None, "shm": None}
+        out = {"dtype": dtype, "shape": shape, "data": None, "shm": None, "offset": 0}
         size = _format.nbytes(dtype, shape)
         if shm and size >= self.threshold:
             seg = _shm.new_name(self.pfx, "x")
             if data is None and isinstance(src, Cached):
-                os.link(src.path, seg)  # zero-copy: the client maps the cache's pages
+                # zero-copy: the client maps the cache's pages; a group's member is
+                # at offset in them (the caller may read the whole file anyway)
+                os.link(src.path, seg)
+                out["offset"] = at
             else:
                 mm = _shm.create(seg, size)
                 mm[:size] = memoryview(data if data is not None else buf).cast("B")[:size]
