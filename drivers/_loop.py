@@ -34,6 +34,7 @@ from typing import Any, Callable
 import zmq
 
 from syscalls import BY_NUMBER, Errno, Home, SyscallError, WireError, decode, encode
+from syscalls._wire import MAX_HEADER
 
 log = logging.getLogger("llmos.driver")
 
@@ -81,6 +82,12 @@ class Request:
         if self._res:
             head["res"], self._res = self._res, []
         frames = encode(head)
+        if len(frames[0]) > MAX_HEADER:  # as the kernel answers its own replies
+            log.error("%s: a reply of %d bytes of header; answering E2BIG", self.name,
+                      len(frames[0]))
+            frames = encode({"t": "rep", "i": self.id, "e": int(Errno.E2BIG),
+                             "m": f"{self.loop.service} driver: {self.name}: the reply's "
+                                  f"header is {len(frames[0])} bytes, over {MAX_HEADER}"})
         try:  # what the kernel could not decode it would drop, and the caller would hang
             decode([frames[0]] + [b""] * (len(frames) - 1))
         except WireError as e:

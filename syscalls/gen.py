@@ -27,18 +27,18 @@ GENERIC_ERRORS: tuple[tuple[str, str, str], ...] = (
                       "its length or with NUL, a value not among its choices"),
     ("E2BIG", "bytes", "a bytes argument over its length bound (echo: 16 MiB, "
                        "write_tensor: 1 GiB)"),
-    ("E2BIG", "kernel", "the reply's header would be over 1 MiB (a ps of processes "
-                        "that attached with huge argv): the kernel answers E2BIG instead "
-                        "of a reply the library would drop"),
+    ("E2BIG", "all", "the reply's header would be over 1 MiB (a ps of processes that "
+                     "attached with huge argv, a listdir of thousands of long names): "
+                     "the kernel or the driver answers E2BIG instead of a reply the "
+                     "library would drop"),
     ("EAGAIN", "driver", "the caller has max_inflight_per_process calls in flight to "
                          "drivers already (a call it gave up on counts until its driver "
                          "answers it), or the driver's queue is full"),
     ("EIO", "driver", "the driver died while serving the call and it is not idempotent "
                       "(an idempotent one is retried once on the next instance first), "
                       "or stayed down longer than driver_wait_s, or failed on an "
-                      "unexpected error (e.g. an OS error), or its reply would be over 1 "
-                      "MiB of header (a listdir of thousands of entries), or llmos is "
-                      "shutting down"),
+                      "unexpected error (e.g. an OS error), or answered with a reply that "
+                      "cannot be decoded, or llmos is shutting down"),
 )
 
 # What a call waits for before it answers, for the calls that do more than answer

@@ -39,7 +39,7 @@ EXEMPT: dict[tuple[str, str], str] = {
 # which no "each" row of that errno applies (an unknown number counts as such).
 POLICY: dict[tuple[str, str], str] = {
     ("EPROTO", "all"): "each", ("ENOSYS", "all"): "once", ("EPERM", "attached"): "each",
-    ("EINVAL", "all"): "each", ("E2BIG", "bytes"): "each", ("E2BIG", "kernel"): "once",
+    ("EINVAL", "all"): "each", ("E2BIG", "bytes"): "each", ("E2BIG", "all"): "once",
     ("EAGAIN", "driver"): "each", ("EIO", "driver"): "once",
 }
 SCOPES = {"all": lambda s: True, "attached": lambda s: s.name != "attach",
