@@ -1,4 +1,4 @@
-"""Generate userland/_syscalls.py and docs/syscalls.md from the syscall table.
+"""Generate syscalls/client/_stubs.py and docs/syscalls.md from the syscall table.
 
     python -m syscalls.gen          write both files
     python -m syscalls.gen --check  exit 1 if either is out of date (tests run this)
@@ -82,7 +82,7 @@ def _blocking(s: Syscall) -> str:
             else "answers as soon as the driver has served it; waits for no other process")
 
 ROOT = Path(__file__).resolve().parent.parent
-STUBS = ROOT / "userland" / "_syscalls.py"
+STUBS = ROOT / "syscalls" / "client" / "_stubs.py"
 REFERENCE = ROOT / "docs" / "syscalls.md"
 
 _PY = {"int": "int", "float": "float", "str": "str", "bytes": "bytes", "bool": "bool",

@@ -17,7 +17,7 @@ import pytest
 
 import userland
 from syscalls import Home
-from userland._proc import stop_kernel
+from syscalls.client._proc import stop_kernel
 
 ROOT = Path(__file__).resolve().parent.parent
 

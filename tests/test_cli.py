@@ -22,7 +22,7 @@ import pytest
 from conftest import wait_until
 
 import userland
-from userland._proc import stop_kernel
+from syscalls.client._proc import stop_kernel
 from syscalls import ABI_VERSION, Home
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -17,7 +17,8 @@ import torch
 
 from conftest import ROOT, Booted
 from syscalls import Errno, SyscallError
-from userland import _cli_tensors, _tensors
+from syscalls.client import _tensors
+from userland import _cli_tensors
 
 KiB, MiB = 1024, 2**20
 CONFIG = {"drivers": ["tensorfs"], "tensor_shm_threshold": "64KiB",

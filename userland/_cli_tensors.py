@@ -30,8 +30,8 @@ from rich.text import Text
 
 from syscalls import Errno, Home, SyscallError
 
-from . import _tensors
-from ._tensors import as_raw
+from syscalls.client import _tensors
+from syscalls.client._tensors import as_raw
 
 # A transfer of this many bytes or more gets a progress bar when stderr is a
 # terminal (smaller ones are over before a bar would say anything); --progress

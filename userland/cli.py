@@ -34,7 +34,7 @@ from syscalls import ABI_VERSION, Errno, Home, SyscallError
 from userland._cli_models import add_commands as add_model_commands
 from userland._cli_models import progress
 from userland._cli_tensors import add_commands as add_tensor_commands
-from userland._proc import alive, stop_kernel
+from syscalls.client._proc import alive, stop_kernel
 
 NOT_RUNNING = 3
 START_TIMEOUT_S = 30.0

@@ -17,8 +17,8 @@ partial replies. Everything slow (importing torch, loading a model, checking a
 dataset) runs in one background thread, so the loop keeps answering heartbeats;
 each result comes back to the loop's thread with loop.post. The engine steps on
 the loop's thread, between messages. docs/executor.md has the details.
-It must never import the kernel; it uses the userland library (libc) for its
-own syscalls, as a MINIX driver uses libc.
+It must never import the kernel or userland; it makes its own syscalls with the
+client library, syscalls.client, as a MINIX driver uses libc.
 """
 from __future__ import annotations
 
@@ -160,8 +160,8 @@ class Executor:
         """This driver's connection acting as uid (pool thread only)."""
         osh = self.conns.get(uid)
         if osh is None:
-            import userland
-            osh = userland.connect(self.home.root, uid=uid, heartbeat=True, timeout=60,
+            from syscalls.client import connect
+            osh = connect(self.home.root, uid=uid, heartbeat=True, timeout=60,
                                    argv=["executor", f"(as uid {uid})"])
             self.conns[uid] = osh
         return osh

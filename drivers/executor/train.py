@@ -556,7 +556,7 @@ def worker_main() -> int:
     """A worker under llmos: train, then end through exit() so that the kernel has
     the status at once (a process that merely returns keeps its connection's
     threads and sockets to the last moment)."""
-    from userland import connect
+    from syscalls.client import connect
 
     cfg = normalize(json.loads(os.environ[CONFIG_ENV]))
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
@@ -813,7 +813,7 @@ class Job:
 
 def job_main() -> int:
     """The job under llmos; ends through exit() with Job.run's status."""
-    from userland import connect
+    from syscalls.client import connect
 
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda signum, frame: stop.set())

@@ -51,7 +51,7 @@ def _secret(b: Booted) -> str:
 
 def test_every_call_checks_the_abi_version_first(system: Booted, monkeypatch) -> None:
     with system.connect() as osh:
-        monkeypatch.setattr("userland._client.ABI_VERSION", ABI_VERSION + 1)
+        monkeypatch.setattr("syscalls.client._client.ABI_VERSION", ABI_VERSION + 1)
         for call in TABLE:
             expect(Errno.EPROTO, call_number, osh, call.number, **minimal_args(call))
         monkeypatch.undo()

@@ -1,4 +1,4 @@
-"""The userland library's core: one connection to the kernel, bound to one process.
+"""The client library's core (llmos's libc): one connection to the kernel, bound to one process.
 
 connect() attaches this Python process to llmos: with the spawn token the kernel
 gave it (LLMOS_SPAWN_TOKEN, when the kernel started it) or with the home's secret
@@ -29,7 +29,7 @@ from syscalls import (ABI_VERSION, BY_NAME, MAX_HEADER, Errno, Home, SyscallErro
 
 from ._gpu import gpu_env
 from ._proc import alive
-from ._syscalls import SyscallMethods
+from ._stubs import SyscallMethods
 from ._tensors import TensorMethods
 
 _POLL_MS = 1000

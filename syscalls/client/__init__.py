@@ -1,0 +1,20 @@
+"""The client library: how a process makes syscalls (llmos's libc).
+
+    from syscalls.client import connect
+    with connect() as osh:
+        print(osh.getpid(), osh.ps())
+
+Every syscall is a method of the handle, named after it; a failing one raises
+SyscallError, whose .errno is an Errno (ENOENT, EPERM, ...) and .message says why.
+It lives beside the ABI it speaks, so userland programs and drivers alike (a driver
+that makes syscalls of its own, as a MINIX driver uses libc) reach the kernel
+through syscalls/ only; `userland` re-exports it for programs. It imports nothing
+of ours but syscalls, and is not imported by `import syscalls` (the kernel does
+without it).
+"""
+from syscalls import Errno, SyscallError
+
+from ._client import Llmos, connect
+from ._gpu import apply_gpu_limits, gpu_env
+
+__all__ = ["Errno", "Llmos", "SyscallError", "apply_gpu_limits", "connect", "gpu_env"]
