@@ -27,13 +27,11 @@ CONFIG = {"drivers": ["tensorfs"], "tensor_shm_threshold": "64KiB",
 
 @pytest.fixture(scope="module")
 def kernel():
-    from drivers.tensorfs._shm import prefix, sweep_all
     b = Booted(CONFIG)
     try:
         yield b
     finally:
         b.stop()
-        sweep_all(prefix(b.root))  # a driver SIGKILLed by the stop leaves its cache
 
 
 def env_for(kernel: Booted, **extra: str) -> dict[str, str]:

@@ -39,19 +39,13 @@ def shm_segments(b: Booted, kind: str = "") -> list[str]:
     return glob.glob(f"/dev/shm/{prefix(b.root)}{kind}*")
 
 
-def stop(b: Booted) -> None:
-    from drivers.tensorfs._shm import prefix, sweep_all
-    b.stop()
-    sweep_all(prefix(b.root))  # a driver SIGKILLed by the fixture leaves its cache
-
-
 @pytest.fixture(scope="module")
 def kernel():
     b = Booted(CONFIG)
     try:
         yield b
     finally:
-        stop(b)
+        b.stop()
 
 
 @pytest.fixture
@@ -60,7 +54,7 @@ def fresh():
     try:
         yield b
     finally:
-        stop(b)
+        b.stop()
 
 
 def test_a_reused_staging_segment_starts_zeroed(kernel):

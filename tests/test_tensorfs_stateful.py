@@ -10,7 +10,7 @@ from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, 
 
 from conftest import Booted
 from syscalls import Errno, SyscallError
-from test_tensorfs import CONFIG, stop
+from test_tensorfs import CONFIG
 
 NAMES = st.sampled_from(["a", "b", "c"])
 DIRS = st.sampled_from(["", "/d", "/e"])
@@ -134,4 +134,4 @@ def test_tensorfs_matches_a_reference_filesystem():
                                              deadline=None)
         machine.TestCase().runTest()
     finally:
-        stop(b)
+        b.stop()

@@ -23,10 +23,6 @@ from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
-from rich import filesize
-from rich.console import Console
-from rich.progress import BarColumn, DownloadColumn, Progress, ProgressColumn, Task, TextColumn
-from rich.text import Text
 
 from syscalls import Errno, Home, SyscallError
 
@@ -72,34 +68,47 @@ def show_bar(quiet: bool, force: bool, size: int) -> bool:
     return not quiet and (force or (size >= BAR_BYTES and sys.stderr.isatty()))
 
 
-class _Speed(ProgressColumn):
-    """Bytes per second in binary units, like the sizes: rich's estimate while the
-    bytes move; once all are there, the average since the start (so the commit
-    counts, and a transfer of one chunk, one update, still gets a figure)."""
+def _new_bar() -> Any:
+    """A rich Progress on stderr with the bar's columns. rich is imported here, not
+    at the top: every llmos command loads this module, few draw a bar (23 ms)."""
+    from rich import filesize
+    from rich.console import Console
+    from rich.progress import (BarColumn, DownloadColumn, Progress, ProgressColumn, Task,
+                               TextColumn)
+    from rich.text import Text
 
-    def render(self, task: Task) -> Text:
-        if task.total is None:  # a step with nothing to count
-            return Text("")
-        speed = task.completed / task.elapsed if task.finished and task.elapsed else task.speed
-        if speed is None:
-            return Text("?", style="progress.data.speed")
-        unit, suffix = filesize.pick_unit_and_suffix(
-            int(speed), ["B", "KiB", "MiB", "GiB", "TiB"], 1024)
-        return Text(f"{speed / unit:.1f} {suffix}/s", style="progress.data.speed")
+    class _Speed(ProgressColumn):
+        """Bytes per second in binary units, like the sizes: rich's estimate while the
+        bytes move; once all are there, the average since the start (so the commit
+        counts, and a transfer of one chunk, one update, still gets a figure)."""
 
+        def render(self, task: Task) -> Text:
+            if task.total is None:  # a step with nothing to count
+                return Text("")
+            speed = (task.completed / task.elapsed if task.finished and task.elapsed
+                     else task.speed)
+            if speed is None:
+                return Text("?", style="progress.data.speed")
+            unit, suffix = filesize.pick_unit_and_suffix(
+                int(speed), ["B", "KiB", "MiB", "GiB", "TiB"], 1024)
+            return Text(f"{speed / unit:.1f} {suffix}/s", style="progress.data.speed")
 
-class _Time(ProgressColumn):
-    """Time left while the bytes move, then the time taken: it runs on through the
-    commit and stops when the transfer ends (TransferBar stops the task)."""
+    class _Time(ProgressColumn):
+        """Time left while the bytes move, then the time taken: it runs on through the
+        commit and stops when the transfer ends (TransferBar stops the task)."""
 
-    def render(self, task: Task) -> Text:
-        if task.finished:
-            seconds, style = task.elapsed, "progress.elapsed"
-        else:
-            seconds, style = task.time_remaining, "progress.remaining"
-        if seconds is None:
-            return Text("-:--:--", style=style)
-        return Text(str(timedelta(seconds=int(seconds))), style=style)
+        def render(self, task: Task) -> Text:
+            if task.finished:
+                seconds, style = task.elapsed, "progress.elapsed"
+            else:
+                seconds, style = task.time_remaining, "progress.remaining"
+            if seconds is None:
+                return Text("-:--:--", style=style)
+            return Text(str(timedelta(seconds=int(seconds))), style=style)
+
+    return Progress(TextColumn("{task.description}"), BarColumn(),
+                    DownloadColumn(binary_units=True), _Speed(), _Time(),
+                    console=Console(stderr=True))
 
 
 class TransferBar:
@@ -117,11 +126,9 @@ class TransferBar:
 
     def __init__(self, label: str, show: bool) -> None:
         self.label = label
-        self._bar: Progress | None = None
+        self._bar: Any = None
         if show:
-            self._bar = Progress(TextColumn("{task.description}"), BarColumn(),
-                                 DownloadColumn(binary_units=True), _Speed(), _Time(),
-                                 console=Console(stderr=True))
+            self._bar = _new_bar()
             # the clock starts at the first step, after imports that are no transfer
             self._task = self._bar.add_task(label, total=None, start=False)
 

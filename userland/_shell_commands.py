@@ -29,7 +29,7 @@ from userland._cli_models import _mkdirs, _scalar, progress, read_corpus
 from userland._cli_models import follow as follow_job
 from userland._cli_tensors import (TransferBar, _read_file, _write_file, check_storable,
                                    file_size, put_data, remove, show_bar)
-from syscalls.client._tensors import _NP, _torch, map_segment
+from syscalls.client._tensors import _NP, TensorMethods, _torch
 from userland.cli import LogTail, _wait_forwarding
 
 FIRST_VALUES = 8
@@ -364,11 +364,7 @@ def load_numpy(osh: Any, path: str, member: str | None = None) -> np.ndarray:
         osh.close_tensor(fd)
     dtype, shape = r["dtype"], r["shape"]
     count = int(np.prod(shape, dtype=np.int64))
-    itemsize = 2 if dtype == "bfloat16" else np.dtype(_NP[dtype]).itemsize
-    at = r.get("offset") or 0  # a group's member, in the group's segment
-    buf: Any = r["data"] if not r["shm"] else (
-        memoryview(map_segment(r["shm"], at + count * itemsize, writable=False))[at:]
-        if count else b"")
+    buf, _ = TensorMethods._received(r)  # the bytes, mapped or sent, as the library has them
     if dtype == "bfloat16":
         arr = (np.frombuffer(buf, dtype="<u2", count=count).astype(np.uint32) << 16) \
             .view(np.float32)

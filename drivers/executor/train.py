@@ -745,16 +745,22 @@ class Job:
                 return "terminated (SIGTERM)"
             if time.monotonic() >= self.deadline:
                 return f"watchdog: timeout_s = {self.cfg['timeout_s']:g} s passed"
-            try:
-                ended = self.osh.wait(timeout=WAIT_SLICE_S)
-            except SyscallError as e:
-                if e.errno == Errno.ETIMEDOUT:
-                    continue
-                raise
+            ended = self.reap(WAIT_SLICE_S)
+            if ended is None:
+                continue
             rank = pids.pop(ended["pid"], None)
             if rank is not None and ended["status"] != 0:
                 return self.blame(pids, rank, ended)
         return None
+
+    def reap(self, timeout: float) -> dict[str, Any] | None:
+        """A child that ended within timeout (wait's record), or None."""
+        try:
+            return self.osh.wait(timeout=timeout)
+        except SyscallError as e:
+            if e.errno == Errno.ETIMEDOUT:
+                return None
+            raise
 
     def blame(self, pids: dict[int, int], rank: int, ended: dict[str, Any]) -> str:
         """Why the attempt failed, after a first worker ended badly. When one worker
@@ -765,12 +771,9 @@ class Job:
         failed = [(rank, ended)]
         deadline = time.monotonic() + BLAME_GRACE_S
         while pids and ended["status"] > 0 and time.monotonic() < deadline:
-            try:
-                other = self.osh.wait(timeout=0.2)
-            except SyscallError as e:
-                if e.errno == Errno.ETIMEDOUT:
-                    continue
-                raise
+            other = self.reap(0.2)
+            if other is None:
+                continue
             r = pids.pop(other["pid"], None)
             if r is not None and other["status"] != 0:
                 failed.append((r, other))

@@ -201,7 +201,6 @@ class TensorFS:
         self.cache_budget = parse_size(cfg["tensor_cache"]) if cfg["tensor_cache"] != "0" else 0
         self.threshold = parse_size(cfg["tensor_shm_threshold"])
         self.max_open = int(cfg["tensor_max_open"])
-        self.open_count: dict[int, int] = {}  # pid -> its open descriptors
         self.pfx = _shm.prefix(home.root)
         self.fds: dict[str, Open] = {}
         # each process's last staging segment, kept for its next write of the same
@@ -405,7 +404,7 @@ class TensorFS:
                     members: list[list[Any]] | None = None) -> dict[str, Any]:
         parts = self.split(path)
         specs = self.member_specs(members, mode, dtype, shape) if members is not None else None
-        if self.open_count.get(req.pid, 0) >= self.max_open:
+        if sum(o.pid == req.pid for o in self.fds.values()) >= self.max_open:
             raise SyscallError(Errno.EMFILE, f"open_tensor: pid {req.pid} has "
                                f"{self.max_open} descriptors open (tensor_max_open)")
         d = self.parent_dir(parts, path)
@@ -482,7 +481,6 @@ class TensorFS:
             if os_fd >= 0:
                 os.close(os_fd)
         self.fds[o.fd] = o
-        self.open_count[o.pid] = self.open_count.get(o.pid, 0) + 1
         req.hold("tensor", o.fd)
         reply = {"fd": o.fd, "dtype": meta.dtype, "shape": meta.shape, "size": meta.nbytes,
                  "shm": str(o.seg) if o.seg else None, "members": None}
@@ -652,12 +650,7 @@ class TensorFS:
             pass
 
     def drop(self, o: Open, keep_spare: bool = True) -> None:
-        if self.fds.pop(o.fd, None) is not None:
-            left = self.open_count.get(o.pid, 0) - 1
-            if left > 0:
-                self.open_count[o.pid] = left
-            else:
-                self.open_count.pop(o.pid, None)
+        self.fds.pop(o.fd, None)
         if o.os_fd >= 0:
             os.close(o.os_fd)
             o.os_fd = -1

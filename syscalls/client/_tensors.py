@@ -148,26 +148,7 @@ class TensorMethods:
         dtype, shape, arr = as_raw(tensor)
         info = self.open_tensor(path, "x" if exclusive else "w", dtype, shape,  # type: ignore[attr-defined]
                                 perm, True, True)
-        fd, size = info["fd"], info["size"]
-        try:
-            if info["shm"]:
-                mm = self._staging_map(info["shm"], size)
-                dst = np.frombuffer(mm, dtype=np.uint8, count=size)
-                _copy(dst, arr.reshape(-1).view(np.uint8), progress)
-                del dst
-            elif size:
-                self.write_tensor(fd, memoryview(arr).cast("B"))  # type: ignore[attr-defined]
-            if progress is not None:
-                if not info["shm"]:  # one write_tensor: nothing to report before
-                    progress(size, size, "write")
-                progress(size, size, "commit")
-        except BaseException:
-            self.close_tensor(fd, True)  # type: ignore[attr-defined]
-            raise
-        r = self.close_tensor(fd)  # type: ignore[attr-defined]
-        if progress is not None:
-            progress(size, size, "done")
-        return r
+        return self._fill_and_commit(info, [(0, arr.reshape(-1).view(np.uint8))], progress)
 
     def save_tensors(self, path: str, tensors: dict[str, Any], perm: int = 0o644,
                      exclusive: bool = False, progress: Progress | None = None,
@@ -179,22 +160,34 @@ class TensorMethods:
         members = [[name, dtype, shape] for name, (dtype, shape, _) in raws.items()]
         info = self.open_tensor(path, "x" if exclusive else "w", None, None,  # type: ignore[attr-defined]
                                 perm, True, True, members)
+        return self._fill_and_commit(info, [
+            (offset, raws[name][2].reshape(-1).view(np.uint8))
+            for name, _, _, offset in info["members"]], progress)
+
+    def _fill_and_commit(self, info: dict[str, Any], pieces: list[tuple[int, np.ndarray]],
+                         progress: Progress | None) -> dict[str, Any]:
+        """Stage pieces (byte offset, flat uint8 array) of a write open_tensor just
+        opened, then commit it: into the shared-memory segment (progress per chunk),
+        or in one write_tensor; on any failure the write is discarded."""
         fd, size = info["fd"], info["size"]
         try:
-            dst_buf: Any = self._staging_map(info["shm"], size) if info["shm"] \
-                else bytearray(size)
-            for name, _, _, offset in info["members"]:
-                src = raws[name][2].reshape(-1).view(np.uint8)
-                dst = np.frombuffer(dst_buf, np.uint8, count=src.size, offset=offset)
-                if progress is not None and info["shm"]:
-                    _copy(dst, src, lambda d, t, ph, at=offset: progress(at + d, size, ph))
+            if info["shm"]:
+                mm = self._staging_map(info["shm"], size)
+                for at, src in pieces:
+                    dst = np.frombuffer(mm, np.uint8, count=src.size, offset=at)
+                    _copy(dst, src, None if progress is None else
+                          lambda d, t, ph, at=at: progress(at + d, size, ph))
+                    del dst
+            elif size:
+                if len(pieces) == 1:
+                    data: Any = memoryview(pieces[0][1])
                 else:
-                    dst[:] = src
-                del dst
-            if not info["shm"] and size:
-                self.write_tensor(fd, dst_buf)  # type: ignore[attr-defined]
+                    data = bytearray(size)
+                    for at, src in pieces:
+                        data[at:at + src.size] = memoryview(src)
+                self.write_tensor(fd, data)  # type: ignore[attr-defined]
             if progress is not None:
-                if not info["shm"]:
+                if not info["shm"]:  # one write_tensor: nothing to report before
                     progress(size, size, "write")
                 progress(size, size, "commit")
         except BaseException:

@@ -66,12 +66,6 @@ def pytest_terminal_summary(terminalreporter, exitstatus: int, config: pytest.Co
                                     f"pairs: {' '.join(pairs)}")
 
 
-def stop(b: Booted) -> None:
-    from drivers.tensorfs._shm import prefix, sweep_all
-    b.stop()
-    sweep_all(prefix(b.root))  # a driver SIGKILLed by a test leaves its cache behind
-
-
 @pytest.fixture(scope="package")
 def system() -> Iterator[Booted]:
     """The kernel, with every driver, that the conformance machines share. Each
@@ -80,7 +74,7 @@ def system() -> Iterator[Booted]:
     try:
         yield b
     finally:
-        stop(b)
+        b.stop()
 
 
 @pytest.fixture(scope="package")

@@ -24,7 +24,6 @@ from syscalls._table import MAX_ECHO
 
 from ._util import (MAX_INFLIGHT, WAIT_S, answer, answers, call_number, errno_of, expect,
                     outcome, send, unattached)
-from .conftest import stop
 
 
 def minimal_args(call: Syscall) -> dict[str, Any]:
@@ -471,4 +470,4 @@ def test_a_full_process_table_and_a_tiny_model_cache() -> None:
     finally:
         for h in extra:
             h.close()
-        stop(b)
+        b.stop()
