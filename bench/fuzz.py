@@ -618,7 +618,7 @@ class Fuzzer:
             if name == "EIO" and type(m) is str and " driver: " in m:
                 # drivers/_loop.py: a handler raised something other than SyscallError
                 rep.driver_exceptions[f"{p.call}: {m[:120]}"] += 1
-            if name == "EPERM" and type(m) is str and "not attached" in m:
+            if name == "ENOTCONN":
                 self.forget_process(c)
             if name == "EBUSY" and p.call == "attach" and type(m) is str:
                 # "this connection is already process N": a reply we misattributed

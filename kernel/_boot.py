@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 from typing import IO
 
-from syscalls import Home
+from syscalls import Home, parse_sim_spec
 
 from ._kernel import Kernel
 
@@ -78,15 +78,10 @@ def boot(home: Home) -> int:
 
 def _sim_gpus(text: str) -> str:
     import argparse
-
-    from syscalls._schema import parse_size
-    count, sep, size = text.partition("x")
     try:
-        if not (sep and count.isascii() and count.isdigit() and int(count) <= 64):
-            raise ValueError("want COUNTxSIZE with COUNT <= 64")
-        parse_size(size)
+        parse_sim_spec(text)
     except ValueError as e:
-        raise argparse.ArgumentTypeError(f"{text!r}: {e}") from None
+        raise argparse.ArgumentTypeError(str(e)) from None
     return text
 
 

@@ -6,10 +6,15 @@ is its only user (single-threaded, so no lock). Invariants:
   - a process is "running" until it ends, then a "zombie" until its parent
     reaps it with wait; a zombie whose parent is init is reaped at once.
   - every pid in `parent.children` names a process whose ppid is parent.
+  - pids only grow: the table starts at first_pid (the kernel keeps it across
+    boots of a home, so a pid and its log name one process, ever).
+  - `ended` holds the records of the last reaped processes, newest last, at most
+    `keep_ended` (ps -a, jobs -a).
 """
 from __future__ import annotations
 
 import time
+from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -27,6 +32,7 @@ class Process:
     os_pid: int | None = None         # the OS process, where it is on this host
     os_create_time: float | None = None
     spawned: bool = False             # started by the kernel (so the kernel reaps it)
+    system: bool = False              # a driver's own connection: not the user's to signal
     token: str | None = None          # spawn token, until the child attaches with it
     hb_token: str | None = None
     conn: bytes | None = None         # routing id of its attached connection
@@ -46,6 +52,7 @@ class Process:
             "attached": self.conn is not None,
             "resources": {k: sorted(v) for k, v in self.resources.items() if v},
             "status": self.status, "reason": self.reason, "info": self.info,
+            "system": self.system, "end_time": self.end_time,
         }
 
     def exit_record(self) -> dict[str, Any]:
@@ -55,11 +62,18 @@ class Process:
 
 
 class ProcessTable:
-    def __init__(self, init_os_pid: int | None = None) -> None:
+    def __init__(self, init_os_pid: int | None = None, first_pid: int = INIT_PID + 1,
+                 keep_ended: int = 256) -> None:
         self._next_pid = INIT_PID
         self.procs: dict[int, Process] = {}
+        self.ended: deque[dict[str, Any]] = deque(maxlen=keep_ended)
         init = self.create(ppid=0, uid=0, argv=["init"], os_pid=init_os_pid)
         assert init.pid == INIT_PID
+        self._next_pid = max(first_pid, INIT_PID + 1)
+
+    @property
+    def next_pid(self) -> int:
+        return self._next_pid
 
     def __len__(self) -> int:
         return len(self.procs)
@@ -81,7 +95,8 @@ class ProcessTable:
             parent.children.add(pid)
         return proc
 
-    def end(self, pid: int, status: int | None, reason: str) -> list[int]:
+    def end(self, pid: int, status: int | None, reason: str,
+            remember: bool = True) -> list[int]:
         """Make a running process a zombie; give its children to init.
 
         Returns the pids reaped as a result (itself if its parent is init, and
@@ -105,17 +120,20 @@ class ProcessTable:
                 reaped.append(cpid)
         proc.children.clear()
         if proc.ppid == INIT_PID:
-            self.reap(pid)
+            self.reap(pid, remember)
             reaped.append(pid)
         return reaped
 
-    def reap(self, pid: int) -> Process:
-        """Remove a zombie from the table and from its parent's children."""
+    def reap(self, pid: int, remember: bool = True) -> Process:
+        """Remove a zombie from the table and from its parent's children; remember
+        its record in `ended` unless it never ran."""
         proc = self.procs.pop(pid)
         assert proc.state == "zombie"
         parent = self.procs.get(proc.ppid)
         if parent is not None:
             parent.children.discard(pid)
+        if remember and self.ended.maxlen:
+            self.ended.append(proc.record())
         return proc
 
     def zombie_child(self, ppid: int, pid: int | None = None) -> Process | None:

@@ -8,6 +8,10 @@ or misses `driver_liveness` heartbeats is killed and restarted after an
 exponential backoff; its calls in flight are retried once when the syscall is
 idempotent and answered EIO otherwise. Calls for a driver that is not ready wait in
 its backlog for up to `driver_wait_s`, then get EIO.
+
+It is given what it needs (the outbox to send on, the process table, the
+configuration, the statistics and the Spawner) and never imports the kernel: a
+routed call is the caller's Call, answered through it.
 """
 from __future__ import annotations
 
@@ -20,17 +24,13 @@ import sys
 import time
 from collections import deque
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-import zmq
+from syscalls import Config, Errno, Home, SyscallError, WireError, decode, encode, wire
 
-from syscalls import Errno, Syscall, SyscallError, WireError, decode, encode
-
-from ._send import send_frames
-
-if TYPE_CHECKING:
-    from ._kernel import Kernel
-    from ._proctable import Process
+from ._call import Call, Outbox
+from ._proctable import Process, ProcessTable
+from ._spawn import Spawner
 
 log = logging.getLogger("llmos.supervisor")
 
@@ -41,19 +41,16 @@ READY_TIMEOUT_S = 15.0
 
 
 @dataclass
-class Call:
-    """A syscall routed to a driver and not yet finally answered."""
-    call: Syscall
-    pid: int
-    uid: int
-    args: dict
-    bulk: list
-    conn: bytes
-    seq: int
-    t0: float
+class Routed:
+    """A call routed to a driver and not yet finally answered."""
+    call: Call
     queued_at: float = 0.0
     retried: bool = False
     cancelled: bool = False  # the caller gave up on it
+
+    @property
+    def pid(self) -> int:
+        return self.call.pid
 
 
 @dataclass
@@ -69,24 +66,30 @@ class Driver:
     restarts: int = 0
     backoff: float = BACKOFF_FIRST_S
     restart_at: float = 0.0
-    inflight: dict[int, Call] = field(default_factory=dict)
-    backlog: deque[Call] = field(default_factory=deque)
+    inflight: dict[int, Routed] = field(default_factory=dict)
+    backlog: deque[Routed] = field(default_factory=deque)
     last_exit: str = ""
     info: dict = field(default_factory=dict)  # the driver's own status summary
 
 
 class Supervisor:
-    def __init__(self, kernel: "Kernel", sock: zmq.Socket) -> None:
-        self.kernel = kernel
-        self.sock = sock
-        cfg = kernel.config
-        self.hb_s: float = cfg["driver_heartbeat_s"]
-        self.dead_after_s: float = cfg["driver_heartbeat_s"] * cfg["driver_liveness"]
-        self.wait_s: float = cfg["driver_wait_s"]
-        self.drivers: dict[str, Driver] = {name: Driver(name) for name in cfg["drivers"]}
+    def __init__(self, home: Home, config: Config, outbox: Outbox, table: ProcessTable,
+                 spawner: Spawner) -> None:
+        self.home = home
+        self.config = config
+        self.outbox = outbox
+        self.stats = outbox.stats
+        self.table = table
+        self.spawner = spawner
+        self.hb_s = config.driver_heartbeat_s
+        self.dead_after_s = config.driver_heartbeat_s * config.driver_liveness
+        self.wait_s = config.driver_wait_s
+        self.drivers: dict[str, Driver] = {name: Driver(name) for name in config.drivers}
         self.by_ident: dict[bytes, Driver] = {}
+        self.inflight: dict[int, int] = {}  # pid -> its calls in flight to drivers
         self.next_id = 1
         self.next_hb = 0.0
+        self.stopping = False
 
     # -- starting and stopping ------------------------------------------------------
 
@@ -101,13 +104,13 @@ class Supervisor:
         # must not be able to connect under a driver's routing id
         d.ident = f"{d.name}.{d.epoch}.{secrets.token_hex(8)}".encode()
         env = dict(os.environ)
-        env.update(LLMOS_HOME=str(self.kernel.home.root), LLMOS_DRIVER_ID=d.ident.decode(),
+        env.update(LLMOS_HOME=str(self.home.root), LLMOS_DRIVER_ID=d.ident.decode(),
                    LLMOS_DRIVER_TOKEN=d.token, LLMOS_KERNEL_PID=str(os.getpid()),
                    PYTHONPATH=os.pathsep.join(filter(None, [_project_root(),
                                                             env.get("PYTHONPATH")])))
-        logdir = self.kernel.home.log / "drivers"
-        logdir.mkdir(parents=True, exist_ok=True)
-        with open(logdir / f"{d.name}.log", "ab") as out:
+        logfile = self.home.driver_log(d.name)
+        logfile.parent.mkdir(parents=True, exist_ok=True)
+        with open(logfile, "ab") as out:
             d.popen = subprocess.Popen([sys.executable, "-m", f"drivers.{d.name}"], env=env,
                                        stdin=subprocess.DEVNULL, stdout=out,
                                        stderr=subprocess.STDOUT)
@@ -131,22 +134,23 @@ class Supervisor:
         d.restart_at = now + d.backoff
         d.backoff = min(BACKOFF_MAX_S, d.backoff * 2)
         d.restarts += 1
-        for call in d.inflight.values():
-            if call.call.idempotent and not call.retried:
-                call.retried = True
-                call.queued_at = now
-                d.backlog.appendleft(call)
+        for r in d.inflight.values():
+            if r.call.syscall.idempotent and not r.retried:
+                r.retried = True
+                r.queued_at = now
+                d.backlog.appendleft(r)
             else:
-                self._fail(call, Errno.EIO, f"driver {d.name} died while serving "
-                           f"{call.call.name} ({why})")
+                self._fail(r, Errno.EIO, f"driver {d.name} died while serving "
+                           f"{r.call.name} ({why})")
         d.inflight.clear()
 
     def stop_all(self) -> None:
+        self.stopping = True
         for d in self.drivers.values():
             if d.state != "down":
-                self._send(d, {"t": "stop"})
-            for call in [*d.inflight.values(), *d.backlog]:
-                self._fail(call, Errno.EIO, "llmos is shutting down")
+                self._send(d, wire.stop())
+            for r in [*d.inflight.values(), *d.backlog]:
+                self._fail(r, Errno.EIO, "llmos is shutting down")
             d.inflight.clear()
             d.backlog.clear()
         deadline = time.monotonic() + 3.0
@@ -165,66 +169,61 @@ class Supervisor:
 
     # -- routing --------------------------------------------------------------------
 
-    def route(self, call: Syscall, proc: "Process", args: dict, bulk: list, conn: bytes,
-              seq: int, t0: float) -> None:
-        d = self.drivers.get(call.service)
+    def route(self, call: Call) -> None:
+        """Send call to the driver of its service (or hold it until that driver is
+        ready); the driver's answer goes back through call."""
+        d = self.drivers.get(call.syscall.service)
         if d is None:
-            raise SyscallError(Errno.ENOSYS, f"{call.name}: no {call.service} driver "
-                               "is configured")
-        inflight = self.kernel.inflight.get(proc.pid, 0)
-        if inflight >= self.kernel.config["max_inflight_per_process"]:
-            raise SyscallError(Errno.EAGAIN, f"{call.name}: process {proc.pid} has "
+            raise SyscallError(Errno.ENOSYS, f"{call.name}: no {call.syscall.service} "
+                               "driver is configured")
+        pid = call.pid
+        inflight = self.inflight.get(pid, 0)
+        if inflight >= self.config.max_inflight_per_process:
+            raise SyscallError(Errno.EAGAIN, f"{call.name}: process {pid} has "
                                f"{inflight} calls in flight; wait for some replies")
-        self.kernel.inflight[proc.pid] = inflight + 1
-        c = Call(call, proc.pid, proc.uid, args, bulk, conn, seq, t0, time.monotonic())
+        self.inflight[pid] = inflight + 1
+        r = Routed(call, time.monotonic())
         if d.state == "ready":
-            self._dispatch(d, c)
+            self._dispatch(d, r)
         else:
-            d.backlog.append(c)
+            d.backlog.append(r)
 
-    def _dispatch(self, d: Driver, c: Call) -> None:
+    def _dispatch(self, d: Driver, r: Routed) -> None:
         rid = self.next_id
         self.next_id += 1
-        d.inflight[rid] = c
-        head = {"t": "req", "i": rid, "n": c.call.number, "a": c.args,
-                "c": {"pid": c.pid, "uid": c.uid}}
+        d.inflight[rid] = r
+        c = r.call
+        assert c.proc is not None
+        head = wire.driver_request(rid, c.syscall.number, c.args, c.proc.pid, c.proc.uid)
         failure = self._send(d, head, c.bulk)
         if failure == "full":
             del d.inflight[rid]
-            self._fail(c, Errno.EAGAIN, f"driver {d.name} has too many requests queued")
+            self._fail(r, Errno.EAGAIN, f"driver {d.name} has too many requests queued")
         elif failure == "gone":
             # Never delivered, so safe to send again whatever the syscall: keep it
             # for the next instance of a driver whose connection is gone.
             del d.inflight[rid]
-            c.queued_at = time.monotonic()
-            d.backlog.appendleft(c)
+            r.queued_at = time.monotonic()
+            d.backlog.appendleft(r)
             self._died(d, "its connection is gone")
 
-    def _send(self, d: Driver, head: dict, bulk: list = ()) -> str | None:
+    def _send(self, d: Driver, head: dict, bulk: list | tuple = ()) -> str | None:
         """Send to the driver's current instance: None when sent, else "full"
         (its queue is at the high-water mark) or "gone" (no connection)."""
-        try:
-            send_frames(self.sock, d.ident, encode(head, bulk))
-            return None
-        except zmq.Again:
-            self.kernel.stats.drop("driver_queue_full")
-            return "full"
-        except zmq.ZMQError as e:
-            if e.errno != zmq.EHOSTUNREACH:
-                raise
-            self.kernel.stats.drop("driver_unroutable")
-            return "gone"
+        return self.outbox.send(d.ident, encode(head, bulk), full="driver_queue_full",
+                                gone="driver_unroutable")
 
-    def _fail(self, c: Call, errno: Errno, message: str) -> None:
-        self._settle(c)
-        self.kernel.finish(c.call, c.conn, c.seq, c.t0, error=SyscallError(errno, message))
+    def _fail(self, r: Routed, errno: Errno, message: str) -> None:
+        self._settle(r)
+        r.call.fail(errno, message)
 
-    def _settle(self, c: Call) -> None:
-        n = self.kernel.inflight.get(c.pid, 0)
+    def _settle(self, r: Routed) -> None:
+        pid = r.pid
+        n = self.inflight.get(pid, 0)
         if n > 1:
-            self.kernel.inflight[c.pid] = n - 1
+            self.inflight[pid] = n - 1
         else:
-            self.kernel.inflight.pop(c.pid, None)
+            self.inflight.pop(pid, None)
 
     # -- messages from drivers --------------------------------------------------------
 
@@ -233,93 +232,92 @@ class Supervisor:
         try:
             head = decode(frames[1:], refs=True)
         except WireError:
-            self.kernel.stats.drop("driver_malformed")
+            self.stats.drop("driver_malformed")
             return
-        kind = head.get("t")
+        kind = head.get(wire.KIND)
         d = self.by_ident[ident]
         d.last_seen = time.monotonic()
-        if kind == "rep":
+        if kind == wire.REPLY:
             self._on_reply(d, head, frames[2:])
-        elif kind == "ready":
+        elif kind == wire.READY:
             self._on_ready(d, head)
-        elif kind == "hb":
-            info = head.get("info")
+        elif kind == wire.HEARTBEAT:
+            info = head.get(wire.INFO)
             if type(info) is dict:
                 d.info = info
         else:
-            self.kernel.stats.drop("driver_malformed")
+            self.stats.drop("driver_malformed")
 
     def _on_ready(self, d: Driver, head: dict) -> None:
         if head.get("token") != d.token or d.state != "starting":
-            self.kernel.stats.drop("driver_bad_ready")
+            self.stats.drop("driver_bad_ready")
             return
         d.state = "ready"
         log.info("driver %s epoch %d is ready", d.name, d.epoch)
-        live = [p.pid for p in self.kernel.table.live()]
-        self._send(d, {"t": "welcome", "live": live})
+        self._send(d, wire.welcome([p.pid for p in self.table.live()]))
         while d.backlog and d.state == "ready":
             self._dispatch(d, d.backlog.popleft())
 
     def _on_reply(self, d: Driver, head: dict, bulk: list) -> None:
-        rid = head.get("i")
-        c = d.inflight.get(rid) if type(rid) is int else None
-        if c is None:
-            self.kernel.stats.drop("driver_unknown_reply")
+        rid = head.get(wire.ID)
+        r = d.inflight.get(rid) if type(rid) is int else None
+        if r is None:
+            self.stats.drop("driver_unknown_reply")
             return
-        final = not head.get("p")
+        final = not head.get(wire.PARTIAL)
         if final:
             del d.inflight[rid]
-            self._settle(c)
-        proc = self.kernel.table.get(c.pid)
+            self._settle(r)
+        c = r.call
+        proc = self.table.get(c.pid)
         if proc is None or proc.state != "running" or proc.conn != c.conn:
-            self.kernel.stats.drop("reply_to_gone_process")
+            self.stats.drop("reply_to_gone_process")
             return
-        self._account(proc, head.get("res"))
-        if "e" in head:
-            errno = head["e"] if type(head["e"]) is int else int(Errno.EIO)
-            msg = head.get("m") if type(head.get("m")) is str else ""
-            self.kernel.finish(c.call, c.conn, c.seq, c.t0, error=SyscallError(errno, msg))
-        elif final and c.call.spawns and c.cancelled:  # nobody would learn its pid
-            self.kernel.finish(c.call, c.conn, c.seq, c.t0, error=SyscallError(
-                Errno.ECANCELED, f"{c.call.name}: cancelled; nothing was started"))
-        elif final and c.call.spawns:
-            self._spawn_for(proc, c, head.get("r"))
+        self._account(proc, head.get(wire.RESOURCES))
+        if wire.ERRNO in head:
+            errno = head[wire.ERRNO] if type(head[wire.ERRNO]) is int else int(Errno.EIO)
+            msg = head.get(wire.MESSAGE)
+            c.fail(errno, msg if type(msg) is str else "")
+        elif final and c.syscall.spawns and r.cancelled:  # nobody would learn its pid
+            c.fail(Errno.ECANCELED, f"{c.name}: cancelled; nothing was started")
+        elif final and c.syscall.spawns:
+            self._spawn_for(proc, c, head.get(wire.RESULT))
         elif final:
-            self.kernel.finish(c.call, c.conn, c.seq, c.t0, head.get("r"), bulk=bulk)
+            c.reply(head.get(wire.RESULT), bulk)
         else:
-            self.kernel.reply(c.conn, c.seq, head.get("r"), bulk, partial=True)
+            c.partial(head.get(wire.RESULT), bulk)
 
-    def _spawn_for(self, proc: "Process", c: Call, plan: Any) -> None:
+    def _spawn_for(self, proc: Process, c: Call, plan: Any) -> None:
         """A spawns syscall's driver answered with a program, {argv, env, cwd}: start it
         as the caller's child, as spawn would, and answer the caller with its pid."""
-        try:
-            if (type(plan) is not dict or type(plan.get("argv")) is not list
-                    or not all(type(a) is str for a in plan["argv"])
-                    or type(plan.get("env", {})) is not dict
-                    or not all(type(k) is str and type(v) is str
-                               for k, v in plan.get("env", {}).items())):
-                raise SyscallError(Errno.EIO, f"{c.call.name}: driver {c.call.service} "
-                                   "answered with no program to spawn")
-            cwd = plan.get("cwd") if type(plan.get("cwd")) is str else None
-            pid = self.kernel.sys_spawn(proc, {"argv": plan["argv"], "uid": None, "cwd": cwd,
-                                               "env": plan.get("env") or None}, c.conn, c.seq,
-                                        c.t0)
-        except SyscallError as e:
-            self.kernel.finish(c.call, c.conn, c.seq, c.t0, error=e)
+        if (type(plan) is not dict or type(plan.get("argv")) is not list
+                or not all(type(a) is str for a in plan["argv"])
+                or type(plan.get("env", {})) is not dict
+                or not all(type(k) is str and type(v) is str
+                           for k, v in plan.get("env", {}).items())):
+            c.fail(Errno.EIO, f"{c.name}: driver {c.syscall.service} answered with no "
+                   "program to spawn")
             return
-        self.kernel.finish(c.call, c.conn, c.seq, c.t0, pid)
+        cwd = plan.get("cwd") if type(plan.get("cwd")) is str else None
+        try:
+            child = self.spawner.spawn(proc, plan["argv"], cwd=cwd,
+                                       env=plan.get("env") or None)
+        except SyscallError as e:
+            c.fail(e)
+            return
+        c.reply(child.pid)
 
     def cancel(self, conn: bytes, seq: int) -> None:
         """Tell the driver serving call seq of conn that its caller gave up."""
         for d in self.drivers.values():
-            for rid, c in d.inflight.items():
-                if c.conn == conn and c.seq == seq:
-                    c.cancelled = True
-                    self._send(d, {"t": "cancel", "i": rid})
+            for rid, r in d.inflight.items():
+                if r.call.conn == conn and r.call.seq == seq:
+                    r.cancelled = True
+                    self._send(d, wire.driver_cancel(rid))
                     return
-            for c in d.backlog:  # not sent yet: the driver will see it cancelled
-                if c.conn == conn and c.seq == seq:
-                    c.cancelled = True
+            for r in d.backlog:  # not sent yet: the driver will see it cancelled
+                if r.call.conn == conn and r.call.seq == seq:
+                    r.cancelled = True
                     return
 
     def _account(self, proc: "Process", changes: Any) -> None:
@@ -331,7 +329,7 @@ class Supervisor:
             if type(ch) is not list or not all(type(x) is str for x in ch[:3]):
                 continue
             if len(ch) == 4 and type(ch[3]) is int:
-                target = self.kernel.table.get(ch[3])
+                target = self.table.get(ch[3])
             elif len(ch) == 3:
                 target = proc
             else:
@@ -345,13 +343,14 @@ class Supervisor:
                     held.discard(rid)
 
     def notify_exit(self, pid: int) -> None:
-        """Tell every ready driver that a process ended, so it reclaims what it held."""
+        """Tell every ready driver that a process ended, so it reclaims what it held;
+        its calls not yet sent are dropped (nobody would read the answers)."""
+        self.inflight.pop(pid, None)
         for d in self.drivers.values():
             if d.state == "ready":
-                self._send(d, {"t": "exit", "pid": pid})
-            for c in [c for c in d.backlog if c.pid == pid]:
-                d.backlog.remove(c)
-                self._settle(c)
+                self._send(d, wire.exit_notice(pid))
+            for r in [r for r in d.backlog if r.pid == pid]:
+                d.backlog.remove(r)
 
     # -- periodic work ----------------------------------------------------------------
 
@@ -361,7 +360,7 @@ class Supervisor:
             self.next_hb = now + self.hb_s
         for d in self.drivers.values():
             if d.state == "down":
-                if now >= d.restart_at and self.kernel.running:
+                if now >= d.restart_at and not self.stopping:
                     self._start(d)
                 else:
                     self._expire_backlog(d, now)
@@ -374,7 +373,7 @@ class Supervisor:
             elif d.state == "ready" and now - d.last_seen > self.dead_after_s:
                 self._died(d, "missed its heartbeats")
             elif send_hb and d.state == "ready":
-                self._send(d, {"t": "hb"})
+                self._send(d, wire.driver_heartbeat())
             self._expire_backlog(d, now)
 
     def _expire_backlog(self, d: Driver, now: float) -> None:

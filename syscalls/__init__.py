@@ -1,16 +1,25 @@
-"""The llmos ABI: the syscall table, the errno enum and the wire encoding.
+"""The llmos ABI: the syscall table, the errno enum and its errors, the wire
+encoding, the home directory's layout and settings, and sizes as people write them.
 
 Imported by the kernel, the drivers and userland alike; imports nothing of theirs.
+The client library (`syscalls.client`) is a subpackage, not loaded by this one.
 """
-from ._errno import Errno, SyscallError
-from ._home import DEFAULTS, Home, default_home
+from . import _wire as wire
+from ._errno import (ERROR_FAMILIES, AlreadyExists, Busy, Cancelled, ConnectionLost,
+                     Errno, InvalidArgument, NotFound, OutOfResources, PermissionDenied,
+                     SyscallError, TimedOut)
+from ._home import DEFAULTS, Config, Home, default_home
 from ._schema import FrameRef, check_args
 from ._table import (ABI_VERSION, BY_NAME, BY_NUMBER, REQUIRED, SERVICES, TABLE, TYPES,
                      Arg, Syscall)
-from ._wire import FRAME_EXT, MAX_HEADER, WireError, decode, encode
+from ._units import bounds, format_size, number, parse_sim_spec, parse_size
+from ._wire import FRAME_EXT, MAX_HEADER, WireError, decode, encode, send_frames
 
 __all__ = [
-    "ABI_VERSION", "Arg", "BY_NAME", "BY_NUMBER", "DEFAULTS", "Errno", "FRAME_EXT",
-    "FrameRef", "Home", "MAX_HEADER", "REQUIRED", "SERVICES", "Syscall", "SyscallError",
-    "TABLE", "TYPES", "WireError", "check_args", "decode", "default_home", "encode",
+    "ABI_VERSION", "AlreadyExists", "Arg", "BY_NAME", "BY_NUMBER", "Busy", "Cancelled",
+    "Config", "ConnectionLost", "DEFAULTS", "ERROR_FAMILIES", "Errno", "FRAME_EXT", "FrameRef",
+    "Home", "InvalidArgument", "MAX_HEADER", "NotFound", "OutOfResources",
+    "PermissionDenied", "REQUIRED", "SERVICES", "Syscall", "SyscallError", "TABLE",
+    "TYPES", "TimedOut", "WireError", "bounds", "check_args", "decode", "default_home",
+    "encode", "format_size", "number", "parse_sim_spec", "parse_size", "send_frames", "wire",
 ]

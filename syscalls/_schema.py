@@ -5,12 +5,11 @@ It returns a new dict with defaults filled in, or raises SyscallError(EINVAL).
 """
 from __future__ import annotations
 
-import re
-from decimal import Decimal
-from typing import Any
+from typing import Any, Callable
 
 from ._errno import Errno, SyscallError
 from ._table import MAX_STR, Arg, Syscall
+from ._units import HUGE, bounds, format_size, number, parse_size
 
 
 class FrameRef:
@@ -24,39 +23,20 @@ class FrameRef:
         self.size = size
 
 
-SIZE_UNITS = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
-              "KiB": 2**10, "MiB": 2**20, "GiB": 2**30, "TiB": 2**40}
-_SIZE = re.compile(r"([0-9]{1,20}(?:\.[0-9]{1,20})?) ?([A-Za-z]{0,3})")
+def _shown(value: Any, fmt: Callable[[Any], str] = str) -> str:
+    """A number a client sent, bounded: an int of a thousand digits is "too large"."""
+    if type(value) is int and abs(value) >= 2**64:
+        return f"a {len(str(abs(value)))}-digit number"
+    return fmt(value)
 
 
-def parse_size(value: Any) -> int:
-    """Bytes from an int or a string: "1024", "2GiB", "512 MiB", "1.5GB" (units:
-    B, KB, MB, GB, TB in powers of 1000, KiB, MiB, GiB, TiB in powers of 1024,
-    spelt exactly so; a fraction of a byte is dropped). Anything else, and sizes
-    under one byte, raise ValueError."""
-    if type(value) is int:
-        n = value
-    elif type(value) is str:
-        m = _SIZE.fullmatch(value)
-        if m is None:
-            raise ValueError(f"{value!r} is not a size such as 4096, \"512MiB\" or \"2GiB\"")
-        number, unit = m.groups()
-        if unit and unit not in SIZE_UNITS:
-            raise ValueError(f"unknown unit {unit!r} in {value!r} (use one of "
-                             f"{', '.join(SIZE_UNITS)})")
-        if "." in number and not unit:
-            raise ValueError(f"{value!r} is a fraction of a byte")
-        n = int(Decimal(number) * SIZE_UNITS[unit or "B"])
-    else:
-        raise ValueError(f"a size must be an int or a str, not {type(value).__name__}")
-    if n < 1:
-        raise ValueError(f"a size must be at least 1 byte, got {value!r}")
-    return n
-
-
-def number(x: float) -> str:
-    """A bound as a person reads it: 2147483648, not 2.14748e+09."""
-    return str(int(x)) if float(x).is_integer() else f"{x:g}"
+def _out_of_range(call: Syscall, arg: Arg, value: Any,
+                  fmt: Callable[[Any], str]) -> SyscallError:
+    if arg.hi is not None and value > arg.hi and arg.hi >= HUGE:  # a typo guard
+        return _fail(call, arg, f"is too large: {_shown(value, fmt)} (the most is "
+                     f"{fmt(arg.hi)})")
+    return _fail(call, arg, f"must be {bounds(arg.lo, arg.hi, fmt)}, got "
+                 f"{_shown(value, fmt)}")
 
 
 def _fail(call: Syscall, arg: Arg, why: str) -> SyscallError:
@@ -103,8 +83,7 @@ def _check_one(call: Syscall, arg: Arg, value: Any) -> Any:
         except ValueError as e:
             raise _fail(call, arg, str(e)) from None
         if arg.lo is not None and value < arg.lo or arg.hi is not None and value > arg.hi:
-            raise _fail(call, arg, f"must be between {arg.lo:g} and {arg.hi:g} bytes, "
-                        f"got {value}")
+            raise _out_of_range(call, arg, value, format_size)
         return value
     elif t == "list[str]":
         if type(value) is not list or any(type(v) is not str or "\x00" in v for v in value):
@@ -149,10 +128,8 @@ def _check_one(call: Syscall, arg: Arg, value: Any) -> Any:
                             f"None, not {type(v).__name__}")
     else:  # pragma: no cover - a table error, caught by tests/test_table.py
         raise SyscallError(Errno.EIO, f"{call.name}: unknown type {t!r} in the table")
-    if arg.lo is not None and value < arg.lo:
-        raise _fail(call, arg, f"must be >= {number(arg.lo)}, got {value}")
-    if arg.hi is not None and value > arg.hi:
-        raise _fail(call, arg, f"must be <= {number(arg.hi)}, got {value}")
+    if arg.lo is not None and value < arg.lo or arg.hi is not None and value > arg.hi:
+        raise _out_of_range(call, arg, value, number)
     if arg.max_len is not None and len(value) > arg.max_len:
         raise _fail(call, arg, f"is too long ({len(value)} > {arg.max_len})")
     if arg.choices is not None and value not in arg.choices:

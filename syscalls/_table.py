@@ -170,16 +170,26 @@ TABLE: tuple[Syscall, ...] = (
         ("ESRCH", "no running process has pid: it never did, or it ended (a zombie, "
                   "or reaped)"),
         ("EPERM", "pid is init (1), or a process of another uid and the caller is not "
-                  "uid 0, or an OS process the kernel may not signal"),
+                  "uid 0, or a system process (a driver's own connection, shown in "
+                  "brackets by ps) and the caller is not uid 0, or an OS process the "
+                  "kernel may not signal"),
     ),
-        doc="Send a signal to a process: your own uid's processes only, unless uid 0."),
+        doc="Send a signal to a process: your own uid's processes only, unless uid 0. "
+            "The library also takes a signal.Signals or its number and sends the name."),
     Syscall(7, "exit", "kernel", (
         Arg("status", "int", default=0, lo=0, hi=255),
     ), returns="None",
         doc="End the calling process with a status; its parent's wait sees it."),
-    Syscall(8, "ps", "kernel", returns="list of process records", idempotent=True,
-            doc="The process table: pid, ppid, uid, argv, state, start time, "
-                "resources held, exit status."),
+    Syscall(8, "ps", "kernel", (
+        Arg("all", "bool", default=False,
+            doc="also the processes that ended and were reaped, the last ended_kept "
+                "of them (state ended), oldest first"),
+    ), returns="list of process records {pid, ppid, uid, argv, state, start_time, "
+               "os_pid, attached, resources, status, reason, info, system, end_time}",
+        idempotent=True,
+        doc="The process table: pid, ppid, uid, argv, state (running, zombie; ended "
+            "with all), start time, resources held, exit status; system is true for a "
+            "driver's own connection."),
     Syscall(9, "sysinfo", "kernel", returns="dict", idempotent=True,
             doc="Uptime, processes, drivers (state, restarts), per-syscall counts "
                 "and latency percentiles, dropped messages."),

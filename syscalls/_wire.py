@@ -1,4 +1,5 @@
-"""The wire encoding: one msgpack header frame, then raw frames for bulk bytes.
+"""The wire encoding: one msgpack header frame, then raw frames for bulk bytes;
+the messages' names and constructors; and the one function that sends frames.
 
 Bytes are never packed into msgpack: encode() moves every bytes value it finds
 (in args, results, nested lists and maps) into its own frame and leaves an
@@ -6,23 +7,32 @@ ExtType(FRAME_EXT, index) in its place; decode() puts them back. The kernel
 decodes with refs=True, so it sees FrameRef(index, size) and forwards the frames
 to a driver untouched.
 
-Messages (every header is a msgpack map):
-  userland -> kernel   request  {v: ABI, s: seq, n: number, a: {args}}
-                       heartbeat {t: "hb", k: hb_token}  (on its own connection)
-  kernel -> userland   reply    {s: seq, r: result} or {s: seq, e: errno, m: msg};
+Every header is a msgpack map with one-letter keys (KIND, SEQ, ... below), built
+only by the constructors here, so that a key is spelt in one place:
+
+  userland -> kernel   request(seq, number, args)       {v, s, n, a}
+                       heartbeat(token[, bye])           {t: hb, k}  (its own connection)
+                       cancel(seq)                       {t: cancel, c}
+  kernel -> userland   reply(seq, result[, partial])     {s, r[, p: 1]}
+                       error(seq, errno, message)        {s, e, m}
                        p: 1 marks a partial reply (more follow), as RFC 18's PARTIAL
-  driver -> kernel     {t: "ready", services, epoch, token}, {t: "hb"},
-                       {t: "rep", i: id, r|e+m, p?}
-  kernel -> driver     {t: "req", i: id, n, a, c: {pid, uid}}, {t: "hb"},
-                       {t: "exit", pid}, {t: "stop"}
+  driver -> kernel     ready(services, token, os_pid)    {t: ready, ...}
+                       driver_heartbeat(info)            {t: hb[, info]}
+                       driver_reply(id, result|errno+message[, partial, res])
+                                                         {t: rep, i, r|e+m[, p][, res]}
+  kernel -> driver     driver_request(id, number, args, pid, uid)  {t: req, i, n, a, c}
+                       driver_heartbeat(), welcome(live), exit_notice(pid),
+                       driver_cancel(id), stop()
 """
 from __future__ import annotations
 
 from typing import Any, Sequence
 
 import msgpack
+import zmq
 
 from ._schema import FrameRef
+from ._table import ABI_VERSION
 
 FRAME_EXT = 1
 MAX_HEADER = 1 << 20  # bytes; a larger header is dropped and counted
@@ -107,3 +117,114 @@ def decode(frames: Sequence[bytes], refs: bool = False) -> dict:
     if type(obj) is not dict:
         raise WireError(f"header must be a map, not {type(obj).__name__}")
     return obj
+
+
+# -- the header's keys ------------------------------------------------------------
+
+KIND = "t"        # what a message is, when it is not a request or reply: KINDS
+VERSION = "v"     # the ABI version a request speaks
+SEQ = "s"         # a request's sequence number, echoed by its replies
+NUMBER = "n"      # the syscall's number
+ARGS = "a"        # the arguments, a map
+RESULT = "r"      # a reply's result
+ERRNO = "e"       # an error reply's errno (an int)
+MESSAGE = "m"     # an error reply's message
+PARTIAL = "p"     # 1 on a partial reply: more follow
+TOKEN = "k"       # a heartbeat's token (from attach)
+BYE = "bye"       # a heartbeat's last: the process detached and will not send more
+CANCELS = "c"     # a cancel's sequence number
+ID = "i"          # the kernel's id of a request routed to a driver
+CREDS = "c"       # a routed request's caller: {pid, uid}
+RESOURCES = "res"  # a driver's reply: resources the caller now holds or released
+INFO = "info"     # a driver's heartbeat: its status summary
+
+HEARTBEAT, CANCEL, READY, REPLY, REQUEST = "hb", "cancel", "ready", "rep", "req"
+WELCOME, EXIT, STOP = "welcome", "exit", "stop"
+
+
+def request(seq: int, number: int, args: dict) -> dict:
+    return {VERSION: ABI_VERSION, SEQ: seq, NUMBER: number, ARGS: args}
+
+
+def reply(seq: int, result: Any, partial: bool = False) -> dict:
+    head: dict[str, Any] = {SEQ: seq, RESULT: result}
+    if partial:
+        head[PARTIAL] = 1
+    return head
+
+
+def error(seq: Any, errno: int, message: str) -> dict:
+    return {SEQ: seq, ERRNO: int(errno), MESSAGE: message}
+
+
+def heartbeat(token: str, bye: bool = False) -> dict:
+    return {KIND: HEARTBEAT, TOKEN: token, **({BYE: True} if bye else {})}
+
+
+def cancel(seq: int) -> dict:
+    return {KIND: CANCEL, CANCELS: seq}
+
+
+def ready(services: list[str], token: str, os_pid: int) -> dict:
+    return {KIND: READY, "services": services, "token": token, "os_pid": os_pid}
+
+
+def driver_heartbeat(info: dict | None = None) -> dict:
+    return {KIND: HEARTBEAT} if info is None else {KIND: HEARTBEAT, INFO: info}
+
+
+def driver_request(rid: int, number: int, args: dict, pid: int, uid: int) -> dict:
+    return {KIND: REQUEST, ID: rid, NUMBER: number, ARGS: args,
+            CREDS: {"pid": pid, "uid": uid}}
+
+
+def driver_reply(rid: Any, result: Any = None, errno: int | None = None,
+                 message: str = "", partial: bool = False,
+                 resources: list | None = None) -> dict:
+    head: dict[str, Any] = {KIND: REPLY, ID: rid}
+    if errno is None:
+        head[RESULT] = result
+    else:
+        head[ERRNO], head[MESSAGE] = int(errno), message
+    if partial:
+        head[PARTIAL] = 1
+    if resources:
+        head[RESOURCES] = resources
+    return head
+
+
+def welcome(live: list[int]) -> dict:
+    return {KIND: WELCOME, "live": live}
+
+
+def exit_notice(pid: int) -> dict:
+    return {KIND: EXIT, "pid": pid}
+
+
+def driver_cancel(rid: int) -> dict:
+    return {KIND: CANCEL, ID: rid}
+
+
+def stop() -> dict:
+    return {KIND: STOP}
+
+
+# -- sending ---------------------------------------------------------------------------
+
+_MORE = int(zmq.SNDMORE)  # ints: pyzmq's enum arithmetic per frame costs more than
+_NOBLOCK = int(zmq.NOBLOCK)  # the send itself
+COPY_BELOW = 65536  # frames under about 64 kB are cheaper copied than sent zero-copy
+
+
+def send_frames(sock: zmq.Socket, frames: Sequence[Any], ident: bytes | None = None,
+                block: bool = False) -> None:
+    """send_multipart([ident, *frames]) without its per-frame overhead; NOBLOCK unless
+    block. libzmq checks routability and the high-water mark on the first frame, so
+    a failure (zmq.Again, EHOSTUNREACH) leaves nothing half sent."""
+    flags = 0 if block else _NOBLOCK
+    if ident is not None:
+        sock.send(ident, flags | _MORE)
+    last = len(frames) - 1
+    for i, frame in enumerate(frames):
+        sock.send(frame, flags if i == last else flags | _MORE,
+                  copy=len(frame) < COPY_BELOW)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from ._schema import number
+from ._units import number
 from ._table import TABLE, Arg, Syscall
 
 # The errors any call can get, whatever its own code does, as (errno, scope, when).
@@ -20,8 +20,10 @@ GENERIC_ERRORS: tuple[tuple[str, str, str], ...] = (
     ("EPROTO", "all", "the request's ABI version is not the kernel's (checked first)"),
     ("ENOSYS", "all", "no syscall has the request's number; or no driver of the "
                       "syscall's service is configured (`drivers` in config.toml)"),
-    ("EPERM", "attached", "the connection is not attached: it never was, or its "
-                          "process ended (after exit, a kill, or lost heartbeats)"),
+    ("ENOTCONN", "attached", "the connection is not attached: it never was, or its "
+                             "process ended (after exit, a kill, or lost heartbeats), or "
+                             "the kernel restarted since it attached (the library says "
+                             "ECONNRESET then)"),
     ("EINVAL", "all", "the arguments break the schema: one missing, unknown or of the "
                       "wrong type, a number out of its bounds, a string or list over "
                       "its length or with NUL, a value not among its choices"),

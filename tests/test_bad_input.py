@@ -191,7 +191,7 @@ def test_undecodable_before_attach_is_dropped(kernel: Booted, fresh: RawClient) 
     seq = fresh.request(NOP)
     reply = fresh.recv()
     assert reply["s"] == seq
-    assert_error(reply, Errno.EPERM, "attach")
+    assert_error(reply, Errno.ENOTCONN, "attached")
     assert dropped(kernel).get("malformed", 0) == before + 1
     assert_still_serving(kernel)
 
@@ -270,9 +270,9 @@ def test_surplus_frames_are_ignored(kernel: Booted, raw: RawClient) -> None:
 
 
 @pytest.mark.parametrize("call", [s for s in TABLE if s.name != "attach"], ids=lambda s: s.name)
-def test_every_call_before_attach_is_eperm(kernel: Booted, fresh: RawClient,
+def test_every_call_before_attach_is_enotconn(kernel: Booted, fresh: RawClient,
                                            call: Syscall) -> None:
-    assert_error(fresh.call(call.number, safe_args(call)), Errno.EPERM, "attach")
+    assert_error(fresh.call(call.number, safe_args(call)), Errno.ENOTCONN, "attached")
     assert_still_serving(kernel)
 
 
@@ -299,7 +299,7 @@ def test_attach_twice_is_ebusy(kernel: Booted, fresh: RawClient) -> None:
 def test_bad_credentials_are_eacces(kernel: Booted, fresh: RawClient, creds: dict) -> None:
     assert_error(fresh.attach(kernel.home, **creds), Errno.EACCES)
     # the connection stays unattached, and can still attach properly
-    assert_error(fresh.call(NOP), Errno.EPERM)
+    assert_error(fresh.call(NOP), Errno.ENOTCONN)
     assert "r" in fresh.attach(kernel.home)
     reply = fresh.call(NOP)
     assert "e" not in reply and reply["r"] is None, reply

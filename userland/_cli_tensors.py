@@ -27,7 +27,7 @@ import numpy as np
 from syscalls import Errno, Home, SyscallError
 
 from syscalls.client import _tensors
-from syscalls.client._tensors import as_raw
+from syscalls.client import as_raw
 
 # A transfer of this many bytes or more gets a progress bar when stderr is a
 # terminal (smaller ones are over before a bar would say anything); --progress
@@ -245,9 +245,9 @@ def check_storable(data: Any, split: bool) -> None:
                                "bytes); put -g keeps such names in a group")
         try:
             as_raw(t)
-        except (TypeError, ValueError) as e:
+        except SyscallError as e:
             where = f" {key!r}:" if key is not None else ""
-            raise SyscallError(Errno.EINVAL, f"put:{where} {e}") from None
+            raise SyscallError(Errno.EINVAL, f"put:{where} {e.message}") from None
 
 
 def file_size(file: Path) -> int:

@@ -29,7 +29,7 @@ from userland._cli_models import _mkdirs, _scalar, progress, read_corpus
 from userland._cli_models import follow as follow_job
 from userland._cli_tensors import (TransferBar, _read_file, _write_file, check_storable,
                                    file_size, put_data, remove, show_bar)
-from syscalls.client._tensors import _NP, TensorMethods, _torch
+from syscalls.client._tensors import NUMPY_DTYPES as _NP, TensorMethods, _torch
 from userland.cli import LogTail, _wait_forwarding
 
 FIRST_VALUES = 8

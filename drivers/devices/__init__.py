@@ -26,9 +26,8 @@ from typing import Any
 
 import psutil
 
-from drivers import DEFERRED, Request, run_driver
-from syscalls import Errno, Home, SyscallError
-from syscalls._schema import parse_size
+from drivers import DEFERRED, DriverLoop, Request, Service
+from syscalls import Errno, SyscallError, format_size
 
 from . import _discover
 from ._alloc import Alloc, Allocator, Gpu, Waiter
@@ -50,20 +49,6 @@ def boot_id() -> str:
     return f"{kpid}:{started}"
 
 
-def parse_quota(table: Any) -> dict[int, int]:
-    if not isinstance(table, dict):
-        raise ValueError(f"gpu_quota must be a table of uid = size, not {table!r}")
-    out = {}
-    for uid, size in table.items():
-        if not (isinstance(uid, str) and uid.isascii() and uid.isdigit()):
-            raise ValueError(f"gpu_quota: {uid!r} is not a uid")
-        try:
-            out[int(uid)] = parse_size(size)
-        except ValueError as e:
-            raise ValueError(f"gpu_quota[{uid!r}]: {e}") from None
-    return out
-
-
 def write_atomically(path: Path, data: bytes) -> None:
     """Replace path with data so that a crash leaves the old or the new file."""
     tmp = path.with_name(path.name + ".tmp")
@@ -81,23 +66,20 @@ def write_atomically(path: Path, data: bytes) -> None:
         os.close(dfd)
 
 
-class Devices:
-    def __init__(self, home: Home, cfg: dict[str, Any]) -> None:
-        self.home = home
-        mode = cfg.get("gpus", "auto")
-        if mode not in ("auto", "sim"):
-            raise ValueError(f"gpus must be \"auto\" or \"sim\", not {mode!r}")
-        gpus: list[Gpu] = _discover.nvml_gpus() if mode == "auto" else []
+class Devices(Service):
+    name = "devices"
+    serves = ("alloc_gpu", "free_gpu", "devices")
+
+    def __init__(self, loop: DriverLoop) -> None:
+        super().__init__(loop)
+        cfg = self.config
+        gpus: list[Gpu] = _discover.nvml_gpus() if cfg.gpus == "auto" else []
         self.simulated = not gpus
         if self.simulated:
-            spec = os.environ.get("LLMOS_SIM_GPUS") or cfg["sim_gpus"]
-            gpus = _discover.simulated_gpus(spec)
-        max_bypass = int(cfg["gpu_max_bypass"])
-        if max_bypass < 0:
-            raise ValueError("gpu_max_bypass must be >= 0")
-        self.alloc = Allocator(gpus, max_bypass, parse_quota(cfg["gpu_quota"]))
+            gpus = _discover.simulated_gpus(os.environ.get("LLMOS_SIM_GPUS") or cfg.sim_gpus)
+        self.alloc = Allocator(gpus, cfg.gpu_max_bypass, dict(cfg.gpu_quota))
         self.tombstones: OrderedDict[str, int] = OrderedDict()  # freed id -> its pid
-        self.journal = home.root / "devices" / "allocations.json"
+        self.journal = self.home.root / "devices" / "allocations.json"
         self.boot = boot_id()
         self.load()
         log.info("%d %s GPU(s): %s", len(gpus), "simulated" if self.simulated else "real",
@@ -174,14 +156,15 @@ class Devices:
         al = self.alloc
         if al.never_fits(mem, count):
             big = max((g.capacity for g in al.gpus.values()), default=0)
-            raise SyscallError(Errno.ENOMEM, f"alloc_gpu: {count} device(s) of {mem} bytes "
-                               f"can never be met: {len(al.gpus)} GPU(s), the largest of "
-                               f"{big} bytes")
+            raise SyscallError(Errno.ENOMEM, f"alloc_gpu: {count} device(s) of "
+                               f"{format_size(mem)} can never be met: {len(al.gpus)} "
+                               f"GPU(s), the largest of {format_size(big)}")
         quota = al.over_quota(req.uid, mem, count)
         if quota is not None:
             raise SyscallError(Errno.EDQUOT, f"alloc_gpu: uid {req.uid} holds or waits for "
-                               f"{al.uid_bytes(req.uid)} bytes; {mem * count} more is over "
-                               f"its quota of {quota}")
+                               f"{format_size(al.uid_bytes(req.uid))}; "
+                               f"{format_size(mem * count)} more is over its quota of "
+                               f"{format_size(quota)}")
         w = al.new_waiter(req.pid, req.uid, mem, count, exclusive, priority, wait, req)
         al.enqueue(w)
         grants = al.schedule()
@@ -190,8 +173,9 @@ class Devices:
             if grants:
                 self.commit(grants)
             raise SyscallError(Errno.ENOMEM, f"alloc_gpu: no {count} device(s) with "
-                               f"{mem} bytes free{' for exclusive use' if exclusive else ''} "
-                               "now (wait=True queues)")
+                               f"{format_size(mem)} free"
+                               f"{' for exclusive use' if exclusive else ''} now "
+                               "(wait=True queues)")
         self.commit(grants)
         if w in al.queue and timeout is not None:
             req.loop.call_later(timeout, lambda: self.expire(w))
@@ -274,11 +258,3 @@ class Devices:
                 log.info("pid %d ended while the driver was down: freed %s", pid, a.id)
         self.commit(self.alloc.schedule())
 
-
-def main() -> None:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s devices %(levelname)s %(message)s")
-    home = Home.resolve(os.environ.get("LLMOS_HOME"))
-    d = Devices(home, home.config())
-    run_driver("devices", {"alloc_gpu": d.alloc_gpu, "free_gpu": d.free_gpu,
-                           "devices": d.devices},
-               on_exit=d.on_exit, on_welcome=d.on_welcome, status=d.status)

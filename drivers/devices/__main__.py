@@ -1,3 +1,6 @@
-from drivers.devices import main
+import sys
 
-main()
+from drivers import run_driver
+from drivers.devices import Devices
+
+sys.exit(run_driver(Devices))

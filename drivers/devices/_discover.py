@@ -6,31 +6,15 @@ from __future__ import annotations
 
 import logging
 import os
-import re
 from typing import Any
 
 import psutil
 
-from syscalls._schema import parse_size
+from syscalls import parse_sim_spec
 
 from ._alloc import Gpu
 
 log = logging.getLogger("llmos.devices")
-
-_SPEC = re.compile(r"([0-9]{1,2})x(.+)")
-MAX_SIM_GPUS = 64
-
-
-def parse_sim_spec(spec: str) -> tuple[int, int]:
-    """"2x16GiB" -> (2, 17179869184). "0x1GiB" means no simulated GPUs."""
-    m = _SPEC.fullmatch(spec.strip()) if isinstance(spec, str) else None
-    if m is None:
-        raise ValueError(f"simulated GPUs {spec!r}: want COUNTxSIZE, such as 2x16GiB")
-    count = int(m.group(1))
-    if count > MAX_SIM_GPUS:
-        raise ValueError(f"simulated GPUs {spec!r}: at most {MAX_SIM_GPUS}")
-    return count, parse_size(m.group(2))
-
 
 def simulated_gpus(spec: str) -> list[Gpu]:
     count, size = parse_sim_spec(spec)

@@ -8,30 +8,28 @@ from __future__ import annotations
 
 import time
 
-from drivers import DEFERRED, Request, run_driver
+from drivers import DEFERRED, Request, Service
 
 
-def echo(req: Request, data: bytes) -> bytes:
-    return data
+class Echo(Service):
+    name = "echo"
+    serves = ("echo", "ticks", "sleep")
 
+    def echo(self, req: Request, data: bytes) -> bytes:
+        return data
 
-def ticks(req: Request, count: int, interval: float) -> object:
-    def tick(i: int) -> None:
-        if i == count:
-            req.reply(count)
-            return
-        req.partial(i)
-        req.loop.call_later(interval, lambda: tick(i + 1))
+    def ticks(self, req: Request, count: int, interval: float) -> object:
+        def tick(i: int) -> None:
+            if i == count:
+                req.reply(count)
+                return
+            req.partial(i)
+            self.loop.call_later(interval, lambda: tick(i + 1))
 
-    tick(0)
-    return DEFERRED
+        tick(0)
+        return DEFERRED
 
-
-def sleep(req: Request, seconds: float) -> object:
-    t0 = time.monotonic()
-    req.loop.call_later(seconds, lambda: req.reply(round(time.monotonic() - t0, 6)))
-    return DEFERRED
-
-
-def main() -> None:
-    run_driver("echo", {"echo": echo, "ticks": ticks, "sleep": sleep})
+    def sleep(self, req: Request, seconds: float) -> object:
+        t0 = time.monotonic()
+        self.loop.call_later(seconds, lambda: req.reply(round(time.monotonic() - t0, 6)))
+        return DEFERRED

@@ -1,3 +1,6 @@
-from drivers.echo import main
+import sys
 
-main()
+from drivers import run_driver
+from drivers.echo import Echo
+
+sys.exit(run_driver(Echo))

@@ -23,20 +23,17 @@ client library, syscalls.client, as a MINIX driver uses libc.
 from __future__ import annotations
 
 import codecs
-import concurrent.futures
 import json
 import logging
 import os
 import secrets
-import signal
 import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-from drivers import DEFERRED, DriverLoop, Request, prepare_driver
-from syscalls import Errno, Home, SyscallError
-from syscalls._schema import parse_size
+from drivers import DriverLoop, Request, Service
+from syscalls import ConnectionLost, Errno, SyscallError, format_size
 
 log = logging.getLogger("llmos.executor")
 
@@ -70,19 +67,21 @@ class Pending:
         errors="replace"))
 
 
-class Executor:
-    def __init__(self, home: Home, cfg: dict[str, Any]) -> None:
-        self.home = home
-        self.max_batch = int(cfg["infer_max_batch"])
-        self.window_s = float(cfg["infer_window_ms"]) / 1000
-        self.max_tokens = int(cfg["infer_max_tokens"])
-        self.max_prompt = int(cfg["infer_max_prompt"])
-        self.budget = parse_size(cfg["model_cache"])
-        self.threads_setting = int(cfg["infer_threads"])
+class Executor(Service):
+    name = "executor"
+    serves = ("spawn_train", "infer", "models")
+
+    def __init__(self, loop: DriverLoop) -> None:
+        super().__init__(loop)
+        cfg = self.config
+        self.max_batch = cfg.infer_max_batch
+        self.window_s = cfg.infer_window_ms / 1000
+        self.max_tokens = cfg.infer_max_tokens
+        self.max_prompt = cfg.infer_max_prompt
+        self.budget = cfg.model_cache
+        self.threads_setting = cfg.infer_threads
         self.threads: int | None = None
-        self.loop: DriverLoop | None = None
-        self.pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="executor")
-        self.conns: dict[int, Any] = {}        # uid -> userland handle (pool thread only)
+        self.conns: dict[int, Any] = {}        # uid -> client handle (background thread)
         self.cache: OrderedDict[tuple, Loaded] = OrderedDict()
         self.engine: Any = None                # created on the first infer
         self.pending: dict[int, Pending] = {}  # request id -> Pending
@@ -94,59 +93,31 @@ class Executor:
 
     def background(self, work: Callable[[], Any], done: Callable[[Any], None],
                    req: Request) -> Any:
-        """Run work() in the pool thread; then done(result) on the loop's thread, or
-        req.fail with work's SyscallError (any other exception: EIO)."""
-        loop = self.loop
-        assert loop is not None
-        loop.background += 1
+        """loop.background, once more on fresh connections when one of this driver's
+        own was lost (the kernel restarted or ended it); a failed load leaves
+        nothing in the loading table."""
+        def attempt() -> Any:
+            try:
+                return work()
+            except ConnectionLost as e:
+                self.forget_connections(e)
+                return work()
+            except BaseException:
+                self.loop.post(lambda: self.loading.pop(req.id, None))
+                raise
 
-        def finish(result: Any, error: SyscallError | None) -> None:
-            loop.background -= 1
-            if error is not None:
-                self.loading.pop(req.id, None)
-            if req.done:
-                return
-            if error is not None:
-                req.fail(error.errno, error.message)
-                return
+        def failed_too(result: Any) -> None:
             try:
                 done(result)
-            except SyscallError as e:
-                if not req.done:
-                    req.fail(e.errno, e.message)
-            except Exception as e:
-                log.exception("%s failed", req.name)
+            except Exception:
                 self.errors += 1
-                if not req.done:
-                    req.fail(Errno.EIO, f"executor: {req.name}: {type(e).__name__}: {e}")
+                raise
 
-        def run() -> None:
-            try:
-                try:
-                    result, error = work(), None
-                except SyscallError as e:
-                    if not self.lost_connection(e):
-                        raise
-                    result, error = work(), None  # once more, on fresh connections
-            except SyscallError as e:
-                result, error = None, e
-            except Exception as e:
-                log.exception("%s failed", req.name)
-                self.errors += 1
-                result, error = None, SyscallError(Errno.EIO, f"executor: {req.name}: "
-                                                   f"{type(e).__name__}: {e}")
-            loop.post(lambda: finish(result, error))
+        return self.loop.background(attempt, failed_too, req)
 
-        self.pool.submit(run)
-        return DEFERRED
-
-    def lost_connection(self, e: SyscallError) -> bool:
-        """Whether e says one of this driver's own connections is no longer attached
-        (the kernel declared it lost); if so, forget them all, to attach anew."""
-        if (e.errno, e.message.split(":")[0]) not in (
-                (Errno.EPERM, "this connection is not attached"),
-                (Errno.EBADF, "this llmos handle is closed")):
-            return False
+    def forget_connections(self, e: SyscallError) -> None:
+        """One of this driver's own connections is no longer attached: forget them
+        all, to attach anew."""
         log.warning("a connection of the executor was lost (%s); attaching again", e)
         for osh in self.conns.values():
             try:
@@ -154,7 +125,6 @@ class Executor:
             except Exception:
                 pass
         self.conns.clear()
-        return True
 
     def conn(self, uid: int) -> Any:
         """This driver's connection acting as uid (pool thread only)."""
@@ -229,8 +199,9 @@ class Executor:
         nbytes = 4 * n_params(cfg) + 2 * 4 * cfg.n_layer * self.max_batch * \
             cfg.block_size * cfg.n_embd
         if nbytes > self.budget:
-            raise SyscallError(Errno.ENOMEM, f"infer: {path} needs {nbytes} bytes with its "
-                               f"KV cache, over the model cache budget of {self.budget}")
+            raise SyscallError(Errno.ENOMEM, f"infer: {path} needs {format_size(nbytes)} "
+                               "with its KV cache, over the model cache budget of "
+                               f"{format_size(self.budget)} (model_cache)")
         hit = self.cache.get(key)
         if hit is not None:
             return hit
@@ -319,7 +290,7 @@ class Executor:
         return self.background(lambda: self.load(uid, model), start, req)
 
     def kick(self, delay: float = 0.0) -> None:
-        if not self.stepping and self.loop is not None:
+        if not self.stepping:
             self.stepping = True
             self.loop.call_later(delay, self.step)
 
@@ -431,7 +402,8 @@ class Executor:
                 avail = psutil.virtual_memory().available
                 if total > avail:
                     raise SyscallError(Errno.ENOMEM, f"spawn_train: {cfg['workers']} workers "
-                                       f"need about {total} bytes, {avail} are available")
+                                       f"need about {format_size(total)}, "
+                                       f"{format_size(avail)} is available")
             self.check_dataset(uid, cfg)
             self.check_out(uid, cfg)
             return cfg
@@ -453,8 +425,8 @@ class Executor:
                                        f"is process {a['pid']}'s")
                 if need > a["bytes"]:
                     raise SyscallError(Errno.ENOMEM, f"spawn_train: a worker needs about "
-                                       f"{need} bytes; allocation {alloc_id} has {a['bytes']} "
-                                       "on each device")
+                                       f"{format_size(need)}; allocation {alloc_id} has "
+                                       f"{format_size(a['bytes'])} on each device")
                 idx = sorted(g["index"] for g in devices["gpus"]
                              if any(x["id"] == alloc_id for x in g["allocations"]))
                 return {"alloc_id": alloc_id, "devices": idx, "gpu_bytes": a["bytes"],
@@ -465,8 +437,9 @@ class Executor:
         gpus = self.conn(0).devices()["gpus"]
         fit = [g for g in gpus if g["capacity"] >= need]
         if len(fit) < count:
-            raise SyscallError(Errno.ENOMEM, f"spawn_train: a worker needs about {need} "
-                               f"bytes on each of {count} GPUs; {len(fit)} GPUs are that big")
+            raise SyscallError(Errno.ENOMEM, f"spawn_train: a worker needs about "
+                               f"{format_size(need)} on each of {count} GPUs; {len(fit)} "
+                               "GPUs are that big")
 
     def check_out(self, uid: int, cfg: dict) -> None:
         """The job's out directory: not another running job's (EBUSY), not an existing
@@ -546,7 +519,6 @@ class Executor:
         return out
 
     def shutdown(self) -> None:
-        self.pool.shutdown(wait=False, cancel_futures=True)
         for osh in self.conns.values():
             try:
                 osh.close()
@@ -560,23 +532,5 @@ def text_of(t: Any) -> str:
     return bytes(np.asarray(t, dtype=np.uint8).tobytes()).decode("utf-8")
 
 
-def main() -> None:
-    prepare_driver("executor")
-    home = Home.resolve(os.environ.get("LLMOS_HOME"))
-    ex = Executor(home, home.config())
 
-    def on_term(signum: int, frame: Any) -> None:
-        raise SystemExit(0)
-
-    signal.signal(signal.SIGTERM, on_term)
-    loop = DriverLoop("executor", {"spawn_train": ex.spawn_train, "infer": ex.infer,
-                                   "models": ex.models},
-                      on_exit=ex.on_exit, on_cancel=ex.on_cancel, status=ex.status)
-    ex.loop = loop
-    try:
-        loop.run()
-    finally:
-        ex.shutdown()
-
-
-__all__ = ["Executor", "main"]
+__all__ = ["Executor"]

@@ -1,3 +1,6 @@
-from drivers.executor import main
+import sys
 
-main()
+from drivers import run_driver
+from drivers.executor import Executor
+
+sys.exit(run_driver(Executor))

@@ -38,9 +38,8 @@ from typing import Any
 
 import numpy as np
 
-from drivers import Request, run_driver
-from syscalls import Errno, Home, SyscallError
-from syscalls._schema import parse_size
+from drivers import DriverLoop, Request, Service
+from syscalls import Errno, SyscallError, format_size
 
 from . import _format, _shm
 from ._format import DTYPES, SUFFIX, FormatError, TensorMeta
@@ -138,17 +137,6 @@ def write_data_and_crc(fd: int, m: TensorMeta, data: memoryview) -> None:
     os.pwrite(fd, final, 0)
 
 
-def parse_quota(table: Any) -> dict[int, int]:
-    if not isinstance(table, dict):
-        raise ValueError(f"tensor_quota must be a table of uid = size, not {table!r}")
-    out = {}
-    for uid, size in table.items():
-        if not (isinstance(uid, str) and uid.isascii() and uid.isdigit()):
-            raise ValueError(f"tensor_quota: {uid!r} is not a uid")
-        out[int(uid)] = parse_size(size)
-    return out
-
-
 @dataclass
 class DirMeta:
     owner: int
@@ -192,16 +180,22 @@ class Stats:
     handouts: dict[int, dict[Path, float]] = field(default_factory=dict)
 
 
-class TensorFS:
-    def __init__(self, home: Home, cfg: dict[str, Any]) -> None:
-        self.root = home.root / "tensors"
+class TensorFS(Service):
+    name = "tensorfs"
+    serves = ("open_tensor", "read_tensor", "write_tensor", "close_tensor", "stat",
+              "listdir", "mkdir", "unlink", "rename", "chmod")
+
+    def __init__(self, loop: DriverLoop) -> None:
+        super().__init__(loop)
+        cfg = self.config
+        self.root = self.home.root / "tensors"
         self.root_bytes = str(self.root).encode()
-        self.max_bytes = parse_size(cfg["tensor_max_size"])
-        self.quota = parse_quota(cfg["tensor_quota"])
-        self.cache_budget = parse_size(cfg["tensor_cache"]) if cfg["tensor_cache"] != "0" else 0
-        self.threshold = parse_size(cfg["tensor_shm_threshold"])
-        self.max_open = int(cfg["tensor_max_open"])
-        self.pfx = _shm.prefix(home.root)
+        self.max_bytes = cfg.tensor_max_size
+        self.quota = dict(cfg.tensor_quota)
+        self.cache_budget = cfg.tensor_cache
+        self.threshold = cfg.tensor_shm_threshold
+        self.max_open = cfg.tensor_max_open
+        self.pfx = _shm.prefix(self.home.root)
         self.fds: dict[str, Open] = {}
         # each process's last staging segment, kept for its next write of the same
         # size: a fresh segment's first touch of new pages costs more than the copy
@@ -531,15 +525,17 @@ class TensorFS:
 
     def check_space(self, owner: int, size: int, replaced: int, path: str) -> None:
         if size > self.max_bytes:
-            raise SyscallError(Errno.EFBIG, f"open_tensor: {path}: {size} bytes is over "
-                               f"the maximum tensor size of {self.max_bytes}")
+            raise SyscallError(Errno.EFBIG, f"open_tensor: {path}: {format_size(size)} is "
+                               f"over the largest tensor allowed, {format_size(self.max_bytes)}"
+                               " (tensor_max_size)")
         quota = self.quota.get(owner)
         staged = sum(o.meta.nbytes for o in self.fds.values()
                      if o.mode != "r" and o.meta.owner == owner)
         used = self.usage.get(owner, 0) - replaced + staged
         if quota is not None and used + size > quota:
             raise SyscallError(Errno.EDQUOT, f"open_tensor: {path}: uid {owner} holds "
-                               f"{used} bytes; {size} more is over its quota of {quota}")
+                               f"{format_size(used)}; {format_size(size)} more is over its "
+                               f"quota of {format_size(quota)}")
 
     def slices(self, shape: list[int], slc: list[list[int]] | None, call: str) -> tuple:
         if slc is None:
@@ -926,6 +922,7 @@ class TensorFS:
                 del self.stats.handouts[pid]
 
     def status(self) -> dict[str, Any]:
+        self.sweep()  # the heartbeat's period is the sweep's
         s = self.stats
         return {"open": len(self.fds), "cache": {
             "hits": s.hits, "misses": s.misses, "evictions": s.evictions,
@@ -946,29 +943,5 @@ class TensorFS:
         _shm.sweep_all(self.pfx)
 
 
-def main() -> None:
-    logging.basicConfig(level=logging.INFO,
-                        format="%(asctime)s tensorfs %(levelname)s %(message)s")
-    home = Home.resolve(os.environ.get("LLMOS_HOME"))
-    fs = TensorFS(home, home.config())
 
-    def on_term(signum: int, frame: Any) -> None:
-        raise SystemExit(0)
-
-    signal.signal(signal.SIGTERM, on_term)
-    handlers = {n: getattr(fs, n) for n in (
-        "open_tensor", "read_tensor", "write_tensor", "close_tensor", "stat", "listdir",
-        "mkdir", "unlink", "rename", "chmod")}
-
-    def status() -> dict[str, Any]:
-        fs.sweep()  # the heartbeat's period is the sweep's
-        return fs.status()
-
-    try:
-        run_driver("tensorfs", handlers, on_exit=fs.on_exit, on_welcome=fs.on_welcome,
-                   status=status)
-    finally:
-        fs.shutdown()
-
-
-__all__ = ["TensorFS", "main"]
+__all__ = ["TensorFS"]

@@ -1,3 +1,6 @@
-from drivers.tensorfs import main
+import sys
 
-main()
+from drivers import run_driver
+from drivers.tensorfs import TensorFS
+
+sys.exit(run_driver(TensorFS))

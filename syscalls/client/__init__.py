@@ -5,16 +5,21 @@
         print(osh.getpid(), osh.ps())
 
 Every syscall is a method of the handle, named after it; a failing one raises
-SyscallError, whose .errno is an Errno (ENOENT, EPERM, ...) and .message says why.
-It lives beside the ABI it speaks, so userland programs and drivers alike (a driver
-that makes syscalls of its own, as a MINIX driver uses libc) reach the kernel
-through syscalls/ only; `userland` re-exports it for programs. It imports nothing
-of ours but syscalls, and is not imported by `import syscalls` (the kernel does
+SyscallError (of its errno's family: NotFound, PermissionDenied...), whose
+.errno is an Errno (ENOENT, EPERM, ...) and .message says why. It lives beside
+the ABI it speaks, so userland programs and drivers alike (a driver that makes
+syscalls of its own, as a MINIX driver uses libc) reach the kernel through
+syscalls/ only; `userland` re-exports it for programs. It imports nothing of
+ours but syscalls, and is not imported by `import syscalls` (the kernel does
 without it).
 """
 from syscalls import Errno, SyscallError
 
-from ._client import Llmos, connect
+from ._client import SIGNAL_NAMES, Llmos, connect, signal_name
 from ._gpu import apply_gpu_limits, gpu_env
+from ._proc import alive, stop_kernel, wait_gone
+from ._tensors import DTYPES, PROGRESS_CHUNK, Progress, as_raw
 
-__all__ = ["Errno", "Llmos", "SyscallError", "apply_gpu_limits", "connect", "gpu_env"]
+__all__ = ["DTYPES", "Errno", "Llmos", "PROGRESS_CHUNK", "Progress", "SIGNAL_NAMES",
+           "SyscallError", "alive", "apply_gpu_limits", "as_raw", "connect", "gpu_env",
+           "signal_name", "stop_kernel", "wait_gone"]

@@ -9,13 +9,17 @@ says which pid and uid it is.
 A second connection in a daemon thread sends heartbeats, so the kernel notices a
 process that froze or died within a few heartbeat periods. A reply is awaited in
 one-second slices; between them the library checks the kernel is alive, so a dead
-kernel gives EIO, never a hang.
+kernel gives EIO, never a hang. A kernel that restarted since this handle
+attached knows neither the connection nor its process (a reboot ends
+processes): every call then raises ConnectionLost (ECONNRESET, "the llmos kernel
+restarted"); connect() again for a new process.
 """
 from __future__ import annotations
 
 import collections
 import itertools
 import os
+import signal as signals
 import socket
 import sys
 import threading
@@ -24,8 +28,8 @@ from typing import Any, Iterator
 
 import zmq
 
-from syscalls import (ABI_VERSION, BY_NAME, MAX_HEADER, Errno, Home, SyscallError, decode,
-                      encode)
+from syscalls import (BY_NAME, MAX_HEADER, Errno, Home, SyscallError, check_args, decode,
+                      encode, send_frames, wire)
 
 from ._gpu import gpu_env
 from ._proc import alive
@@ -33,7 +37,7 @@ from ._stubs import SyscallMethods
 from ._tensors import TensorMethods
 
 _POLL_MS = 1000
-_MORE = int(zmq.SNDMORE)
+SIGNAL_NAMES = ("TERM", "KILL", "INT")  # the signals the kernel sends (the table's)
 
 
 class Llmos(TensorMethods, SyscallMethods):
@@ -62,6 +66,8 @@ class Llmos(TensorMethods, SyscallMethods):
         self._sock = self._socket()
         self._closed = False
         self._kernel_gone = False
+        self._restarted: SyscallError | None = None  # ECONNRESET, once it is known
+        self.pid = -1
         self._hb_stop = threading.Event()
         self._hb_thread: threading.Thread | None = None
         token = os.environ.get("LLMOS_SPAWN_TOKEN")
@@ -112,13 +118,12 @@ class Llmos(TensorMethods, SyscallMethods):
     def _heartbeat(self, token: str, period: float) -> None:
         sock = self._socket()
         try:
-            msg = encode({"t": "hb", "k": token})
+            msg = encode(wire.heartbeat(token))
             while True:
-                sock.send_multipart(msg, zmq.NOBLOCK)
+                send_frames(sock, msg)
                 if self._hb_stop.wait(period):
                     if self.spawned:  # still running, detached: the kernel reaps it
-                        sock.send_multipart(encode({"t": "hb", "k": token, "bye": True}),
-                                            zmq.NOBLOCK)
+                        send_frames(sock, encode(wire.heartbeat(token, bye=True)))
                     break
         except zmq.ZMQError:
             pass
@@ -130,20 +135,17 @@ class Llmos(TensorMethods, SyscallMethods):
     def _send(self, number: int, args: dict) -> int:
         if self._closed:
             raise SyscallError(Errno.EBADF, "this llmos handle is closed")
+        if self._restarted is not None:
+            raise self._restarted
         seq = next(self._seq)
         try:
-            frames = encode({"v": ABI_VERSION, "s": seq, "n": number, "a": args})
+            frames = encode(wire.request(seq, number, args))
         except (TypeError, ValueError, OverflowError) as e:
-            raise SyscallError(Errno.EINVAL, f"cannot send these arguments: {e}") from None
+            raise _unsendable(number, args, e) from None
         if len(frames[0]) > MAX_HEADER:
             raise SyscallError(Errno.E2BIG, f"request header of {len(frames[0])} bytes "
                                f"is over {MAX_HEADER}")
-        if len(frames) == 1:
-            self._sock.send(frames[0])
-        else:  # frames under 64 kB are cheaper copied than sent zero-copy
-            last = len(frames) - 1
-            for i, frame in enumerate(frames):
-                self._sock.send(frame, 0 if i == last else _MORE, copy=len(frame) < 65536)
+        send_frames(self._sock, frames, block=True)
         return seq
 
     def _recv(self, seq: int) -> dict:
@@ -157,16 +159,21 @@ class Llmos(TensorMethods, SyscallMethods):
             except zmq.Again:
                 if self.kernel_pid is not None and not alive(self.kernel_pid):
                     self._kernel_gone = True
+                    if self._kernel_restarted():
+                        raise self._restarted from None  # type: ignore[misc]
                     raise SyscallError(Errno.EIO, "the llmos kernel is gone") from None
                 if deadline is not None and time.monotonic() > deadline:
                     raise SyscallError(Errno.ETIMEDOUT, f"no reply from the llmos kernel "
                                        f"in {self.timeout:g} s") from None
                 continue
             head = decode(frames)
-            if head.get("s") == seq:
+            got = head.get(wire.SEQ)
+            if got == seq:
+                if head.get(wire.ERRNO) == Errno.ENOTCONN and self._kernel_restarted():
+                    raise self._restarted  # type: ignore[misc]
                 return head
-            if head.get("s") in self._streams:  # a stream being read: keep it for it
-                self._streams[head["s"]].append(head)
+            if got in self._streams:  # a stream being read: keep it for it
+                self._streams[got].append(head)
             # else: the answer to a call abandoned earlier (e.g. by Ctrl-C); skip it
 
     def _call(self, number: int, args: dict) -> Any:
@@ -186,9 +193,20 @@ class Llmos(TensorMethods, SyscallMethods):
                 self._cancel(seq)
             raise
 
+    def _kernel_restarted(self) -> bool:
+        """Whether another kernel than the one this handle attached to serves the
+        home now; if so, remember it: every call from now on is ConnectionLost."""
+        now = self.home.kernel_pid()
+        if now is None or now == self.kernel_pid:
+            return False
+        self._restarted = SyscallError(
+            Errno.ECONNRESET, f"the llmos kernel restarted (pid {self.kernel_pid} is gone, "
+            f"pid {now} runs now): process {self.pid} ended with it; connect again")
+        return True
+
     def _cancel(self, seq: int) -> None:
         try:
-            self._sock.send(encode({"t": "cancel", "c": seq})[0], zmq.NOBLOCK)
+            send_frames(self._sock, encode(wire.cancel(seq)))
         except zmq.ZMQError:
             pass
 
@@ -203,13 +221,13 @@ class Llmos(TensorMethods, SyscallMethods):
             try:
                 while True:
                     head = self._await(seq)
-                    if "e" in head:
-                        raise SyscallError(head["e"], head.get("m", ""))
-                    if not head.get("p"):
-                        yield head.get("r")
+                    if wire.ERRNO in head:
+                        raise SyscallError(head[wire.ERRNO], head.get(wire.MESSAGE, ""))
+                    if not head.get(wire.PARTIAL):
+                        yield head.get(wire.RESULT)
                         return
                     try:
-                        yield head.get("r")
+                        yield head.get(wire.RESULT)
                     except GeneratorExit:  # the caller stopped reading: stop the call
                         self._cancel(seq)
                         raise
@@ -255,6 +273,11 @@ class Llmos(TensorMethods, SyscallMethods):
         for result in it:
             pass
         return result
+
+    def kill(self, pid: int, signal: str | int = "TERM") -> None:  # type: ignore[override]
+        """Send a signal to process pid: "TERM", "KILL" or "INT", or the same as a
+        signal.Signals (signal.SIGKILL) or its number; any other is EINVAL."""
+        return super().kill(pid, signal_name(signal))
 
     def spawn_train(self, config: dict[str, Any],  # type: ignore[override]
                     alloc: dict | str | None = None) -> int:
@@ -302,6 +325,49 @@ class Llmos(TensorMethods, SyscallMethods):
     def __repr__(self) -> str:
         return f"<llmos pid {getattr(self, 'pid', '?')} uid {getattr(self, 'uid', '?')} " \
                f"on {self.home.root}>"
+
+
+def signal_name(sig: str | int) -> str:
+    """The name the kernel takes ("TERM") for "TERM", "SIGTERM", "term",
+    signal.SIGTERM or 15; EINVAL for a signal llmos does not send."""
+    if isinstance(sig, bool):
+        raise SyscallError(Errno.EINVAL, f"kill: {sig!r} is not a signal")
+    if isinstance(sig, int):
+        try:
+            name = signals.Signals(sig).name
+        except ValueError:
+            raise SyscallError(Errno.EINVAL, f"kill: {sig} is no signal number") from None
+    elif isinstance(sig, str):
+        name = sig.upper()
+    else:
+        raise SyscallError(Errno.EINVAL, f"kill: a signal is a name or a number, not "
+                           f"{type(sig).__name__}")
+    name = name.removeprefix("SIG")
+    if name not in SIGNAL_NAMES:
+        raise SyscallError(Errno.EINVAL, f"kill: llmos sends TERM, KILL or INT, not {sig!r}")
+    return name
+
+
+def _unsendable(number: int, args: dict, e: Exception) -> SyscallError:
+    """EINVAL for arguments msgpack cannot carry (an int past 64 bits, an object),
+    saying which, as the kernel would: the table's own check first."""
+    for call in BY_NAME.values():
+        if call.number == number:
+            try:
+                check_args(call, args)
+            except SyscallError as checked:
+                return checked
+            for name, value in args.items():
+                try:
+                    encode({name: value})
+                except (TypeError, ValueError, OverflowError):
+                    if isinstance(value, int):
+                        return SyscallError(Errno.EINVAL, f"{call.name}: argument "
+                                            f"{name!r} is too large ({len(str(value))} "
+                                            "digits)")
+                    return SyscallError(Errno.EINVAL, f"{call.name}: argument {name!r}: "
+                                        f"{type(value).__name__} cannot be sent")
+    return SyscallError(Errno.EINVAL, f"cannot send these arguments: {e}")
 
 
 def connect(home: str | os.PathLike | None = None, uid: int | None = None,

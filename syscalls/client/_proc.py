@@ -5,9 +5,9 @@ its start time), so a pid reused by another program is never signalled.
 """
 from __future__ import annotations
 
+import os
 import time
-
-import psutil
+from typing import Any
 
 POLL_S = 0.02
 
@@ -16,6 +16,7 @@ def stop_kernel(pid: int, timeout: float = 10.0) -> bool:
     """SIGTERM kernel pid and wait up to timeout for it to end (it stops its
     drivers and processes itself); then SIGKILL it, if it is still there, and every
     process it had started. True when it stopped by itself."""
+    import psutil  # here, not at the top: every llmos command imports this module
     try:
         kernel = psutil.Process(pid)
         family = kernel.children(recursive=True)
@@ -33,7 +34,7 @@ def stop_kernel(pid: int, timeout: float = 10.0) -> bool:
     return clean
 
 
-def wait_gone(procs: list[psutil.Process], timeout: float) -> bool:
+def wait_gone(procs: list[Any], timeout: float) -> bool:
     """Wait until every one of procs has ended; False if some outlive timeout.
 
     Polls rather than wait()s: they need not be our children, and a zombie that
@@ -47,16 +48,29 @@ def wait_gone(procs: list[psutil.Process], timeout: float) -> bool:
 
 
 def alive(pid: int) -> bool:
-    """pid names a process that has not ended (a zombie has)."""
+    """pid names a process that has not ended (a zombie has). Reads /proc (psutil
+    costs an import of tens of ms that every llmos command would pay)."""
     try:
-        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
-    except psutil.NoSuchProcess:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            stat = f.read()
+    except FileNotFoundError:
         return False
-    except psutil.Error:  # not ours to look at, but there
+    except OSError:  # no /proc here: the process exists if it can be signalled
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return False
+        except PermissionError:
+            return True
         return True
+    # pid (comm) state ...: comm may hold spaces and parentheses, the state follows
+    # the last ")"
+    state = stat[stat.rfind(b")") + 2:stat.rfind(b")") + 3]
+    return state not in (b"Z", b"X")
 
 
-def _gone(proc: psutil.Process) -> bool:
+def _gone(proc: Any) -> bool:
+    import psutil
     try:
         return not proc.is_running() or proc.status() == psutil.STATUS_ZOMBIE
     except psutil.NoSuchProcess:

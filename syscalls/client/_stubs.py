@@ -32,16 +32,16 @@ class SyscallMethods:
         return self._call(5, {'pid': pid, 'timeout': timeout})
 
     def kill(self, pid: int, signal: str = 'TERM') -> Any:
-        "Send a signal to a process: your own uid's processes only, unless uid 0."
+        "Send a signal to a process: your own uid's processes only, unless uid 0. The library also takes a signal.Signals or its number and sends the name."
         return self._call(6, {'pid': pid, 'signal': signal})
 
     def exit(self, status: int = 0) -> Any:
         "End the calling process with a status; its parent's wait sees it."
         return self._call(7, {'status': status})
 
-    def ps(self) -> Any:
-        'The process table: pid, ppid, uid, argv, state, start time, resources held, exit status.'
-        return self._call(8, {})
+    def ps(self, all: bool = False) -> Any:
+        "The process table: pid, ppid, uid, argv, state (running, zombie; ended with all), start time, resources held, exit status; system is true for a driver's own connection."
+        return self._call(8, {'all': all})
 
     def sysinfo(self) -> Any:
         'Uptime, processes, drivers (state, restarts), per-syscall counts and latency percentiles, dropped messages.'

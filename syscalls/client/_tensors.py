@@ -6,22 +6,32 @@ close_tensor). Tensors of tensor_shm_threshold bytes and more travel through a
 multiprocessing.shared_memory, whose resource tracker unlinks segments it did
 not create) and unlinks the name at once, so nothing is left if this process
 dies. load_tensor returns a torch tensor when torch can be imported, else a
-numpy array (bfloat16 as ml_dtypes.bfloat16 when installed, else raw uint16).
+numpy array (bfloat16 as ml_dtypes.bfloat16 when installed, else raw uint16);
+load_array always a numpy array. numpy is imported at the first tensor call,
+not with the library: a program that makes no tensor call (every llmos command
+but put, get and cat) does not pay for it.
 """
 from __future__ import annotations
 
 import mmap
 import os
 import sys
-from typing import Any, Callable
-
-import numpy as np
+from typing import TYPE_CHECKING, Any, Callable
 
 from syscalls import Errno, SyscallError
 
-_NP = {"float32": "<f4", "float16": "<f2", "int8": "i1", "int16": "<i2", "int32": "<i4",
-       "int64": "<i8", "uint8": "u1", "bool": "?"}
-_FROM_NP = {np.dtype(v).str: k for k, v in _NP.items()}
+if TYPE_CHECKING:
+    import numpy as np
+
+# tensorfs's dtypes as numpy spells them (bfloat16 has no numpy dtype: raw <u2)
+NUMPY_DTYPES = {"float32": "<f4", "float16": "<f2", "int8": "i1", "int16": "<i2",
+                "int32": "<i4", "int64": "<i8", "uint8": "u1", "bool": "?"}
+DTYPES = (*NUMPY_DTYPES, "bfloat16")
+
+
+def _np() -> Any:
+    import numpy
+    return numpy
 
 
 def _torch() -> Any:
@@ -32,33 +42,63 @@ def _torch() -> Any:
     return torch
 
 
-def as_raw(tensor: Any) -> tuple[str, list[int], np.ndarray]:
+def as_raw(tensor: Any, dtype: str | None = None) -> tuple[str, list[int], np.ndarray]:
     """(dtype name, shape, a C-contiguous numpy array of the bytes) of a torch
-    tensor or anything numpy accepts."""
+    tensor or anything numpy accepts, cast to dtype when given. EINVAL for a dtype
+    tensorfs does not store (numpy's default float64, say), naming the way out."""
+    np = _np()
+    if dtype is not None and dtype not in DTYPES:
+        raise SyscallError(Errno.EINVAL, f"dtype {dtype!r}: tensorfs stores "
+                           f"{', '.join(DTYPES)}")
     torch = sys.modules.get("torch")  # a torch tensor means torch is imported already
     if torch is not None and isinstance(tensor, torch.Tensor):
-        t = tensor.detach().cpu().contiguous()
+        t = tensor.detach().cpu()
+        if dtype is not None:
+            t = t.to(getattr(torch, dtype))
+        t = t.contiguous()
         name = str(t.dtype).removeprefix("torch.")
         if name == "bfloat16":
             return name, list(t.shape), t.view(torch.int16).numpy().view("<u2")
         arr = t.numpy()
     else:
-        arr = np.asarray(tensor)
-        if arr.dtype.name == "bfloat16":  # ml_dtypes
-            return "bfloat16", list(arr.shape), np.asarray(arr, order="C").view("<u2")
+        try:
+            arr = np.asarray(tensor)
+        except (TypeError, ValueError) as e:
+            raise SyscallError(Errno.EINVAL, f"not a tensor: {e}") from None
+        if dtype == "bfloat16" or (dtype is None and arr.dtype.name == "bfloat16"):
+            return "bfloat16", list(arr.shape), _bfloat16_bits(np, arr)
+        if dtype is not None:
+            arr = arr.astype(NUMPY_DTYPES[dtype], copy=False)
     arr = np.asarray(arr, order="C")  # not ascontiguousarray: it makes a 0-d array 1-d
-    name = _FROM_NP.get(arr.dtype.newbyteorder("<").str if arr.dtype.byteorder != "|"
-                        else arr.dtype.str)
+    known = {np.dtype(v).str: k for k, v in NUMPY_DTYPES.items()}
+    name = known.get(arr.dtype.newbyteorder("<").str if arr.dtype.byteorder != "|"
+                     else arr.dtype.str)
     if name is None:
-        raise TypeError(f"tensorfs stores {', '.join([*_NP, 'bfloat16'])}; not {arr.dtype}")
-    return name, list(arr.shape), arr.astype(_NP[name], copy=False)
+        raise SyscallError(Errno.EINVAL, f"tensorfs stores {', '.join(DTYPES)}; not "
+                           f"{arr.dtype}: cast it (dtype=\"float32\", or llmos put "
+                           "--dtype float32)")
+    return name, list(arr.shape), arr.astype(NUMPY_DTYPES[name], copy=False)
 
 
-def from_raw(buf: Any, dtype: str, shape: list[int]) -> Any:
-    """A tensor over buf's bytes (no copy): torch if importable, else numpy."""
+def _bfloat16_bits(np: Any, arr: Any) -> Any:
+    """bfloat16's bits (<u2) of an array: ml_dtypes' bfloat16 as it is, anything
+    else through float32 (rounded to nearest even, as torch rounds)."""
+    if arr.dtype.name == "bfloat16":
+        return np.asarray(arr, order="C").view("<u2")
+    floats = np.asarray(arr, dtype="<f4", order="C")
+    bits = floats.view("<u4").astype(np.uint64)
+    rounded = ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16).astype("<u2")
+    rounded[np.isnan(floats)] = 0x7FC0  # rounding would carry a NaN into infinity
+    return rounded
+
+
+def from_raw(buf: Any, dtype: str, shape: list[int], torch_ok: bool = True) -> Any:
+    """A tensor over buf's bytes (no copy): torch if importable (and torch_ok),
+    else numpy (bfloat16 then as ml_dtypes' when installed, else its uint16 bits)."""
+    np = _np()
     if dtype == "bfloat16":
         arr = np.frombuffer(buf, dtype="<u2").reshape(shape)
-        torch = _torch()
+        torch = _torch() if torch_ok else None
         if torch is not None:
             return torch.from_numpy(arr.view(np.int16)).view(torch.bfloat16)
         try:
@@ -66,8 +106,8 @@ def from_raw(buf: Any, dtype: str, shape: list[int]) -> Any:
             return arr.view(ml_dtypes.bfloat16)
         except ImportError:
             return arr
-    arr = np.frombuffer(buf, dtype=_NP[dtype]).reshape(shape)
-    torch = _torch()
+    arr = np.frombuffer(buf, dtype=NUMPY_DTYPES[dtype]).reshape(shape)
+    torch = _torch() if torch_ok else None
     return torch.from_numpy(arr) if torch is not None else arr
 
 
@@ -127,7 +167,14 @@ def _unmap(mm: mmap.mmap) -> None:
 
 
 def _itemsize(dtype: str) -> int:
-    return 2 if dtype == "bfloat16" else np.dtype(_NP[dtype]).itemsize
+    return 2 if dtype == "bfloat16" else _np().dtype(NUMPY_DTYPES[dtype]).itemsize
+
+
+def _nbytes(r: dict[str, Any]) -> int:
+    n = _itemsize(r["dtype"])
+    for d in r["shape"]:
+        n *= d
+    return n
 
 
 class TensorMethods:
@@ -135,9 +182,11 @@ class TensorMethods:
 
     def save_tensor(self, path: str, tensor: Any, perm: int = 0o644,
                     exclusive: bool = False, progress: Progress | None = None,
-                    ) -> dict[str, Any]:
+                    dtype: str | None = None) -> dict[str, Any]:
         """Write a whole tensor to path, durably: when this returns, it is on disk.
-        exclusive: fail with EEXIST if path exists.
+        exclusive: fail with EEXIST if path exists. dtype: store it cast to this
+        dtype (one of DTYPES); a tensor of a dtype tensorfs does not store (numpy's
+        float64) is EINVAL without it.
 
         progress: called as progress(done, total, phase) with byte counts. phase
         "write": done bytes are staged (after each PROGRESS_CHUNK copied into the
@@ -145,30 +194,31 @@ class TensorMethods:
         socket); "commit": all is staged and the commit (close_tensor: a file
         write and fsync) starts, the one step that reports nothing while it runs;
         "done": it returned, the tensor is durable. done == total in the last two."""
-        dtype, shape, arr = as_raw(tensor)
-        info = self.open_tensor(path, "x" if exclusive else "w", dtype, shape,  # type: ignore[attr-defined]
+        name, shape, arr = as_raw(tensor, dtype)
+        info = self.open_tensor(path, "x" if exclusive else "w", name, shape,  # type: ignore[attr-defined]
                                 perm, True, True)
-        return self._fill_and_commit(info, [(0, arr.reshape(-1).view(np.uint8))], progress)
+        return self._fill_and_commit(info, [(0, arr.reshape(-1).view("u1"))], progress)
 
     def save_tensors(self, path: str, tensors: dict[str, Any], perm: int = 0o644,
                      exclusive: bool = False, progress: Progress | None = None,
-                     ) -> dict[str, Any]:
+                     dtype: str | None = None) -> dict[str, Any]:
         """Write a group: several named tensors (a state_dict, say) as one
         safetensors file, durably and atomically, like save_tensor. progress: as
-        for save_tensor, over all the members' bytes."""
-        raws = {name: as_raw(t) for name, t in tensors.items()}
+        for save_tensor, over all the members' bytes; dtype: every member cast to it."""
+        raws = {name: as_raw(t, dtype) for name, t in tensors.items()}
         members = [[name, dtype, shape] for name, (dtype, shape, _) in raws.items()]
         info = self.open_tensor(path, "x" if exclusive else "w", None, None,  # type: ignore[attr-defined]
                                 perm, True, True, members)
         return self._fill_and_commit(info, [
-            (offset, raws[name][2].reshape(-1).view(np.uint8))
+            (offset, raws[name][2].reshape(-1).view("u1"))
             for name, _, _, offset in info["members"]], progress)
 
-    def _fill_and_commit(self, info: dict[str, Any], pieces: list[tuple[int, np.ndarray]],
+    def _fill_and_commit(self, info: dict[str, Any], pieces: list[tuple[int, Any]],
                          progress: Progress | None) -> dict[str, Any]:
         """Stage pieces (byte offset, flat uint8 array) of a write open_tensor just
         opened, then commit it: into the shared-memory segment (progress per chunk),
         or in one write_tensor; on any failure the write is discarded."""
+        np = _np()
         fd, size = info["fd"], info["size"]
         try:
             if info["shm"]:
@@ -214,7 +264,7 @@ class TensorMethods:
         view = memoryview(buf).cast("B") if len(buf) else memoryview(bytearray())
         out = {}
         for name, dtype, shape, offset in info["members"]:
-            n = int(np.prod(shape, dtype=np.int64)) * _itemsize(dtype)
+            n = _nbytes({"dtype": dtype, "shape": shape})
             out[name] = from_raw(view[offset:offset + n], dtype, shape)
         return out
 
@@ -222,7 +272,7 @@ class TensorMethods:
     def _received(r: dict[str, Any]) -> tuple[Any, int]:
         """A read_tensor reply's bytes: its segment mapped (copy-on-write), or its
         data in a writable buffer (as torch.from_numpy wants); and their size."""
-        size = int(np.prod(r["shape"], dtype=np.int64)) * _itemsize(r["dtype"])
+        size = _nbytes(r)
         if r["shm"]:
             at = r.get("offset") or 0  # a group's member, in the group's segment
             buf: Any = map_segment(r["shm"], at + size, writable=False)
@@ -252,6 +302,31 @@ class TensorMethods:
             _unmap(mm)
         self._staging = {}
 
+    def load_array(self, path: str, slice: list[list[int]] | None = None,
+                   member: str | None = None) -> Any:
+        """As load_tensor, but always a numpy array (without importing torch); a
+        bfloat16 tensor comes as float32, exactly (bfloat16 is float32's top half)."""
+        np = _np()
+        r = self._read_whole(path, slice, member, "load_array")
+        buf, _ = self._received(r)
+        if r["dtype"] == "bfloat16":
+            bits = np.frombuffer(buf, dtype="<u2").astype(np.uint32) << 16
+            return bits.view(np.float32).reshape(r["shape"])
+        return from_raw(buf, r["dtype"], r["shape"], torch_ok=False)
+
+    def _read_whole(self, path: str, slice: list[list[int]] | None, member: str | None,
+                    call: str) -> dict[str, Any]:
+        """One read_tensor of path (or its member), through shared memory when large."""
+        info = self.open_tensor(path, "r")  # type: ignore[attr-defined]
+        try:
+            if info["members"] is not None and member is None:
+                raise SyscallError(Errno.EINVAL, f"{call}: {path} is a group of "
+                                   f"{len(info['members'])} tensors: name a member "
+                                   f"({path}[NAME]), or use load_tensors")
+            return self.read_tensor(info["fd"], slice, True, member)  # type: ignore[attr-defined]
+        finally:
+            self.close_tensor(info["fd"])  # type: ignore[attr-defined]
+
     def load_tensor(self, path: str, slice: list[list[int]] | None = None,
                     progress: Progress | None = None, member: str | None = None) -> Any:
         """Read a whole tensor (or a slice: [[start, stop], ...] per leading
@@ -261,15 +336,7 @@ class TensorMethods:
         here. A shared-memory read maps the driver's segment, no copy, so there is
         nothing to report along the way: the bytes move when the pages are first
         touched (a caller writing the tensor to a file reports that copy)."""
-        info = self.open_tensor(path, "r")  # type: ignore[attr-defined]
-        try:
-            if info["members"] is not None and member is None:
-                raise SyscallError(Errno.EINVAL, f"load_tensor: {path} is a group of "
-                                   f"{len(info['members'])} tensors: name a member, or "
-                                   "use load_tensors")
-            r = self.read_tensor(info["fd"], slice, True, member)  # type: ignore[attr-defined]
-        finally:
-            self.close_tensor(info["fd"])  # type: ignore[attr-defined]
+        r = self._read_whole(path, slice, member, "load_tensor")
         buf, size = self._received(r)
         t = from_raw(buf, r["dtype"], r["shape"])
         if progress is not None:

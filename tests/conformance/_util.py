@@ -145,7 +145,7 @@ def has_answer(h: Llmos) -> bool:
 
 
 def unattached(root: Any, timeout: float = 10.0) -> Llmos:
-    """A handle whose connection never attached: every call but attach is EPERM.
+    """A handle whose connection never attached: every call but attach is ENOTCONN.
     Built without Llmos.__init__ (which attaches); close it with ._close()."""
     h = object.__new__(Llmos)
     h.home = Home.resolve(root)
@@ -158,6 +158,8 @@ def unattached(root: Any, timeout: float = 10.0) -> Llmos:
     h._sock = h._socket()
     h._closed = False
     h._kernel_gone = False
+    h._restarted = None
+    h.pid = -1
     h._hb_stop = threading.Event()
     h._hb_thread = None
     h.spawned = False

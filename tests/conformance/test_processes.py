@@ -10,7 +10,7 @@ Children are cheap OS programs (sleep, sh -c 'exit N') and, for getppid and
 report, Python programs that attach with their spawn token. The model of which
 child can end how is the one tests/test_proc_stateful.py keeps (Child, imported);
 this machine adds the errnos: spawn's EINVAL/ENOENT/EACCES/EPERM, wait's
-ECHILD/ETIMEDOUT, kill's ESRCH/EPERM, report's EPERM/EINVAL, and the EPERM of a
+ECHILD/ETIMEDOUT, kill's ESRCH/EPERM, report's EPERM/EINVAL, and the ENOTCONN of a
 connection whose process has exited.
 """
 from __future__ import annotations
@@ -285,12 +285,12 @@ class ProcessMachine(RuleBasedStateMachine):
     @rule(status=st.integers(0, 255))
     def another_process_exits(self, status: int) -> None:
         """A second process exits (the exit syscall); its connection is then
-        unattached (EPERM) and it is gone from ps (init reaped it)."""
+        unattached (ENOTCONN) and it is gone from ps (init reaped it)."""
         other = self.system.connect(uid=self.osh.uid)
         try:
             pid = other.pid
             assert other._call(7, {"status": status}) is None   # exit, keeping the socket
-            expect(Errno.EPERM, other.getpid)
+            expect(Errno.ENOTCONN, other.getpid)
             assert pid not in {r["pid"] for r in self.osh.ps()}
             self.max_pid = max(self.max_pid, pid)
         finally:

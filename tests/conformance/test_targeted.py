@@ -2,7 +2,7 @@
 spawn's from the OS, parked waits past the limit, damaged tensors, commits against
 a changed namespace, quotas, cancels, replies too big), and the errors every call
 can get (docs/syscalls.md, "Errors every call can get") for every syscall: EPROTO,
-EPERM (unattached), EINVAL (schema), EAGAIN (driver calls in flight), and E2BIG,
+ENOTCONN (unattached), EINVAL (schema), EAGAIN (driver calls in flight), and E2BIG,
 ENOSYS and EIO where they can happen.
 
 Most run on the shared kernel; the ones that need a full process table, a tiny
@@ -50,7 +50,7 @@ def _secret(b: Booted) -> str:
 
 def test_every_call_checks_the_abi_version_first(system: Booted, monkeypatch) -> None:
     with system.connect() as osh:
-        monkeypatch.setattr("syscalls.client._client.ABI_VERSION", ABI_VERSION + 1)
+        monkeypatch.setattr("syscalls._wire.ABI_VERSION", ABI_VERSION + 1)
         for call in TABLE:
             expect(Errno.EPROTO, call_number, osh, call.number, **minimal_args(call))
         monkeypatch.undo()
@@ -62,7 +62,7 @@ def test_every_call_but_attach_needs_an_attached_connection(system: Booted) -> N
     try:
         for call in TABLE:
             if call.name != "attach":
-                expect(Errno.EPERM, call_number, h, call.number, **minimal_args(call))
+                expect(Errno.ENOTCONN, call_number, h, call.number, **minimal_args(call))
     finally:
         h._close()
 
@@ -71,8 +71,8 @@ def test_a_process_that_exited_is_no_longer_attached(system: Booted) -> None:
     osh = system.connect()
     try:
         assert osh._call(BY_NAME["exit"].number, {"status": 0}) is None
-        expect(Errno.EPERM, osh.getpid)
-        expect(Errno.EPERM, osh.echo, b"x")
+        expect(Errno.ENOTCONN, osh.getpid)
+        expect(Errno.ENOTCONN, osh.echo, b"x")
     finally:
         osh._close()
 

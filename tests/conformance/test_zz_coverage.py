@@ -4,7 +4,7 @@ The contracts are syscalls/_table.py's (errno, when) pairs, and the errors every
 call can get (syscalls/gen.py GENERIC_ERRORS). Required, as (syscall, errno):
 
 - each syscall's own errors;
-- EPROTO and EINVAL for every syscall, EPERM for every syscall but attach (cheap
+- EPROTO and EINVAL for every syscall, ENOTCONN for every syscall but attach (cheap
   sweeps: test_targeted.py), EAGAIN for every syscall a driver serves, E2BIG for
   every syscall with a bytes argument;
 - ENOSYS, EIO and the E2BIG of a reply too big at least once (an unknown number; a
@@ -38,7 +38,7 @@ EXEMPT: dict[tuple[str, str], str] = {
 # applies to, or "once", on a syscall whose own errors do not list the errno and to
 # which no "each" row of that errno applies (an unknown number counts as such).
 POLICY: dict[tuple[str, str], str] = {
-    ("EPROTO", "all"): "each", ("ENOSYS", "all"): "once", ("EPERM", "attached"): "each",
+    ("EPROTO", "all"): "each", ("ENOSYS", "all"): "once", ("ENOTCONN", "attached"): "each",
     ("EINVAL", "all"): "each", ("E2BIG", "bytes"): "each", ("E2BIG", "all"): "once",
     ("EAGAIN", "driver"): "each", ("EIO", "driver"): "once",
 }
