@@ -492,16 +492,21 @@ TABLE += (
         Arg("model", "str", max_len=MAX_STR,
             doc="a tensorfs model directory (its latest checkpoint) or checkpoint"),
         Arg("prompt", "str", max_len=MAX_PROMPT, doc="text; the model reads its UTF-8 bytes"),
-        Arg("max_tokens", "int", default=64, lo=1, hi=MAX_GEN),
-        Arg("temperature", "float", default=1.0, lo=0, hi=100, doc="0: greedy"),
-        Arg("top_k", "int", default=0, lo=0, hi=1 << 20, doc="0: no top-k filter"),
+        Arg("max_tokens", "int", default=200, lo=1, hi=MAX_GEN,
+            doc="new tokens at most"),
+        Arg("temperature", "float", default=0.8, lo=0, hi=100,
+            doc="sampling temperature; 0: greedy"),
+        Arg("top_k", "int", default=40, lo=0, hi=1 << 20,
+            doc="sample among the k likeliest tokens; 0: no top-k filter"),
         Arg("seed", "int", default=None, nullable=True, lo=0, hi=2**63 - 1,
             doc="sampling seed; None: a random one, returned in the result"),
         Arg("stream", "bool", default=False,
             doc="send the text in partial replies as it is generated"),
     ), blocks=True, streams=True,
         returns="{text, tokens, prompt_tokens, finish_reason, seed, time_s}; "
-                "partials {text, tokens} when streaming",
+                "streaming: partials {text (new), tokens, finish_reason: None}, then the "
+                "final {text (the rest, often empty), tokens, prompt_tokens, "
+                "finish_reason, seed, time_s}",
         errors=(
             ("EINVAL", "an empty prompt, a prompt over infer_max_prompt bytes, max_tokens "
                        "over infer_max_tokens, a model whose vocabulary is not bytes (256), "
@@ -522,7 +527,9 @@ TABLE += (
                           "for the answer"),
         ),
         doc="Generate text with a model, batched with other processes' requests "
-            "(continuous batching, round robin across processes)."),
+            "(continuous batching, round robin across processes). With stream=True "
+            "an iterator of chunks {text, tokens, finish_reason}: each chunk's text is "
+            "new text only, and the last has finish_reason set and the totals."),
     Syscall(402, "models", "executor", idempotent=True,
             returns="{models: [...], engine: {...}, budget}",
             doc="The models the executor holds loaded that the caller may read (uid 0: "

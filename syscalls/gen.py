@@ -107,6 +107,12 @@ def _param(arg: Arg) -> str:
 def _stub(s: Syscall) -> str:
     params = ", ".join(["self", *(_param(a) for a in s.args)])
     args = "{" + ", ".join(f"{a.name!r}: {a.name}" for a in s.args) + "}"
+    if s.streams and "stream" in s.by_name:  # the caller chooses: the final reply, or all
+        return (f"    def {s.name}({params}) -> Any:\n"
+                f"        {s.doc!r}\n"
+                f"        if stream:\n"
+                f"            return self._stream({s.number}, {args})\n"
+                f"        return self._call({s.number}, {args})\n")
     ret = "Iterator[Any]" if s.streams else "Any"
     body = "_stream" if s.streams else "_call"
     return (f"    def {s.name}({params}) -> {ret}:\n"

@@ -259,21 +259,6 @@ class Llmos(TensorMethods, SyscallMethods):
         return super().spawn([os.fspath(a) for a in argv], uid,
                              os.fspath(cwd) if cwd is not None else os.getcwd(), env)
 
-    def infer(self, model: str, prompt: str, max_tokens: int = 64,  # type: ignore[override]
-              temperature: float = 1.0, top_k: int = 0, seed: int | None = None,
-              stream: bool = False) -> Any:
-        """Generate up to max_tokens of text after prompt with the model at a tensorfs
-        path. Returns {text, tokens, prompt_tokens, finish_reason, seed, time_s}; with
-        stream=True, an iterator of {text, tokens} chunks as they are generated, then
-        that final record (its text is the whole text)."""
-        it = super().infer(model, prompt, max_tokens, temperature, top_k, seed, stream)
-        if stream:
-            return it
-        result = None
-        for result in it:
-            pass
-        return result
-
     def kill(self, pid: int, signal: str | int = "TERM") -> None:  # type: ignore[override]
         """Send a signal to process pid: "TERM", "KILL" or "INT", or the same as a
         signal.Signals (signal.SIGKILL) or its number; any other is EINVAL."""

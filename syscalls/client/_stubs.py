@@ -119,9 +119,11 @@ class SyscallMethods:
         'Start a data-parallel training job as a child process of the caller. The config is checked, and its memory estimate against the allocation (ENOMEM), before anything starts; wait returns its final loss.'
         return self._call(400, {'config': config, 'alloc_id': alloc_id})
 
-    def infer(self, model: str, prompt: str, max_tokens: int = 64, temperature: float = 1.0, top_k: int = 0, seed: int | None = None, stream: bool = False) -> Iterator[Any]:
-        "Generate text with a model, batched with other processes' requests (continuous batching, round robin across processes)."
-        return self._stream(401, {'model': model, 'prompt': prompt, 'max_tokens': max_tokens, 'temperature': temperature, 'top_k': top_k, 'seed': seed, 'stream': stream})
+    def infer(self, model: str, prompt: str, max_tokens: int = 200, temperature: float = 0.8, top_k: int = 40, seed: int | None = None, stream: bool = False) -> Any:
+        "Generate text with a model, batched with other processes' requests (continuous batching, round robin across processes). With stream=True an iterator of chunks {text, tokens, finish_reason}: each chunk's text is new text only, and the last has finish_reason set and the totals."
+        if stream:
+            return self._stream(401, {'model': model, 'prompt': prompt, 'max_tokens': max_tokens, 'temperature': temperature, 'top_k': top_k, 'seed': seed, 'stream': stream})
+        return self._call(401, {'model': model, 'prompt': prompt, 'max_tokens': max_tokens, 'temperature': temperature, 'top_k': top_k, 'seed': seed, 'stream': stream})
 
     def models(self) -> Any:
         'The models the executor holds loaded that the caller may read (uid 0: all), and its batching statistics.'
