@@ -172,7 +172,7 @@ def test_ps_lists_init_and_itself(started):
     assert r.returncode == 0, r.stderr
     rows = _ps_rows(r.stdout)
     assert rows[1][1:4] == ["0", "0", "running"] and rows[1][6] == "init"
-    me = [row for row in rows.values() if row[6].endswith("userland/cli.py ps")]
+    me = [row for row in rows.values() if row[6] == "llmos ps"]  # short, not its venv path
     assert len(me) == 1 and me[0][2] == "1000", r.stdout
 
 

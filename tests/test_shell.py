@@ -20,6 +20,7 @@ from conftest import Booted
 
 from syscalls import Errno, Home, SyscallError
 from test_executor import write_model
+from userland._command import Session
 from userland.shell import Shell, parse_line
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -77,20 +78,22 @@ def test_an_unexpected_exception_is_one_eio_line(capsys: Any) -> None:
     class Broken:
         pid, uid, timeout = 5, 1000, 10.0
 
-        def ps(self) -> Any:
+        def ps(self, all: bool = False) -> Any:
             raise RuntimeError("boom")
 
         def stat(self, path: str) -> Any:
             raise SyscallError(Errno.ENOENT, f"{path}: no such tensor or directory")
 
-    sh = Shell(Home.resolve("/tmp/llmos-nowhere"), Broken(), interactive=False)
+    session = Session(Home.resolve("/tmp/llmos-nowhere"), shell=True)
+    session._osh = Broken()
+    sh = Shell(session, interactive=False)
     assert sh.execute(["ps"]) is False
     assert sh.execute(["stat", "x"]) is False  # relative to the working directory
     assert sh.execute(["ls", "-z"]) is False
     err = capsys.readouterr().err.splitlines()
     assert err == ["EIO: internal error: RuntimeError: boom",
                    "ENOENT: /x: no such tensor or directory",
-                   "usage: ls [-l] [PATH...] (unrecognized arguments: -z)"]
+                   "usage: ls [-l] [--json] [-h] [PATH ...] (unrecognized arguments: -z)"]
 
 
 # -- -c and scripts: each family -----------------------------------------------------
@@ -100,12 +103,11 @@ def test_process_commands(kernel: Booted) -> None:
     table = rows(out.split("no jobs")[0])  # ps's table
     assert table["PID"][:7] == ["PID", "PPID", "UID", "STATE", "TIME", "RESOURCES", "COMMAND"]
     assert table["1"][1:4] == ["0", "0", "running"] and table["1"][-1] == "init"
-    me = [line for line in out.splitlines() if re.search(r"cli\.py --home \S+ shell -c ps;",
-                                                         line)]
+    me = [line for line in out.splitlines() if line.endswith(" llmos shell")]
     assert me and me[0].split()[2] == "1000", out  # the shell is a process: ps shows it
     assert "no jobs" in out
-    assert re.search(r"^echo\s+ready\s+\d+\s+0\s", out, re.M), out  # sysinfo's drivers
-    assert re.search(r"^ps\s+\d+\s+\d+\s+[\d.]+", out, re.M), out  # and its syscalls
+    assert re.search(r"^\s+echo\s+ready\s+\d+\s+0\s", out, re.M), out  # sysinfo's drivers
+    assert re.search(r"^\s+ps\s+\d+\s+\d+\s+[\d.]+", out, re.M), out  # and its syscalls
     assert "llmos top" in out and "PER S" in out  # one snapshot when not on a terminal
     assert "hi from run\n" in out
 
@@ -127,13 +129,13 @@ def test_tensor_commands(kernel: Booted, tmp_path: Path) -> None:
     np.save(tmp_path / "a.npy", np.arange(12, dtype=np.float32).reshape(3, 4))
     (tmp_path / "fox.txt").write_text(FOX)
     out = ok(shell(kernel, "mkdir -p /t/sub; cd /t; put -q a.npy a; ls; ls -l; stat a; "
-                   "cat a; mv a sub; chmod 600 sub/a; get sub/a b.npy; cd sub; pwd; "
+                   "cat a; mv a sub; chmod 600 sub/a; get -q sub/a b.npy; cd sub; pwd; "
                    "cd -; pwd; ls /t/sub; corpus /t/text/fox fox.txt; cat text/fox",
                    cwd=tmp_path))
     assert np.array_equal(np.load(tmp_path / "b.npy"), np.arange(12).reshape(3, 4))
     lines = out.splitlines()
     assert lines[:2] == ["a", "sub/"]  # ls in /t
-    assert re.search(r"^-rw-r--r--\s+1000\s+48B\s.*float32\s+\[3, 4\]\s+a$", out, re.M), out
+    assert re.search(r"^-rw-r--r--\s+1000\s+48B\s.*float32\[3, 4\]\s+a$", out, re.M), out
     assert re.search(r"^drwxr-xr-x\s+1000\s+-\s.*\ssub/$", out, re.M), out
     assert "path      /t/a" in lines and "mode      0644 (-rw-r--r--)" in lines
     assert "min     0  max 11  mean 5.5  std 3.45205" in lines  # cat: a summary
@@ -156,8 +158,8 @@ def test_group_commands(kernel: Booted, tmp_path: Path) -> None:
     save_file({"w": np.arange(6, dtype=np.float32).reshape(2, 3),
                "n": np.array([7], np.int64)}, tmp_path / "ck.safetensors")
     out = ok(shell(kernel, "put -q -g ck.safetensors /ck; ls -l /; stat /ck; cat /ck; "
-                   "get /ck back.safetensors", cwd=tmp_path))
-    assert re.search(r"^-rw-r--r--\s+1000\s+32B\s.*group\s+2 tensors\s+ck$", out, re.M), out
+                   "get -q /ck back.safetensors", cwd=tmp_path))
+    assert re.search(r"^-rw-r--r--\s+1000\s+32B\s.*\s2 tensors\s+ck$", out, re.M), out
     assert "type      group" in out and "  w  float32[2, 3]  24B" in out
     assert "/ck[w]" in out and "/ck[n]" in out and "values  [7]" in out
     back = load_file(tmp_path / "back.safetensors")
@@ -171,9 +173,9 @@ def test_device_commands(kernel: Booted) -> None:
     out = ok(shell(kernel, "alloc 1MiB --count 2; devices; free --all; devices"))
     alloc = out.split()[0]
     before, after = out.split("cpus ")[1:]
-    assert len(re.findall(rf"^{alloc} \*\s", before, re.M)) == 2, out  # one per GPU, ours
-    assert "allocations: none" in after
-    assert re.search(r"^0\s+\S+\s+.*1MiB", before, re.M), out  # the GPU's ALLOCATED
+    assert len(re.findall(rf"^\s+{alloc} \*\s", before, re.M)) == 2, out  # one per GPU, ours
+    assert "allocations\n  (none)" in after
+    assert re.search(r"^\s+0\s+\S+\s+.*1MiB", before, re.M), out  # the GPU's ALLOCATED
 
 
 def test_model_commands(kernel: Booted) -> None:
@@ -183,7 +185,7 @@ def test_model_commands(kernel: Booted) -> None:
     out = ok(shell(kernel, "infer /models/tiny hello -n 12 -t 0; cd /models; "
                    "infer -q tiny hello -n 12 -t 0; models"))
     assert out.startswith(f"hello{greedy}\n{greedy}\n"), out
-    assert re.search(r"^/models/tiny/step-000001\s+\S+\s+1\s+5\.5\s+\d+$", out, re.M), out
+    assert re.search(r"^/models/tiny/step-000001\s+\S+\s+1\s+5\.500\s+\d+$", out, re.M), out
     # chat reads its lines from the script, up to an empty line
     out = ok(shell(kernel, script="chat /models/tiny -n 6 -t 0\nab\ncd\n\npwd\n"))
     assert out == f"ab{chat[0]}\ncd{chat[1]}\n/\n"
@@ -205,14 +207,15 @@ def test_help(kernel: Booted) -> None:
                  "cat", "put", "get", "rm", "mv", "mkdir", "chmod", "devices", "alloc", "free",
                  "train", "chat", "infer", "models", "corpus", "syscall", "help", "exit"):
         assert re.search(rf"^  {name}\s+\w", out, re.M), name
-    assert "usage: kill [-s TERM|KILL|INT] PID...\n" in out
-    assert "usage: rm [-r] PATH...\n" in out
+    assert "usage: kill [-s SIG] [-h] PID [PID ...]\n" in out
+    assert "usage: rm [-r] [-h] PATH [PATH ...]\n" in out
+    assert "(default: TERM)" in out  # each argument's default, from the table
 
 
 def test_errors_are_one_line_and_the_shell_goes_on(kernel: Booted) -> None:
     failing = [("stat /nope", "ENOENT: "), ("sp", "ENOSYS: sp: unknown command; did you "
                                             "mean 'ps'?"),
-               ("kill abc", "usage: kill [-s TERM|KILL|INT] PID... ("),
+               ("kill abc", "usage: kill [-s SIG] [-h] PID [PID ...] ("),
                ("kill 99999", "ESRCH: "), ("cat /models", "EISDIR: "),
                ("rm /models", "ENOTEMPTY: "), ("chmod 9 /models", "usage: chmod"),
                ("wait", "ECHILD: "), ("infer /nope hi", "ENOENT: "),

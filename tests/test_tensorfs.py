@@ -762,7 +762,7 @@ def test_cli_put_get_ls_stat_mv_rm(kernel, tmp_path, capsys):
     # -g: the file's tensors as one group, exported back with their names
     assert llmos(kernel, "put", "-g", str(tmp_path / "g.safetensors"), "/cli-grp").returncode == 0
     ls = llmos(kernel, "ls", "-l", "/")
-    assert any(line.startswith("g") and "cli-grp" in line and "2 tensors" in line
+    assert any(line.startswith("-") and "cli-grp" in line and "2 tensors" in line
                for line in ls.stdout.splitlines()), ls.stdout
     assert llmos(kernel, "get", "/cli-grp", str(tmp_path / "back.safetensors")).returncode == 0
     back = load_file(str(tmp_path / "back.safetensors"))

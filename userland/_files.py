@@ -1,65 +1,35 @@
-"""The tensor commands of `llmos`: ls, stat, rm, mv, put, get (docs/tensorfs.md).
-
-    llmos ls [-l] [PATH]        llmos stat PATH         llmos rm [-r] PATH
-    llmos mv SRC DST            llmos put FILE PATH     llmos get PATH FILE
+"""Local files in and out of tensorfs: what put reads and get writes, and the
+progress bar of both (docs/tensorfs.md).
 
 put imports .npy, .pt (a tensor, or a dict of tensors: one tensorfs tensor per
 key under PATH/) and .safetensors files (one tensor per key when there are
 several), and anything else as raw bytes, uint8. get exports by FILE's suffix:
 .npy, .pt, .safetensors, else raw bytes. Both show a rich progress bar on stderr
 (TransferBar) for BAR_BYTES and more when it is a terminal, for any size with
---progress, never with -q. cli.py registers these with add_commands; the shell's
-put and get use the same helpers.
+--progress, never with -q. numpy, torch and rich are imported here only when a
+file is read or written: every command loads the command table, few of them this.
 """
 from __future__ import annotations
 
-import argparse
-import json
 import stat
 import sys
 import time
 from datetime import timedelta
 from pathlib import Path
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any
 
-import numpy as np
+from syscalls import Errno, SyscallError
+from syscalls.client import PROGRESS_CHUNK, Progress, as_raw
 
-from syscalls import Errno, Home, SyscallError
+from ._views import size
 
-from syscalls.client import _tensors
-from syscalls.client import as_raw
+if TYPE_CHECKING:
+    import numpy as np
 
 # A transfer of this many bytes or more gets a progress bar when stderr is a
 # terminal (smaller ones are over before a bar would say anything); --progress
 # shows it for any size and anywhere, -q never.
 BAR_BYTES = 64 * 2**20
-
-
-def _size(n: int) -> str:
-    for unit, size in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
-        if n >= size:
-            return f"{n / size:.1f}{unit}"
-    return f"{n}B"
-
-
-def _tensors_count(e: dict[str, Any]) -> str:
-    """A group's member count (listdir gives n_members, stat the members)."""
-    n = e["n_members"] if "n_members" in e else len(e.get("members", []))
-    return f"{n} tensor{'' if n == 1 else 's'}"
-
-
-def _line(e: dict[str, Any], long: bool) -> str:
-    name = e.get("name", e["path"]) + ("/" if e["type"] == "dir" else "")
-    if not long:
-        return name
-    if "error" in e:  # a file listdir could not read (damaged, or not tensorfs's)
-        return f"?????  {'?':>6} {'?':>9} {'?':16}  {name}  ({e['error']}: unreadable)"
-    kind = {"dir": "d", "group": "g"}.get(e["type"], "-")
-    what = (f"{e['dtype']}{e['shape']}" if e["type"] == "tensor"
-            else _tensors_count(e) if e["type"] == "group" else "")
-    size = _size(e["size"]) if "size" in e else "-"
-    when = time.strftime("%Y-%m-%d %H:%M", time.localtime(e["mtime"]))
-    return f"{kind}{e['mode']:04o} {e['owner']:>6} {size:>9} {when}  {name}  {what}"
 
 
 def show_bar(quiet: bool, force: bool, size: int) -> bool:
@@ -114,7 +84,7 @@ def _new_bar() -> Any:
 class TransferBar:
     """The rich progress bar of one put or get on stderr: bar, bytes, speed, time
     left (once finished: the average speed and the time taken). Its part()
-    callbacks are the progress argument of save_tensor and _write_file. Without
+    callbacks are the progress argument of save_tensor and write_file. Without
     show every method does nothing and part() is None, so the transfer keeps its
     single copy.
 
@@ -153,7 +123,7 @@ class TransferBar:
                              completed=0, total=None)
 
     def part(self, name: str | None = None, offset: int = 0,
-             total: int | None = None) -> _tensors.Progress | None:
+             total: int | None = None) -> Progress | None:
         """The progress(done, size, phase) callback of one tensor, named name on
         the bar, whose bytes start at offset of the transfer's total (a file of
         several tensors is one bar); total None: the tensor is the transfer."""
@@ -171,17 +141,18 @@ class TransferBar:
 
 
 def _save(osh: Any, path: str, tensor: Any, quiet: bool,
-          progress: _tensors.Progress | None = None) -> None:
+          progress: Progress | None = None, dtype: str | None = None) -> None:
     t0 = time.monotonic()
-    r = osh.save_tensor(path, tensor, progress=progress)
+    r = osh.save_tensor(path, tensor, progress=progress, dtype=dtype)
     if not quiet:
         dt = time.monotonic() - t0
-        print(f"{path}: {_size(r['size'])} in {dt:.2f}s "
+        print(f"{path}: {size(r['size'])} in {dt:.2f}s "
               f"({r['size'] / max(dt, 1e-9) / 2**20:.0f} MiB/s), {r['checksum']}",
               file=sys.stderr)
 
 
 def _nbytes(tensor: Any) -> int:
+    import numpy as np
     if isinstance(tensor, dict):  # a group
         return sum(_nbytes(t) for t in tensor.values())
     n = getattr(tensor, "nbytes", None)  # numpy and torch
@@ -189,25 +160,25 @@ def _nbytes(tensor: Any) -> int:
 
 
 def put_data(osh: Any, path: str, data: Any, quiet: bool, bar: TransferBar,
-             group: bool = False) -> None:
-    """Save what _read_file gave: a tensor at path, or a dict of them as one tensor
+             group: bool = False, dtype: str | None = None) -> None:
+    """Save what read_file gave: a tensor at path, or a dict of them as one tensor
     per key under the directory path (a dict of one: that tensor at path), each
     with put's summary line unless quiet, all on one bar. group: all of it as one
     group at path (a lone tensor as its member "tensor")."""
     if group:
         t0 = time.monotonic()
         members = data if isinstance(data, dict) else {"tensor": data}
-        r = osh.save_tensors(path, members, progress=bar.part(path))
+        r = osh.save_tensors(path, members, progress=bar.part(path), dtype=dtype)
         if not quiet:
             dt = time.monotonic() - t0
-            print(f"{path}: a group of {len(members)}, {_size(r['size'])} in {dt:.2f}s "
+            print(f"{path}: a group of {len(members)}, {size(r['size'])} in {dt:.2f}s "
                   f"({r['size'] / max(dt, 1e-9) / 2**20:.0f} MiB/s), {r['checksum']}",
                   file=sys.stderr)
         return
     if isinstance(data, dict) and len(data) == 1:
         data = next(iter(data.values()))
     if not isinstance(data, dict):
-        _save(osh, path, data, quiet, bar.part(path))
+        _save(osh, path, data, quiet, bar.part(path), dtype)
         return
     try:
         osh.mkdir(path)
@@ -217,19 +188,11 @@ def put_data(osh: Any, path: str, data: Any, quiet: bool, bar: TransferBar,
     total, offset = sum(_nbytes(t) for t in data.values()), 0
     for name, t in data.items():
         p = f"{path.rstrip('/')}/{name}"
-        _save(osh, p, t, quiet, bar.part(p, offset, total))
+        _save(osh, p, t, quiet, bar.part(p, offset, total), dtype)
         offset += _nbytes(t)
 
 
-def _errno_of(e: OSError) -> Errno:
-    """The llmos errno of a local OS error (EIO for one llmos has no name for)."""
-    try:
-        return Errno(e.errno)
-    except ValueError:
-        return Errno.EIO
-
-
-def check_storable(data: Any, split: bool) -> None:
+def check_storable(data: Any, split: bool, dtype: str | None = None) -> None:
     """EINVAL, before anything is written, when what a file held is not tensors of
     a dtype tensorfs stores (float64, nested dicts...), naming the key; and, when
     its tensors are to be one per key under a directory (split), when a key cannot
@@ -244,7 +207,7 @@ def check_storable(data: Any, split: bool) -> None:
                                "name (empty, a leading '.', '/', '\\', NUL, over 200 "
                                "bytes); put -g keeps such names in a group")
         try:
-            as_raw(t)
+            as_raw(t, dtype)
         except SyscallError as e:
             where = f" {key!r}:" if key is not None else ""
             raise SyscallError(Errno.EINVAL, f"put:{where} {e.message}") from None
@@ -266,12 +229,13 @@ def _mappable(file: Path) -> bool:
     return stat.S_ISREG(st.st_mode) and st.st_size > 0
 
 
-def _read_file(file: Path, bar: TransferBar | None = None) -> dict[str, Any] | Any:
+def read_file(file: Path, bar: TransferBar | None = None) -> dict[str, Any] | Any:
     """A tensor, or a dict of name -> tensor, from a file by its suffix.
 
     A .npy or raw file is mapped, not read: its pages come in as save_tensor copies
     them (chunk by chunk, counted on the bar), with no copy of the file in memory
     first. A .pt or .safetensors file loads in one call: the bar pulses."""
+    import numpy as np
     suffix = file.suffix.lower()
     if suffix == ".npy":
         if _mappable(file):
@@ -299,13 +263,14 @@ def _read_file(file: Path, bar: TransferBar | None = None) -> dict[str, Any] | A
     return np.frombuffer(file.read_bytes(), dtype=np.uint8)
 
 
-def _write_file(file: Path, tensor: Any, progress: _tensors.Progress | None = None) -> None:
+def write_file(file: Path, tensor: Any, progress: Progress | None = None) -> None:
     """Export tensor to file by its suffix: .pt, .safetensors, .npy, else raw bytes.
 
     progress(done, total, phase): a .npy or raw file is written PROGRESS_CHUNK
     bytes at a time, each reported as "write" (a tensor from load_tensor is a
     mapping: this is where its bytes move), then "done"; a .pt or .safetensors
     file is one step between progress(0, total, "write") and "done"."""
+    import numpy as np
     suffix = file.suffix.lower()
     if suffix in (".pt", ".safetensors"):
         total = _nbytes(tensor)
@@ -327,6 +292,7 @@ def _write_file(file: Path, tensor: Any, progress: _tensors.Progress | None = No
 
 def _write_whole(file: Path, tensor: Any, suffix: str) -> None:
     """A tensor, or a group's dict of them (its names kept), as .pt or .safetensors."""
+    import numpy as np
     if suffix == ".pt":
         import torch
         torch.save(tensor if isinstance(tensor, dict) or hasattr(tensor, "dtype") and
@@ -348,6 +314,7 @@ def _write_whole(file: Path, tensor: Any, suffix: str) -> None:
 
 def _npy_header(f: Any, arr: np.ndarray) -> None:
     """The header np.save writes for arr (format 1.0, or 2.0 when it is too long)."""
+    import numpy as np
     header = np.lib.format.header_data_from_array_1_0(arr)
     try:
         np.lib.format.write_array_header_1_0(f, header)
@@ -355,14 +322,14 @@ def _npy_header(f: Any, arr: np.ndarray) -> None:
         np.lib.format.write_array_header_2_0(f, header)
 
 
-def _write_chunks(f: Any, data: np.ndarray, progress: _tensors.Progress | None) -> None:
+def _write_chunks(f: Any, data: np.ndarray, progress: Progress | None) -> None:
     """Write a flat uint8 array: in one call without progress, else in chunks."""
     if progress is None:
         f.write(memoryview(data))
         return
     total, start = len(data), 0
     while True:
-        stop = min(start + _tensors.PROGRESS_CHUNK, total)
+        stop = min(start + PROGRESS_CHUNK, total)
         f.write(memoryview(data[start:stop]))
         progress(stop, total, "write")
         if stop == total:
@@ -384,136 +351,3 @@ def remove(osh: Any, path: str, recursive: bool) -> None:
         for e in osh.listdir(path):
             remove(osh, e["path"], True)
     osh.unlink(path)
-
-
-def add_commands(command: Callable[..., argparse.ArgumentParser],
-                 connect: Callable[..., Any]) -> None:
-    """Register the tensor commands with cli.py's `command(name, func, help)`."""
-
-    def cmd_ls(home: Home, args: argparse.Namespace) -> int:
-        with connect(home) as osh:
-            st = osh.stat(args.path)
-            entries = osh.listdir(args.path) if st["type"] == "dir" else [st]
-        if args.json:
-            print(json.dumps(entries, indent=2, sort_keys=True))
-        for e in entries if not args.json else []:
-            print(_line(e, args.long))
-        return 0
-
-    def cmd_stat(home: Home, args: argparse.Namespace) -> int:
-        with connect(home) as osh:
-            st = osh.stat(args.path)
-        for k in sorted(st):
-            v = st[k]
-            if k == "mode":
-                v = f"{v:04o}"
-            elif k in ("ctime", "mtime"):
-                v = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(v))
-            elif k == "members":  # a group: one line each, below
-                v = _tensors_count(st)
-            print(f"{k:9} {v}")
-        for m in st.get("members", []):
-            print(f"  {m['name']}  {m['dtype']}{m['shape']}  {_size(m['size'])}")
-        return 0
-
-    def cmd_mkdir(home: Home, args: argparse.Namespace) -> int:
-        with connect(home) as osh:
-            for path in args.paths:
-                parts = [x for x in path.split("/") if x]
-                targets = ["/" + "/".join(parts[:i + 1]) for i in range(len(parts))] \
-                    if args.parents else [path]
-                for target in targets:
-                    try:
-                        osh.mkdir(target, args.mode)
-                    except SyscallError as e:
-                        if not (args.parents and e.errno == Errno.EEXIST):
-                            raise
-        return 0
-
-    def cmd_rm(home: Home, args: argparse.Namespace) -> int:
-        with connect(home) as osh:
-            for p in args.paths:
-                remove(osh, p, args.recursive)
-        return 0
-
-    def cmd_mv(home: Home, args: argparse.Namespace) -> int:
-        with connect(home) as osh:
-            osh.rename(args.src, args.dst)
-        return 0
-
-    def cmd_put(home: Home, args: argparse.Namespace) -> int:
-        file = Path(args.file)
-        with TransferBar(args.path, show_bar(args.quiet, args.progress,
-                                             file_size(file))) as bar:
-            try:
-                data = _read_file(file, bar)
-            except OSError as e:
-                raise SyscallError(_errno_of(e), f"{args.file}: {e.strerror}") from None
-            except Exception as e:  # not the format its suffix says
-                raise SyscallError(Errno.EINVAL, f"put: cannot read {file}: {e}") from None
-            check_storable(data, not args.group)  # before anything is written
-            with connect(home) as osh:
-                put_data(osh, args.path, data, args.quiet, bar, args.group)
-        return 0
-
-    def cmd_get(home: Home, args: argparse.Namespace) -> int:
-        file = Path(args.file)
-        if not file.parent.is_dir():
-            raise SyscallError(Errno.ENOENT, f"get: {file.parent}: no such directory")
-        if file.is_dir():
-            raise SyscallError(Errno.EISDIR, f"get: {file}: a directory")
-        with connect(home) as osh:
-            st = osh.stat(args.path)
-            if st["type"] == "group" and file.suffix.lower() not in (".pt", ".safetensors"):
-                raise SyscallError(Errno.EINVAL, f"{args.path} is a group of "
-                                   f"{len(st['members'])} tensors: export it to a "
-                                   ".safetensors or .pt file")
-            with TransferBar(args.path, show_bar(args.quiet, args.progress,
-                                                 st.get("size", 0))) as bar:
-                _tensors._torch()  # load_tensor's import: before the bar's clock
-                bar.reading()
-                if st["type"] == "group":
-                    t: Any = osh.load_tensors(args.path)
-                else:
-                    t = osh.load_tensor(args.path)
-                _write_file(file, t, bar.part())
-        return 0
-
-    p = command("ls", cmd_ls, "list a tensorfs directory")
-    p.add_argument("-l", "--long", action="store_true", help="mode, owner, size, time, dtype")
-    p.add_argument("--json", action="store_true", help="print listdir() as JSON")
-    p.add_argument("path", nargs="?", default="/")
-    p = command("stat", cmd_stat, "metadata of a tensor or directory")
-    p.add_argument("path")
-    p = command("mkdir", cmd_mkdir, "make tensorfs directories")
-    p.add_argument("-p", "--parents", action="store_true",
-                   help="make missing parents too; an existing directory is no error")
-    p.add_argument("-m", "--mode", type=lambda t: int(t, 8), default=0o755,
-                   help="mode bits, octal (default 755)")
-    p.add_argument("paths", nargs="+", metavar="PATH")
-    p = command("rm", cmd_rm, "remove tensors or empty directories")
-    p.add_argument("-r", "--recursive", action="store_true", help="directories and contents")
-    p.add_argument("paths", nargs="+", metavar="PATH")
-    p = command("mv", cmd_mv, "rename a tensor or directory")
-    p.add_argument("src")
-    p.add_argument("dst")
-    p = command("put", cmd_put, "import a .npy, .pt or .safetensors file (else raw bytes "
-                "as uint8) as a tensor, or with -g several as one group")
-    p.add_argument("-q", "--quiet", action="store_true",
-                   help="no output: no summary, no progress bar")
-    p.add_argument("--progress", action="store_true",
-                   help="a progress bar whatever the size, also when stderr is not a "
-                   "terminal (by default: from 64 MiB, on a terminal)")
-    p.add_argument("-g", "--group", action="store_true",
-                   help="store the file's tensors as one group at PATH (one safetensors "
-                   "file, names kept) instead of one tensor per name under PATH/")
-    p.add_argument("file", metavar="FILE")
-    p.add_argument("path", metavar="PATH")
-    p = command("get", cmd_get, "export a tensor to FILE (.npy, .pt, .safetensors, else raw; "
-                "a group to .safetensors or .pt)")
-    p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
-    p.add_argument("--progress", action="store_true",
-                   help="a progress bar whatever the size, also when stderr is not a "
-                   "terminal (by default: from 64 MiB, on a terminal)")
-    p.add_argument("path", metavar="PATH")
-    p.add_argument("file", metavar="FILE")

@@ -1,0 +1,330 @@
+"""The model commands: corpus, train, infer, chat, models (docs/executor.md).
+
+infer's and chat's defaults are the syscall table's (syscalls/_table.py), so the
+command, the shell and the library generate alike when nothing is said.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import sysconfig
+from pathlib import Path
+from typing import Any, Iterator
+
+from syscalls import BY_NAME, Errno, SyscallError
+
+from . import _views
+from ._cmd_devices import alloc_id
+from ._cmd_procs import exit_status
+from ._command import Session, arg, command, key_values, sized
+
+INFER = BY_NAME["infer"].by_name
+POLL_S = 0.5
+
+
+def stdlib_files() -> Iterator[Path]:
+    """The .py files of this interpreter's standard library, in a stable order."""
+    root = Path(sysconfig.get_paths()["stdlib"])
+    for path in sorted(root.rglob("*.py")):
+        if "site-packages" not in path.parts and "test" not in path.parts:
+            yield path
+
+
+def read_corpus(files: list[Path] | None, max_bytes: int) -> bytes:
+    """The files' bytes, up to max_bytes; files named explicitly must be readable
+    (OSError), the standard library's unreadable ones are skipped."""
+    out = bytearray()
+    for path in files if files else stdlib_files():
+        try:
+            out += path.read_bytes()
+        except OSError:
+            if files:
+                raise
+            continue
+        if len(out) >= max_bytes:
+            break
+    return bytes(out[:max_bytes])
+
+
+def makedirs(osh: Any, path: str) -> None:
+    """The parent directories of path, made when missing."""
+    parts = [p for p in path.split("/") if p][:-1]
+    for i in range(len(parts)):
+        try:
+            osh.mkdir("/" + "/".join(parts[:i + 1]))
+        except SyscallError as e:
+            if e.errno != Errno.EEXIST:
+                raise
+
+
+@command("corpus", "models", "store text files (default: this Python's standard library "
+         "sources) as one uint8 tensor: a training dataset",
+         arg("path", metavar="PATH", complete="tensor", help="e.g. /datasets/pystdlib"),
+         arg("files", nargs="*", metavar="FILE", complete="local"),
+         arg("--max-bytes", type=sized, default="8MiB", metavar="SIZE",
+             help="stop at this many bytes"),
+         syscalls=("mkdir", "open_tensor", "close_tensor"),
+         details="Makes PATH's missing parent directories.")
+def corpus(s: Session, a: argparse.Namespace) -> None:
+    data = read_corpus([Path(os.path.expanduser(f)) for f in a.files], a.max_bytes)
+    if not data:
+        raise SyscallError(Errno.ENOENT, "corpus: no text found in the files given")
+    path = s.resolve(a.path)
+    makedirs(s.osh, path)
+    import numpy as np
+    s.osh.save_tensor(path, np.frombuffer(data, dtype=np.uint8))
+    s.line(f"{path}: {len(data):,} bytes of text")
+
+
+def scalar(text: str) -> Any:
+    """A KEY=VALUE's value: an int, a float, true/false, else the text."""
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            pass
+    return {"true": True, "false": False}.get(text.lower(), text)
+
+
+TRAIN_FLAGS = (("--steps", "steps", int), ("--workers", "workers", int),
+               ("--layers", "n_layer", int), ("--heads", "n_head", int),
+               ("--width", "n_embd", int), ("--context", "block_size", int),
+               ("--batch", "batch_size", int), ("--lr", "lr", float),
+               ("--checkpoint-every", "checkpoint_every", int),
+               ("--restarts", "restarts", int), ("--gpus", "gpus", int),
+               ("--seed", "seed", int))
+
+
+@command("train", "models", "train a byte-level GPT (spawn_train) and follow its "
+         "progress until it ends",
+         arg("name", metavar="NAME", help="the model's name: it goes to /models/NAME"),
+         arg("settings", nargs="*", metavar="KEY=VALUE",
+             help="any training config key (docs/executor.md), e.g. steps=300 lr=2e-3"),
+         arg("--data", required=True, metavar="PATH", complete="tensor",
+             help="a 1-D uint8 tensor of text (llmos corpus makes one)"),
+         *(arg(flag, dest=key, type=kind, metavar="N" if kind is int else "X",
+               help=f"the config's {key}") for flag, key, kind in TRAIN_FLAGS),
+         arg("--out", metavar="PATH", complete="tensor",
+             help="where checkpoints go (default: /models/NAME)"),
+         arg("--resume", action="store_true", help="go on from the last checkpoint"),
+         arg("--alloc", metavar="ID", complete="alloc",
+             help="train on this session's GPU allocation (a prefix will do)"),
+         arg("-d", "--detach", action="store_true",
+             help="print the job's pid and return (jobs shows it, wait reaps it)"),
+         syscalls=("spawn_train", "wait", "ps", "kill"),
+         json_keys="the job's wait record {pid, status, reason, info}; with -d, its pid",
+         details="Ctrl-C asks the job to stop: it writes a checkpoint and ends (resume "
+                 "it with --resume); a second Ctrl-C kills it. The exit status is the "
+                 "job's (130 after Ctrl-C).")
+def train(s: Session, a: argparse.Namespace) -> Any:
+    config: dict[str, Any] = {"name": a.name, "dataset": s.resolve(a.data)}
+    for _, key, _ in TRAIN_FLAGS:
+        if getattr(a, key) is not None:
+            config[key] = getattr(a, key)
+    if a.out:
+        config["out"] = s.resolve(a.out)
+    if a.resume:
+        config["resume"] = True
+    for key, value in key_values(a.settings).items():
+        config[key] = s.resolve(value) if key in ("out", "dataset") else scalar(value)
+    with s.unbounded():
+        pid = s.osh.spawn_train(config, alloc_id(s, a.alloc) if a.alloc else None)
+    if a.detach:
+        if not s.json:
+            s.line(str(pid))
+        return pid if s.json else None
+    if not s.json:
+        s.line(f"training job {pid}: {a.name} on {config['dataset']} (Ctrl-C stops it, "
+               "keeping a checkpoint)")
+    record, interrupted = follow(s, pid)
+    info = record.get("info") or {}
+    s.status = 130 if interrupted else exit_status(record)
+    if s.json:
+        return record
+    s.line(_views.progress(info) if info else _views.wait_line(record))
+    if info.get("checkpoint"):
+        s.line(f"checkpoint: {info['checkpoint']}")
+    if info.get("state") == "stopped":
+        s.line(f"resume with: llmos train {a.name} --data {config['dataset']} --resume")
+    elif record["status"] != 0:
+        s.note(_views.wait_line({**record, "info": {}}))
+    return None
+
+
+def follow(s: Session, pid: int) -> tuple[dict[str, Any], bool]:
+    """Show job pid's progress until it ends (one line rewritten in place on a
+    terminal, else a line per change); its wait record, and whether Ctrl-C was
+    pressed. The first Ctrl-C asks the job to stop (TERM: it checkpoints), the next
+    kills it; the wait goes on either way, so the job is always reaped."""
+    show, last, interrupts = StatusLine(quiet=s.json), "", 0
+    osh = s.osh
+    try:
+        while True:
+            try:
+                try:
+                    with s.unbounded():
+                        return osh.wait(pid, timeout=POLL_S), interrupts > 0
+                except SyscallError as e:
+                    if e.errno != Errno.ETIMEDOUT:
+                        raise
+                me = next((p for p in osh.ps() if p["pid"] == pid), None)
+                line = _views.progress(me["info"]) if me and me.get("info") else "starting"
+                if line != last:
+                    show(line)
+                last = line
+            except KeyboardInterrupt:
+                interrupts += 1
+                show.clear()
+                try:
+                    osh.kill(pid, "KILL" if interrupts > 1 else "TERM")
+                except SyscallError as e:
+                    if e.errno != Errno.ESRCH:
+                        raise
+                if not s.json:
+                    s.note("killing the job" if interrupts > 1 else
+                           "stopping the job: it writes a checkpoint, then ends (Ctrl-C "
+                           "again kills it)")
+    finally:
+        show.clear()
+
+
+class StatusLine:
+    """A progress display: one line rewritten in place on a terminal, else a line
+    each time it changes."""
+
+    def __init__(self, quiet: bool = False) -> None:
+        self.quiet = quiet
+        self.width = 0
+
+    def __call__(self, line: str) -> None:
+        if self.quiet:
+            return
+        if sys.stdout.isatty():
+            line = line[:os.get_terminal_size().columns - 1]
+            sys.stdout.write("\r" + line.ljust(self.width))
+            self.width = len(line)
+        else:
+            sys.stdout.write(line + "\n")
+        sys.stdout.flush()
+
+    def clear(self) -> None:
+        if self.width:
+            sys.stdout.write("\r" + " " * self.width + "\r")
+            sys.stdout.flush()
+            self.width = 0
+
+
+def _sampling(tokens: int) -> list[Any]:
+    return [
+        arg("-n", "--max-tokens", type=int, default=tokens, metavar="N",
+            help="new tokens at most"),
+        arg("-t", "--temperature", type=float, default=INFER["temperature"].default,
+            metavar="T", help="sampling temperature; 0 is greedy"),
+        arg("-k", "--top-k", type=int, default=INFER["top_k"].default, metavar="K",
+            help="sample among the K likeliest tokens; 0: all"),
+        arg("--seed", type=int, metavar="N", help="sampling seed (default: a random one)")]
+
+
+def generate(s: Session, model: str, prompt: str, a: argparse.Namespace,
+             echo: str = "") -> dict[str, Any]:
+    """Generate after prompt, writing echo and then the text as it comes; the final
+    chunk. Nothing is written if the call fails before it generates; Ctrl-C stops
+    the generation too."""
+    final: dict[str, Any] = {}
+    wrote = False
+    with s.unbounded() as osh:
+        chunks = osh.infer(model, prompt, a.max_tokens, a.temperature, a.top_k, a.seed,
+                           stream=True)
+        try:
+            for chunk in chunks:
+                if not wrote:
+                    sys.stdout.write(echo)
+                    wrote = True
+                sys.stdout.write(chunk["text"])
+                sys.stdout.flush()
+                if chunk.get("finish_reason"):
+                    final = chunk
+        finally:
+            chunks.close()
+            if wrote:
+                sys.stdout.write("\n")
+                sys.stdout.flush()
+    return final
+
+
+@command("infer", "models", "generate text after PROMPT with a model, streamed",
+         arg("model", metavar="MODEL", complete="tensor",
+             help="a model directory (its latest checkpoint) or a checkpoint"),
+         arg("prompt", nargs="+", metavar="PROMPT", help="its words are joined with spaces"),
+         *_sampling(INFER["max_tokens"].default),
+         arg("-q", "--quiet", action="store_true", help="do not echo the prompt"),
+         arg("-v", "--verbose", action="store_true",
+             help="then tokens, time, tokens/s and seed on stderr"),
+         syscalls=("infer",),
+         json_keys="infer()'s record: {text, tokens, prompt_tokens, finish_reason, seed, "
+                   "time_s} (generated whole, not streamed)",
+         details="Ctrl-C stops the generation.")
+def infer(s: Session, a: argparse.Namespace) -> dict[str, Any] | None:
+    prompt = " ".join(a.prompt)
+    model = s.resolve(a.model)
+    if s.json:
+        with s.unbounded() as osh:
+            return osh.infer(model, prompt, a.max_tokens, a.temperature, a.top_k, a.seed)
+    final = generate(s, model, prompt, a, echo="" if a.quiet else prompt)
+    if a.verbose and final:
+        rate = final["tokens"] / final["time_s"] if final.get("time_s") else 0.0
+        s.note(f"[{final['tokens']} tokens in {final['time_s']:.2f}s, {rate:.0f} tok/s, "
+               f"seed {final['seed']}, {final['finish_reason']}]")
+    return None
+
+
+def read_line(s: Session, prompt: str) -> str | None:
+    """A line for chat; None at the end of input."""
+    if sys.stdin.isatty():
+        if getattr(s, "_chat_session", None) is None:
+            from prompt_toolkit import PromptSession
+            s._chat_session = PromptSession()  # type: ignore[attr-defined]
+        try:
+            return s._chat_session.prompt(prompt)  # type: ignore[attr-defined]
+        except (EOFError, KeyboardInterrupt):
+            return None
+    line = sys.stdin.readline()
+    return line.rstrip("\n") if line else None
+
+
+@command("chat", "models", "talk to a model: each line you type is a prompt, its "
+         "continuation is streamed back",
+         arg("model", metavar="MODEL", complete="tensor"), *_sampling(100),
+         syscalls=("stat", "infer"),
+         details="The byte-level GPT continues text: each line is a fresh prompt (no "
+                 "memory of the earlier ones). An empty line or Ctrl-D leaves; Ctrl-C "
+                 "stops a generation. When stdin is not a terminal the lines come from "
+                 "it, up to an empty line, each echoed before its continuation.")
+def chat(s: Session, a: argparse.Namespace) -> None:
+    model = s.resolve(a.model)
+    s.osh.stat(model)  # ENOENT now rather than after the first line
+    typed = sys.stdin.isatty()  # else the lines come from a script: echo them
+    if typed:
+        s.note(f"chat with {model}: each line is a prompt; an empty line or Ctrl-D leaves")
+    while True:
+        line = read_line(s, "chat> ")
+        if line is None or not line.strip():
+            return
+        try:
+            generate(s, model, line, a, echo="" if typed else line)
+        except KeyboardInterrupt:
+            s.status = 1
+        except SyscallError as e:
+            s.error(f"{e.errno.name}: {e.message}")
+            s.status = 1
+
+
+@command("models", "models", "the models the executor holds loaded, and its batching "
+         "statistics", syscalls=("models",),
+         view=lambda m, s, a: _views.models_lines(m),
+         json_keys="models()'s record: {models: [{path, bytes, requests, step, loss, "
+                   "loaded_at}], engine: {...}, budget, max_batch}")
+def models(s: Session, a: argparse.Namespace) -> dict[str, Any]:
+    return s.osh.models()
+
