@@ -8,12 +8,23 @@ from . import _wire as wire
 from ._errno import (ERROR_FAMILIES, AlreadyExists, Busy, Cancelled, ConnectionLost,
                      Errno, InvalidArgument, NotFound, OutOfResources, PermissionDenied,
                      SyscallError, TimedOut)
-from ._home import DEFAULTS, Config, Home, default_home
+from ._home import Home, default_home
 from ._schema import FrameRef, check_args
 from ._table import (ABI_VERSION, BY_NAME, BY_NUMBER, REQUIRED, SERVICES, TABLE, TYPES,
                      Arg, Syscall)
 from ._units import bounds, format_size, number, parse_sim_spec, parse_size
 from ._wire import FRAME_EXT, MAX_HEADER, WireError, decode, encode, send_frames
+
+
+
+def __getattr__(name: str) -> object:
+    """Config and DEFAULTS load at first use (the dataclasses module they need
+    costs an llmos command more than the rest of the ABI)."""
+    if name in ("Config", "DEFAULTS"):
+        from . import _config
+        return getattr(_config, name)
+    raise AttributeError(f"module 'syscalls' has no attribute {name!r}")
+
 
 __all__ = [
     "ABI_VERSION", "AlreadyExists", "Arg", "BY_NAME", "BY_NUMBER", "Busy", "Cancelled",

@@ -20,7 +20,6 @@ Nothing here imports anything else of llmos.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from typing import Any
 
 ABI_VERSION = 1
@@ -32,49 +31,54 @@ MAX_STR = 4096
 MAX_ECHO = 16 * 1024 * 1024
 
 
-@dataclass(frozen=True)
 class Arg:
     """One argument: `type` is one of TYPES; `lo`/`hi` bound numbers, `max_len`
-    bounds the length of strings, bytes, lists and dicts."""
+    bounds the length of strings, bytes, lists and dicts. (A plain class, not a
+    dataclass: every llmos command imports the table, and the dataclasses module
+    costs more to import than the table itself.)"""
 
-    name: str
-    type: str
-    default: Any = REQUIRED
-    nullable: bool = False
-    lo: float | None = None
-    hi: float | None = None
-    max_len: int | None = None
-    choices: tuple[str, ...] | None = None
-    doc: str = ""
+    __slots__ = ("name", "type", "default", "nullable", "lo", "hi", "max_len", "choices",
+                 "doc")
+
+    def __init__(self, name: str, type: str, default: Any = REQUIRED,
+                 nullable: bool = False, lo: float | None = None, hi: float | None = None,
+                 max_len: int | None = None, choices: tuple[str, ...] | None = None,
+                 doc: str = "") -> None:
+        self.name, self.type, self.default, self.nullable = name, type, default, nullable
+        self.lo, self.hi, self.max_len, self.choices, self.doc = lo, hi, max_len, choices, doc
 
     @property
     def required(self) -> bool:
         return self.default is REQUIRED
 
+    def __repr__(self) -> str:
+        return f"Arg({self.name!r}, {self.type!r})"
 
-@dataclass(frozen=True)
+
 class Syscall:
-    number: int
-    name: str
-    service: str
-    args: tuple[Arg, ...] = ()
-    blocks: bool = False
-    idempotent: bool = False
-    streams: bool = False
-    spawns: bool = False
-    returns: str = ""
-    # given as (errno, when) pairs (a bare name is accepted); after __init__ it
-    # holds the names, and error_when maps each name to its condition
-    errors: tuple[Any, ...] = ()
-    doc: str = ""
-    by_name: dict[str, Arg] = field(init=False, repr=False, compare=False)
-    error_when: dict[str, str] = field(init=False, repr=False, compare=False)
+    """One syscall: its number, name and service, its arguments, how it behaves
+    (blocks, idempotent, streams, spawns), what it returns, its errors as (errno,
+    when) pairs (a bare name is accepted; `errors` then holds the names and
+    `error_when` maps each to its condition), and its doc."""
 
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "by_name", {a.name: a for a in self.args})
-        when = dict((e, "") if isinstance(e, str) else (e[0], e[1]) for e in self.errors)
-        object.__setattr__(self, "errors", tuple(when))
-        object.__setattr__(self, "error_when", when)
+    __slots__ = ("number", "name", "service", "args", "blocks", "idempotent", "streams",
+                 "spawns", "returns", "errors", "doc", "by_name", "error_when")
+
+    def __init__(self, number: int, name: str, service: str, args: tuple[Arg, ...] = (),
+                 blocks: bool = False, idempotent: bool = False, streams: bool = False,
+                 spawns: bool = False, returns: str = "", errors: tuple[Any, ...] = (),
+                 doc: str = "") -> None:
+        self.number, self.name, self.service, self.args = number, name, service, args
+        self.blocks, self.idempotent, self.streams, self.spawns = (blocks, idempotent,
+                                                                   streams, spawns)
+        self.returns, self.doc = returns, doc
+        self.by_name: dict[str, Arg] = {a.name: a for a in args}
+        self.error_when: dict[str, str] = dict(
+            (e, "") if isinstance(e, str) else (e[0], e[1]) for e in errors)
+        self.errors: tuple[str, ...] = tuple(self.error_when)
+
+    def __repr__(self) -> str:
+        return f"Syscall({self.number}, {self.name!r}, {self.service!r})"
 
 
 TYPES = ("int", "float", "str", "bytes", "bool", "list[str]", "dict[str,str]", "size",

@@ -7,7 +7,6 @@ everywhere.
 from __future__ import annotations
 
 import re
-from decimal import Decimal
 from typing import Any, Callable
 
 SIZE_UNITS = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
@@ -35,7 +34,11 @@ def parse_size(value: Any) -> int:
                              f"{', '.join(SIZE_UNITS)})")
         if "." in number and not unit:
             raise ValueError(f"{value!r} is a fraction of a byte")
-        n = int(Decimal(number) * SIZE_UNITS[unit or "B"])
+        if "." in number:  # exact: 1.1GB is 1100000000 bytes, not float's idea of it
+            from decimal import Decimal
+            n = int(Decimal(number) * SIZE_UNITS[unit])
+        else:
+            n = int(number) * SIZE_UNITS[unit or "B"]
     else:
         raise ValueError(f"a size must be an int or a str, not {type(value).__name__}")
     if n < 1:

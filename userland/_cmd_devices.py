@@ -11,7 +11,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import signal
 import sys
 import time
 from typing import Any
@@ -101,6 +100,8 @@ def _run_with(s: Session, r: dict[str, Any], argv: list[str]) -> None:
 def _hold(s: Session, r: dict[str, Any]) -> None:
     """Keep this one-shot process (and with it the allocation) alive until Ctrl-C
     or SIGTERM; then free it."""
+    import signal
+
     def stop(signum: int, frame: object) -> None:
         raise KeyboardInterrupt
 

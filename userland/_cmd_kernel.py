@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import subprocess
 import sys
 import time
 from typing import Any, NoReturn
@@ -59,6 +58,7 @@ def boot(s: Session, a: argparse.Namespace) -> NoReturn:
          details="A driver that dies before it is ever ready stops the start at once: "
                  "its log's end is shown and the kernel is stopped.")
 def start(s: Session, a: argparse.Namespace) -> None:
+    import subprocess
     home = s.home
     kctl.prepare_home(home)
     pid = kctl.running_kernel(home)

@@ -8,7 +8,6 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import sysconfig
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -25,6 +24,7 @@ POLL_S = 0.5
 
 def stdlib_files() -> Iterator[Path]:
     """The .py files of this interpreter's standard library, in a stable order."""
+    import sysconfig
     root = Path(sysconfig.get_paths()["stdlib"])
     for path in sorted(root.rglob("*.py")):
         if "site-packages" not in path.parts and "test" not in path.parts:

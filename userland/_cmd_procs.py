@@ -3,10 +3,7 @@ from __future__ import annotations
 
 import argparse
 import os
-import queue
-import signal
 import sys
-import threading
 import time
 from typing import Any
 
@@ -198,6 +195,7 @@ def wait_forwarding(s: Session, pid: int, tail: LogTail) -> dict[str, Any]:
     they run in this thread, which is inside wait(). They never raise: an exception
     would abandon a wait the kernel still holds, and that wait would reap the child
     and take its status with it."""
+    import signal
     forwarder = Forwarder(s, pid)
     interrupts = 0
 
@@ -225,6 +223,8 @@ class Forwarder:
     attached as the session's uid (opened at the first signal)."""
 
     def __init__(self, s: Session, pid: int) -> None:
+        import queue
+        import threading
         self.session, self.pid = s, pid
         self.uid = s.osh.uid
         self.queue: queue.SimpleQueue[str | None] = queue.SimpleQueue()

@@ -24,7 +24,6 @@ import json
 import os
 import posixpath
 import sys
-from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator
 
 from syscalls import Errno, Home, SyscallError
@@ -50,13 +49,14 @@ SCOPES = ("both", "cli", "shell")
 
 View = Callable[[Any, "Session", argparse.Namespace], "list[str]"]
 
-@dataclass
 class Arg:
     """One argument: argparse's flags and keywords, plus what TAB completes for its
     value (tensor, local, pid, alloc, signal, command, syscall, log, or "")."""
-    flags: tuple[str, ...]
-    kw: dict[str, Any]
-    complete: str = ""
+
+    __slots__ = ("flags", "kw", "complete")
+
+    def __init__(self, flags: tuple[str, ...], kw: dict[str, Any], complete: str = "") -> None:
+        self.flags, self.kw, self.complete = flags, kw, complete
 
     @property
     def positional(self) -> bool:
@@ -71,21 +71,24 @@ def arg(*flags: str, complete: str = "", **kw: Any) -> Arg:
     return Arg(flags, kw, complete)
 
 
-@dataclass
 class Command:
-    name: str
-    family: str
-    summary: str
-    func: Callable[["Session", argparse.Namespace], Any]
-    args: list[Arg]
-    syscalls: tuple[str, ...] = ()   # the syscalls it makes (docs/commands.md)
-    view: "View | None" = None       # how its result prints: view(result, session, args)
-    json_keys: str = ""              # what --json prints (docs/commands.md)
-    scope: str = "both"
-    details: str = ""
-    remainder: bool = False          # a last positional that takes the rest as it is
-    _parsers: dict[tuple[bool, bool], argparse.ArgumentParser] = field(
-        default_factory=dict, repr=False)
+    """One entry of the table. (Plain classes here, not dataclasses: every llmos
+    command loads the table, and the dataclasses module costs more to import.)"""
+
+    def __init__(self, name: str, family: str, summary: str,
+                 func: Callable[["Session", argparse.Namespace], Any], args: list[Arg],
+                 syscalls: tuple[str, ...] = (), view: "View | None" = None,
+                 json_keys: str = "", scope: str = "both", details: str = "",
+                 remainder: bool = False) -> None:
+        self.name, self.family, self.summary, self.func = name, family, summary, func
+        self.args = args
+        self.syscalls = syscalls      # the syscalls it makes (docs/commands.md)
+        self.view = view              # how its result prints: view(result, session, args)
+        self.json_keys = json_keys    # what --json prints (docs/commands.md)
+        self.scope = scope            # both, or only the cli or the shell
+        self.details = details
+        self.remainder = remainder    # a last positional that takes the rest as it is
+        self._parsers: dict[tuple[bool, bool], argparse.ArgumentParser] = {}
 
     @property
     def has_json(self) -> bool:
@@ -174,7 +177,16 @@ class Parser(argparse.ArgumentParser):
 
 
 class _Formatter(argparse.RawDescriptionHelpFormatter):
-    """Each argument's help ends with its default, when it has one worth saying."""
+    """Each argument's help ends with its default, when it has one worth saying.
+    The width is found here, as shutil would (argparse imports shutil for it, and
+    shutil imports the compression modules: 3 ms on every command)."""
+
+    def __init__(self, prog: str) -> None:
+        try:
+            columns = int(os.environ.get("COLUMNS", "")) or os.get_terminal_size().columns
+        except (ValueError, OSError):
+            columns = 80
+        super().__init__(prog, width=max(40, columns - 2))
 
     def _get_help_string(self, action: argparse.Action) -> str:
         text = action.help or ""

@@ -14,7 +14,6 @@ from __future__ import annotations
 import stat
 import sys
 import time
-from datetime import timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -41,6 +40,8 @@ def show_bar(quiet: bool, force: bool, size: int) -> bool:
 def _new_bar() -> Any:
     """A rich Progress on stderr with the bar's columns. rich is imported here, not
     at the top: every llmos command loads this module, few draw a bar (23 ms)."""
+    from datetime import timedelta
+
     from rich import filesize
     from rich.console import Console
     from rich.progress import (BarColumn, DownloadColumn, Progress, ProgressColumn, Task,

@@ -19,8 +19,6 @@ from __future__ import annotations
 import collections
 import itertools
 import os
-import signal as signals
-import socket
 import sys
 import threading
 import time
@@ -81,7 +79,7 @@ class Llmos(TensorMethods, SyscallMethods):
             info = self._call(BY_NAME["attach"].number, {
                 "os_pid": os.getpid(),
                 "argv": (argv if argv is not None else [sys.executable, *sys.argv])[:64],
-                "host": socket.gethostname(), "heartbeat": heartbeat, **cred})
+                "host": os.uname().nodename, "heartbeat": heartbeat, **cred})
         except BaseException:
             self._closed = True
             self._sock.close(0)
@@ -318,6 +316,7 @@ def signal_name(sig: str | int) -> str:
     if isinstance(sig, bool):
         raise SyscallError(Errno.EINVAL, f"kill: {sig!r} is not a signal")
     if isinstance(sig, int):
+        import signal as signals
         try:
             name = signals.Signals(sig).name
         except ValueError:

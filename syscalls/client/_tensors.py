@@ -13,7 +13,6 @@ but put, get and cat) does not pay for it.
 """
 from __future__ import annotations
 
-import mmap
 import os
 import sys
 from typing import TYPE_CHECKING, Any, Callable
@@ -21,6 +20,8 @@ from typing import TYPE_CHECKING, Any, Callable
 from syscalls import Errno, SyscallError
 
 if TYPE_CHECKING:
+    import mmap
+
     import numpy as np
 
 # tensorfs's dtypes as numpy spells them (bfloat16 has no numpy dtype: raw <u2)
@@ -117,6 +118,7 @@ def map_segment(path: str, size: int, writable: bool) -> mmap.mmap:
     caller may write to its tensor without touching the driver's cache. A write's
     staging segment stays the driver's (it reuses it for this process's next write
     and removes it when the process ends)."""
+    import mmap
     fd = os.open(path, os.O_RDWR if writable else os.O_RDONLY)
     try:
         if writable:
