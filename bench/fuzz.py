@@ -91,7 +91,7 @@ import zmq  # noqa: E402
 import userland  # noqa: E402
 from syscalls import (ABI_VERSION, BY_NAME, BY_NUMBER, MAX_HEADER, SERVICES, TABLE,  # noqa: E402
                       Arg, Errno, Home, Syscall, SyscallError, WireError, decode, encode)
-from syscalls.client._proc import stop_kernel  # noqa: E402
+from syscalls.client import stop_kernel  # noqa: E402
 
 FUZZ_UID = 4242                  # uid of the fuzzer's processes (and uid 0, one connection)
 REMOTE_HOST = "llmos-fuzz.invalid"  # attach "from another host": no OS pid, never signalled

@@ -41,7 +41,7 @@ import msgpack  # noqa: E402
 import zmq  # noqa: E402
 
 import userland  # noqa: E402
-from syscalls.client._proc import stop_kernel  # noqa: E402
+from syscalls.client import stop_kernel  # noqa: E402
 from syscalls import ABI_VERSION, BY_NAME, Home  # noqa: E402
 
 NOP = BY_NAME["nop"].number

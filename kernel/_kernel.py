@@ -14,7 +14,6 @@ a driver's service go to the Supervisor.
 from __future__ import annotations
 
 import ctypes
-import hmac
 import json
 import logging
 import os
@@ -33,6 +32,7 @@ import zmq
 from syscalls import (ABI_VERSION, BY_NUMBER, MAX_HEADER, Config, Errno, Home,
                       SyscallError, WireError, check_args, decode, encode, wire)
 
+from ._attach import Attachments
 from ._call import PARKED, Call, Outbox
 from ._proctable import INIT_PID, Process, ProcessTable
 from ._spawn import Spawner
@@ -67,14 +67,11 @@ class Kernel:
         self.boot_time = time.time()
         self.t_boot = time.monotonic()
         self.hostname = socket.gethostname()
-        self.secret = secrets.token_hex(32)
         self.table = ProcessTable(init_os_pid=os.getpid(), first_pid=_next_pid(home),
                                   keep_ended=config.ended_kept)
         self.pids_reserved = 0
         self._reserve_pids()
         self.stats = SyscallStats()
-        self.conns: dict[bytes, int] = {}          # routing id -> pid
-        self.hb_tokens: dict[str, int] = {}        # heartbeat token -> pid
         self.waiters: list[Waiter] = []
         self.running = True
         self._next_os_check = 0.0
@@ -91,6 +88,9 @@ class Kernel:
         self.outbox = Outbox(self.sock, self.stats)
         self.spawner = Spawner(home, self.table, config.max_processes)
         self.supervisor = Supervisor(home, config, self.outbox, self.table, self.spawner)
+        self.attachments = Attachments(self.table, self.spawner, config, self.hostname,
+                                       self.supervisor.os_pids, self._protected_pids)
+        self.secret = self.attachments.secret
         self.handlers: dict[str, Callable[[Call], Any]] = {
             "nop": self.sys_nop, "getpid": self.sys_getpid, "getppid": self.sys_getppid,
             "spawn": self.sys_spawn, "wait": self.sys_wait, "kill": self.sys_kill,
@@ -184,7 +184,7 @@ class Kernel:
         if type(seq) is not int:
             kind = head.get(wire.KIND)
             if kind == wire.HEARTBEAT and wire.TOKEN in head:
-                self._on_heartbeat(head)
+                self.attachments.heartbeat(head, self.stats)
             elif kind == wire.CANCEL:
                 self._on_cancel(conn, head)
             elif kind in (wire.READY, wire.REPLY, wire.HEARTBEAT):  # an old driver instance
@@ -205,7 +205,7 @@ class Kernel:
             self.outbox.send(conn, encode(wire.error(seq, Errno.ENOSYS,
                                                      f"no syscall number {_quote(number)}")))
             return
-        pid = self.conns.get(conn)
+        pid = self.attachments.conns.get(conn)
         call = Call(self.outbox, syscall, self.table.procs[pid] if pid is not None else None,
                     conn, seq, {}, frames[2:], t0)
         try:
@@ -228,78 +228,14 @@ class Kernel:
             return
         call.reply(result)
 
-    # -- attach and heartbeats ----------------------------------------------------
+    # -- attach --------------------------------------------------------------------
 
     def sys_attach(self, call: Call) -> dict:
-        args, conn = call.args, call.conn
-        if call.proc is not None:
-            raise SyscallError(Errno.EBUSY, f"this connection is already process "
-                               f"{call.proc.pid}")
-        if args["token"] is not None:
-            proc = self.spawner.claim(args["token"])
-            if proc is None:
-                raise SyscallError(Errno.EACCES, "unknown or used spawn token")
-        elif args["secret"] is not None:
-            proc = self._attach_with_secret(args)
-        else:
-            raise SyscallError(Errno.EACCES, "attach needs the home's secret or a spawn token")
-        if proc.conn is not None:
-            self.conns.pop(proc.conn, None)
-        proc.conn = conn
-        if args["argv"] and not proc.spawned:
-            proc.argv = args["argv"]
-        self.conns[conn] = proc.pid
-        proc.hb_token = secrets.token_hex(16)
-        self.hb_tokens[proc.hb_token] = proc.pid
-        if args["heartbeat"]:  # from now on, not from its first heartbeat: a process
-            self._on_heartbeat({wire.TOKEN: proc.hb_token})  # frozen before it is lost too
+        proc = self.attachments.attach(call)
         log.info("pid %d attached (uid %d, %s)", proc.pid, proc.uid, " ".join(proc.argv)[:80])
         return {"pid": proc.pid, "ppid": proc.ppid, "uid": proc.uid, "hb_token": proc.hb_token,
                 "kernel_pid": os.getpid(), "abi": ABI_VERSION,
                 "heartbeat_s": self.config.client_heartbeat_s}
-
-    def _attach_with_secret(self, args: dict) -> Process:
-        """A new process for a program that attaches from the host (or from a driver)."""
-        # as bytes: compare_digest raises TypeError on non-ASCII str
-        if not hmac.compare_digest(args["secret"].encode(), self.secret.encode()):
-            raise SyscallError(Errno.EACCES, "wrong secret for this LLMOS_HOME")
-        if len(self.table) >= self.config.max_processes:
-            raise SyscallError(Errno.EAGAIN, "the process table is full")
-        uid = args["uid"] if args["uid"] is not None else self.config.default_uid
-        local = args["host"] in ("", self.hostname)
-        os_pid, ctime = args["os_pid"], None
-        driver = local and os_pid in self.supervisor.os_pids()
-        if driver and not args["heartbeat"]:
-            raise SyscallError(Errno.EINVAL, "attach: a driver attaches with heartbeat")
-        if local and not driver and os_pid in self._protected_pids():
-            raise SyscallError(Errno.EPERM, f"attach: OS pid {os_pid} is the kernel's "
-                               "or the OS's init")
-        if driver:
-            # a driver making syscalls of its own (the executor loading a model): a
-            # system process, never signalled, ended when its heartbeats stop
-            local = False
-        elif local:
-            try:
-                ctime = psutil.Process(os_pid).create_time()
-            except psutil.Error:
-                raise SyscallError(Errno.EINVAL, f"no OS process {os_pid} on this host")
-        return self.table.create(ppid=INIT_PID, uid=uid, argv=args["argv"], system=driver,
-                                 os_pid=os_pid if local else None, os_create_time=ctime)
-
-    def _on_heartbeat(self, head: dict) -> None:
-        token = head.get(wire.TOKEN)
-        pid = self.hb_tokens.get(token) if type(token) is str else None
-        proc = self.table.get(pid) if pid is not None else None
-        if proc is None or proc.state != "running":
-            self.stats.drop("stale_heartbeat")
-            return
-        if head.get(wire.BYE) is True and proc.spawned:
-            # a spawned process that detached: its exit is seen through its OS
-            # process, and it will not heartbeat while it finishes
-            proc.hb_deadline = None
-            return
-        proc.hb_deadline = time.monotonic() + (
-            self.config.client_heartbeat_s * self.config.client_liveness)
 
     # -- process syscalls ---------------------------------------------------------
 
@@ -478,9 +414,7 @@ class Kernel:
         if proc.state != "running":
             return
         log.info("pid %d ended: %s, status %s", proc.pid, reason, status)
-        if proc.conn is not None:
-            self.conns.pop(proc.conn, None)
-        self.hb_tokens.pop(proc.hb_token or "", None)
+        self.attachments.forget(proc)
         self.spawner.forget(proc)
         self.waiters = [w for w in self.waiters if w.pid != proc.pid]
         parent = self.table.get(proc.ppid)
