@@ -1,6 +1,11 @@
 """Fixtures that boot a real llmos kernel (and its real drivers) in a temporary
 LLMOS_HOME, and always shut it down: SIGTERM, then SIGKILL to every process it
-left, found by pid (psutil's children of the kernel), never by name."""
+left, found by pid (psutil's children of the kernel), never by name.
+
+Hypothesis runs under a settings profile: "ci" (the default) is derandomized, so
+the suite tests the same examples on every run and a failure in CI reproduces;
+"explore" (make explore, HYPOTHESIS_PROFILE=explore) draws new examples each run,
+examples(n) times LLMOS_EXPLORE_SCALE (5) of them, keeping failures in .hypothesis/."""
 from __future__ import annotations
 
 import os
@@ -14,12 +19,24 @@ from typing import Any, Iterator
 
 import psutil
 import pytest
+from hypothesis import settings
 
 import userland
 from syscalls import Home
 from syscalls.client._proc import stop_kernel
 
 ROOT = Path(__file__).resolve().parent.parent
+
+settings.register_profile("ci", derandomize=True, database=None, print_blob=True)
+settings.register_profile("explore", derandomize=False, print_blob=True)
+PROFILE = os.environ.get("HYPOTHESIS_PROFILE", "ci")
+settings.load_profile(PROFILE)
+EXPLORE_SCALE = int(os.environ.get("LLMOS_EXPLORE_SCALE", "5")) if PROFILE == "explore" else 1
+
+
+def examples(n: int) -> int:
+    """n examples in CI; more when exploring (LLMOS_EXPLORE_SCALE times n)."""
+    return n * EXPLORE_SCALE
 
 
 class Booted:

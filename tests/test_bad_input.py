@@ -25,7 +25,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import userland
-from conftest import Booted, wait_until
+from conftest import Booted, examples, wait_until
 from rawclient import NO_ARGS, RawClient
 from syscalls import (ABI_VERSION, BY_NAME, MAX_HEADER, TABLE, Arg, Errno, Syscall, WireError,
                       decode, encode)
@@ -451,7 +451,7 @@ CALL_ARGS = [(call, arg) for call in KERNEL_CALLS for arg in call.args]
 
 
 def test_random_bad_arguments_are_einval(kernel: Booted, raw: RawClient) -> None:
-    @settings(max_examples=200, deadline=None, database=None)
+    @settings(max_examples=examples(200), deadline=None)
     @given(case=st.sampled_from(CALL_ARGS).flatmap(
         lambda ca: st.tuples(st.just(ca[0]), st.just(ca[1]), _bad_value(ca[1]))))
     def check(case: tuple) -> None:

@@ -28,7 +28,7 @@ from hypothesis import HealthCheck, Phase, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, rule, run_state_machine_as_test
 
-from conftest import ROOT, Booted, wait_until
+from conftest import ROOT, Booted, examples, wait_until
 from test_devices import CONFIG, GiB, MiB, check_invariants
 
 CAP = {"sim0": GiB, "sim1": GiB}
@@ -303,12 +303,12 @@ def _ps(kernel: Booted) -> list:
         return osh.ps()
 
 
-FAST = settings(max_examples=8, stateful_step_count=25, deadline=None, database=None,
+FAST = settings(max_examples=examples(8), stateful_step_count=25, deadline=None,
                 phases=[Phase.explicit, Phase.generate],
                 suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much])
 # 40 examples took over 150 s of the 15 CI minutes (faulthandler dumped); 20 keep the
 # long run meaningful (800 steps) at half the cost
-LONG = settings(FAST, max_examples=20, stateful_step_count=40)
+LONG = settings(FAST, max_examples=examples(20), stateful_step_count=40)
 
 
 @pytest.fixture(scope="module")

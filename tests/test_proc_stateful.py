@@ -29,7 +29,7 @@ from hypothesis.stateful import (Bundle, RuleBasedStateMachine, initialize, inva
                                  rule, run_state_machine_as_test)
 
 import userland
-from conftest import Booted, wait_until
+from conftest import Booted, examples, wait_until
 from userland import Errno, SyscallError
 
 WAIT_S = 20.0            # liveness bound for a child that is ending (python start-up)
@@ -368,10 +368,10 @@ class ProcMachine(RuleBasedStateMachine):
 # No shrinking: replaying against a real kernel races (which child a wait for any
 # reaps, whether a killed forker got to spawn), so hypothesis would mostly report
 # "flaky" instead of the failure; the first failing run's steps are printed as is.
-FAST = settings(max_examples=30, stateful_step_count=20, deadline=None, database=None,
+FAST = settings(max_examples=examples(30), stateful_step_count=20, deadline=None,
                 phases=[Phase.explicit, Phase.generate],
                 suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much])
-LONG = settings(FAST, max_examples=120, stateful_step_count=25)
+LONG = settings(FAST, max_examples=examples(120), stateful_step_count=25)
 
 
 def _run(kernel: Booted, root: userland.Llmos, cfg: settings) -> None:

@@ -8,6 +8,7 @@ import time
 from typing import Any, Callable
 
 import zmq
+from conftest import examples
 from hypothesis import HealthCheck, Phase, settings
 
 from syscalls import BY_NAME, Errno, Home, SyscallError, decode
@@ -31,10 +32,10 @@ WAIT_S = 20.0      # liveness bound for something that is ending (a python start
 
 # No shrinking: steps replayed against a real system are not always the same steps
 # (which child a wait for any reaps), so the first failing run is reported as is.
-FAST = settings(max_examples=20, stateful_step_count=20, deadline=None, database=None,
+FAST = settings(max_examples=examples(20), stateful_step_count=20, deadline=None,
                 phases=[Phase.explicit, Phase.generate],
                 suppress_health_check=list(HealthCheck))
-LONG = settings(FAST, max_examples=50, stateful_step_count=25)
+LONG = settings(FAST, max_examples=examples(50), stateful_step_count=25)
 
 
 # -- the errno recorder ------------------------------------------------------------------
