@@ -1,14 +1,16 @@
 """How long an llmos command takes to start, against Python importing the two
 libraries it cannot do without.
 
-    python bench/startup.py [--runs N]
+    python bench/startup.py [--runs N] [--against REV]
 
 Boots a kernel on a temporary home, then times, alternately and N times each:
 the baseline `python -c "import zmq, msgpack"`, `llmos ps` (the whole command:
-start, attach, ps, print, detach) and `llmos --help` (no kernel call). Prints the
-best and median wall times and the ratio of each to the baseline's, measured in
-this run. The target (issue 11): `llmos ps` under 2x the baseline. Never a test:
-timing decides nothing in CI.
+start, attach, ps, print, detach) and `llmos --help` (no kernel call). With
+--against REV, also `llmos ps` of that git revision (checked out in a temporary
+worktree, run as `python -m userland.cli ps` on the same kernel: the ABI is the
+same). Prints the best and median wall times and the ratio of each to the
+baseline's, measured in this run. The target (issue 11): `llmos ps` under 2x the
+baseline. Never a test: timing decides nothing in CI.
 """
 from __future__ import annotations
 
@@ -48,6 +50,7 @@ def timed(argv: list[str], env: dict[str, str]) -> float:
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--runs", type=int, default=20)
+    p.add_argument("--against", metavar="REV", help="also time llmos ps of this revision")
     args = p.parse_args()
     root = Path(tempfile.mkdtemp(prefix="llmos-start-", dir="/tmp"))
     env = dict(os.environ, LLMOS_HOME=str(root))
@@ -55,6 +58,14 @@ def main() -> int:
     program = llmos_program()
     cases = {"python -c 'import zmq, msgpack'": [sys.executable, "-c", "import zmq, msgpack"],
              "llmos ps": [*program, "ps"], "llmos --help": [*program, "--help"]}
+    old = None
+    if args.against:
+        old = Path(tempfile.mkdtemp(prefix="llmos-old-", dir="/tmp"))
+        subprocess.run(["git", "-C", str(ROOT), "worktree", "add", "--detach", str(old),
+                        args.against], check=True, capture_output=True)
+        cases[f"llmos ps at {args.against}"] = [
+            "env", "-C", str(old), f"PYTHONPATH={old}", sys.executable, "-m",
+            "userland.cli", "ps"]
     subprocess.run([*program, "start"], env=env, check=True, stdout=subprocess.DEVNULL)
     try:
         for argv in cases.values():  # warm the page cache and the .pyc files
@@ -68,6 +79,9 @@ def main() -> int:
         if pid:
             stop_kernel(pid)
         shutil.rmtree(root, ignore_errors=True)
+        if old is not None:
+            subprocess.run(["git", "-C", str(ROOT), "worktree", "remove", "--force",
+                            str(old)], capture_output=True)
     base = min(times["python -c 'import zmq, msgpack'"])
     print(f"{'command':34} {'best ms':>8} {'median ms':>10} {'best / baseline':>16}")
     for name, ts in times.items():
