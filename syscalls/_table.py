@@ -307,10 +307,11 @@ TABLE += (
             ("EINVAL", "a bad path: not absolute; an empty, '.', '..' or hidden component; a backslash; a name over 200 bytes; deeper than 64, or the root; dtype or shape with "
                        "mode r or rw; mode w or x without both; members with mode r or "
                        "rw, or with dtype or shape; a member name empty, over 200 "
-                       "bytes, repeated or __metadata__, an unknown dtype"),
+                       "bytes, repeated or __metadata__, an unknown dtype; a group's "
+                       "member (PATH[name]) with mode w, x or rw"),
             ("ENAMETOOLONG", "the path's file on disk (under $LLMOS_HOME/tensors, with .safetensors) would be over PATH_MAX, 4096 bytes"),
             ("ENOENT", "the parent directory does not exist; or mode r or rw and no tensor "
-                       "is at path"),
+                       "is at path; or PATH[name] and the group at PATH has no member name"),
             ("ENOTDIR", "the parent is a tensor"),
             ("EISDIR", "path is a directory"),
             ("EEXIST", "mode x and a tensor exists at path"),
@@ -325,7 +326,9 @@ TABLE += (
                     "data fails its checksum"),
         ),
         doc="Open a tensor. Writes are staged and become visible, durably, at "
-            "close_tensor; the descriptor is this process's only."),
+            "close_tensor; the descriptor is this process's only. PATH[name] opens "
+            "member name of the group at PATH (mode r only): the reply and "
+            "read_tensor without member are that member's."),
     Syscall(301, "read_tensor", "tensorfs", (
         _fd(),
         Arg("slice", "slice", default=None, nullable=True, max_len=MAX_DIMS,
@@ -334,7 +337,8 @@ TABLE += (
             doc="large results come as a /dev/shm segment to map (and unlink) "
                 "instead of bytes"),
         Arg("member", "str", default=None, nullable=True, max_len=MAX_STR,
-            doc="of a group: this tensor; None: the group's data as uint8 bytes"),
+            doc="of a group: this tensor; None: the group's data as uint8 bytes (the "
+                "member, for a descriptor opened as PATH[name])"),
     ), idempotent=True, returns="{dtype, shape, data (bytes) or shm (a segment path) and "
                                 "offset (where the data starts in the segment)}",
         errors=(
@@ -371,8 +375,11 @@ TABLE += (
             ("EBADF", "fd is not an open descriptor of the caller"),
             ("EEXIST", "committing a mode x write: another writer created the tensor "
                        "since the open"),
-            ("ENOENT", "committing: the parent directory was removed since the open"),
-            ("ENOTDIR", "committing: the parent is a tensor now"),
+            ("ENOENT", "committing: the parent directory was removed on disk, behind "
+                       "tensorfs's back (tensorfs's own unlink refuses a directory "
+                       "with a write in progress, and its rename moves the write along)"),
+            ("ENOTDIR", "committing: the parent directory was removed on disk, behind "
+                        "tensorfs's back, and a tensor took its name"),
             ("EISDIR", "committing: a directory was made at the path since the open; the "
                        "write is discarded"),
             ("EINVAL", "committing: a bool tensor or member holds a byte other than 0 "
@@ -381,21 +388,25 @@ TABLE += (
         doc="Close a descriptor. For a write it commits: temporary file, fsync, rename, "
             "fsync of the directory; when it returns, the tensor survives any crash."),
     Syscall(304, "stat", "tensorfs", (_path(),), idempotent=True,
-            returns="{path, type (dir, tensor or group), owner, mode, ctime, mtime; "
-                    "dtype, shape, size, checksum for a tensor; size, checksum, "
-                    "members [{name, dtype, shape, size}] for a group}",
+            returns="{path, type (dir, tensor, group or member), owner, mode, ctime, "
+                    "mtime; dtype, shape, size, checksum for a tensor; size, checksum, "
+                    "members [{name, dtype, shape, size}] for a group; group, name, "
+                    "dtype, shape, size and the group's checksum for a member}",
             errors=(
                 ("EINVAL", "a bad path: not absolute; an empty, '.', '..' or hidden component; a backslash; a name over 200 bytes; deeper than 64"),
                 ("ENAMETOOLONG", "the path's file on disk (under $LLMOS_HOME/tensors, with .safetensors) would be over PATH_MAX, 4096 bytes"),
-                ("ENOENT", "nothing is at path, or its parent directory does not exist"),
+                ("ENOENT", "nothing is at path, or its parent directory does not exist; "
+                           "or PATH[name] and the group at PATH has no member name"),
                 ("ENOTDIR", "the parent is a tensor"),
                 ("EIO", "the tensor's header is damaged"),
             ),
-            doc="Metadata of a tensor or a directory."),
+            doc="Metadata of a tensor, a directory, or (PATH[name]) member name of the "
+                "group at PATH; where PATH is not a group, PATH[name] is an ordinary "
+                "name."),
     Syscall(305, "listdir", "tensorfs", (_path(),), idempotent=True,
             returns="list of stat records with name (a group's: n_members, not "
                     "members)", errors=(
-                ("EINVAL", "a bad path: not absolute; an empty, '.', '..' or hidden component; a backslash; a name over 200 bytes; deeper than 64"),
+                ("EINVAL", "a bad path: not absolute; an empty, '.', '..' or hidden component; a backslash; a name over 200 bytes; deeper than 64; a group's member (PATH[name])"),
                 ("ENAMETOOLONG", "the path's file on disk (under $LLMOS_HOME/tensors, with .safetensors) would be over PATH_MAX, 4096 bytes"),
                 ("ENOENT", "nothing is at path, or its parent directory does not exist"),
                 ("ENOTDIR", "path is a tensor, or its parent is"),
@@ -405,7 +416,7 @@ TABLE += (
     Syscall(306, "mkdir", "tensorfs", (
         _path(), Arg("perm", "int", default=0o755, lo=0, hi=0o1777)),
         returns="None", errors=(
-            ("EINVAL", "a bad path: not absolute; an empty, '.', '..' or hidden component; a backslash; a name over 200 bytes; deeper than 64, or the root"),
+            ("EINVAL", "a bad path: not absolute; an empty, '.', '..' or hidden component; a backslash; a name over 200 bytes; deeper than 64, or the root; a group's member (PATH[name])"),
             ("ENAMETOOLONG", "the path's file on disk (under $LLMOS_HOME/tensors, with .safetensors) would be over PATH_MAX, 4096 bytes"),
             ("ENOENT", "the parent directory does not exist"),
             ("ENOTDIR", "the parent is a tensor"),
@@ -415,19 +426,22 @@ TABLE += (
         doc="Make a directory (its parent must exist)."),
     Syscall(307, "unlink", "tensorfs", (_path(),), returns="None",
             errors=(
-                ("EINVAL", "a bad path: not absolute; an empty, '.', '..' or hidden component; a backslash; a name over 200 bytes; deeper than 64, or the root"),
+                ("EINVAL", "a bad path: not absolute; an empty, '.', '..' or hidden component; a backslash; a name over 200 bytes; deeper than 64, or the root; a group's member (PATH[name])"),
                 ("ENAMETOOLONG", "the path's file on disk (under $LLMOS_HOME/tensors, with .safetensors) would be over PATH_MAX, 4096 bytes"),
                 ("ENOENT", "nothing is at path, or its parent directory does not exist"),
                 ("ENOTDIR", "the parent is a tensor"),
                 ("EACCES", "no write permission on the parent directory, or it is sticky "
                            "and the caller owns neither it nor the entry (uid 0 may)"),
-                ("ENOTEMPTY", "a directory that has entries"),
+                ("ENOTEMPTY", "a directory that has entries, or a write in progress below "
+                              "it (a descriptor open in mode w, x or rw, not yet closed)"),
             ),
-            doc="Remove a tensor or an empty directory. Open readers keep what they opened."),
+            doc="Remove a tensor or an empty directory. Open readers keep what they "
+                "opened; a staged write keeps its directory (POSIX: a file exists from "
+                "its open)."),
     Syscall(308, "rename", "tensorfs", (_path("src"), _path("dst")), returns="None",
             errors=(
                 ("EINVAL", "a bad path: not absolute; an empty, '.', '..' or hidden component; a backslash; a name over 200 bytes; deeper than 64, or the root; or dst is inside the "
-                           "directory src"),
+                           "directory src; src or dst a group's member (PATH[name])"),
                 ("ENAMETOOLONG", "the path's file on disk (under $LLMOS_HOME/tensors, with .safetensors) would be over PATH_MAX, 4096 bytes"),
                 ("ENOENT", "nothing is at src, or the parent directory of src or dst does "
                            "not exist"),
@@ -436,11 +450,12 @@ TABLE += (
                 ("EACCES", "the caller may not remove src from its directory (as for "
                            "unlink), or has no write permission on dst's directory"),
             ),
-            doc="Move a tensor or directory; dst must not exist."),
+            doc="Move a tensor or directory; dst must not exist. Writes staged below a "
+                "directory move with it: they commit at the new place."),
     Syscall(309, "chmod", "tensorfs", (
         _path(), Arg("perm", "int", lo=0, hi=0o1777)), returns="None",
         errors=(
-            ("EINVAL", "a bad path: not absolute; an empty, '.', '..' or hidden component; a backslash; a name over 200 bytes; deeper than 64"),
+            ("EINVAL", "a bad path: not absolute; an empty, '.', '..' or hidden component; a backslash; a name over 200 bytes; deeper than 64; a group's member (PATH[name])"),
             ("ENAMETOOLONG", "the path's file on disk (under $LLMOS_HOME/tensors, with .safetensors) would be over PATH_MAX, 4096 bytes"),
             ("ENOENT", "nothing is at path, or its parent directory does not exist"),
             ("ENOTDIR", "the parent is a tensor"),

@@ -100,12 +100,12 @@ class Booted:
     def stop(self) -> None:
         """Stop the kernel (by pid), remove the home, and the home's /dev/shm
         segments: a tensorfs driver SIGKILLed by a test leaves its cache behind."""
-        from drivers.tensorfs._shm import prefix, sweep_all
+        from drivers.tensorfs import shm_prefix, sweep_segments
         stop_kernel(self.pid)
         self.proc.wait()  # ours to reap
         self.log.close()
         shutil.rmtree(self.root, ignore_errors=True)
-        sweep_all(prefix(self.root))
+        sweep_segments(shm_prefix(self.root))
 
 
 def _toml(v: Any) -> str:

@@ -35,8 +35,8 @@ CONFIG = {"drivers": ["tensorfs"], "tensor_shm_threshold": "64KiB",
 
 
 def shm_segments(b: Booted, kind: str = "") -> list[str]:
-    from drivers.tensorfs._shm import prefix
-    return glob.glob(f"/dev/shm/{prefix(b.root)}{kind}*")
+    from drivers.tensorfs import shm_prefix
+    return glob.glob(f"/dev/shm/{shm_prefix(b.root)}{kind}*")
 
 
 @pytest.fixture(scope="module")
@@ -421,6 +421,113 @@ def test_namespace_operations(kernel):
         assert "ns" not in [e["name"] for e in osh.listdir("/")]
 
 
+def test_a_staged_write_belongs_to_its_directory(kernel):
+    """A tensor exists from its open (POSIX): its directory cannot be removed while
+    the write is staged (ENOTEMPTY, naming the write), and renaming the directory
+    moves the write along, so the commit lands at the new place. A reader inside a
+    directory holds nothing up."""
+    x = np.arange(6, dtype=np.int32)
+    with kernel.connect() as osh:
+        osh.mkdir("/sw")
+        fd = osh.open_tensor("/sw/a", "w", "int32", [6])["fd"]
+        osh.write_tensor(fd, x.tobytes())
+        with pytest.raises(SyscallError) as e:
+            osh.unlink("/sw")
+        assert e.value.errno == Errno.ENOTEMPTY
+        assert f"has a write in progress: /sw/a, by pid {osh.pid}" in str(e.value)
+        assert osh.close_tensor(fd)["size"] == x.nbytes
+        np.testing.assert_array_equal(osh.load_tensor("/sw/a").numpy(), x)
+        # a rename carries the write (a group's too, and in mode rw) with the directory
+        osh.mkdir("/sw/sub")
+        fd = osh.open_tensor("/sw/sub/b", "w", "int32", [6])["fd"]
+        osh.write_tensor(fd, (x + 1).tobytes())
+        rw = osh.open_tensor("/sw/a", "rw")["fd"]
+        osh.write_tensor(rw, (x * 2).tobytes())
+        osh.rename("/sw", "/sw2")
+        assert errno_of(osh.unlink, "/sw2/sub") == Errno.ENOTEMPTY
+        osh.close_tensor(fd)
+        osh.close_tensor(rw)
+        assert errno_of(osh.stat, "/sw/sub/b") == Errno.ENOENT
+        np.testing.assert_array_equal(osh.load_tensor("/sw2/sub/b").numpy(), x + 1)
+        np.testing.assert_array_equal(osh.load_tensor("/sw2/a").numpy(), x * 2)
+        # a discarded write holds nothing up either, once closed; a reader never does
+        fd = osh.open_tensor("/sw2/sub/c", "w", "int32", [6])["fd"]
+        osh.close_tensor(fd, discard=True)
+        reader = osh.open_tensor("/sw2/sub/b", "r")["fd"]
+        osh.unlink("/sw2/sub/b")
+        osh.unlink("/sw2/sub")
+        np.testing.assert_array_equal(np.frombuffer(osh.read_tensor(reader)["data"],
+                                                    np.int32), x + 1)
+        osh.close_tensor(reader)
+        osh.unlink("/sw2/a")
+        osh.unlink("/sw2")
+
+
+def test_a_member_path_names_a_groups_member(kernel):
+    """PATH[name] is the member name of the group at PATH: stat gives its record,
+    load_tensor reads it (the descriptor open_tensor gives reads that member); a
+    call that would make, change or remove it on its own is EINVAL; a member the
+    group lacks is ENOENT. Where PATH is not a group, the brackets are an ordinary
+    part of a name."""
+    g = torch.Generator().manual_seed(3)
+    state = {"ln_f.bias": torch.randn(4, generator=g),
+             "wte": torch.randn(40_000, generator=g),          # through /dev/shm
+             "h/0[a]": torch.arange(3, dtype=torch.int16)}     # '/' and brackets
+    with kernel.connect() as osh:
+        osh.mkdir("/mp")
+        osh.save_tensors("/mp/model", state)
+        group = osh.stat("/mp/model")
+        st = osh.stat("/mp/model[ln_f.bias]")
+        assert st == {"path": "/mp/model[ln_f.bias]", "type": "member",
+                      "group": "/mp/model", "name": "ln_f.bias", "dtype": "float32",
+                      "shape": [4], "size": 16, "owner": group["owner"],
+                      "mode": group["mode"], "ctime": group["ctime"],
+                      "mtime": group["mtime"], "checksum": group["checksum"]}
+        for name, t in state.items():
+            assert torch.equal(osh.load_tensor(f"/mp/model[{name}]"), t), name
+        assert torch.equal(osh.load_tensor("/mp/model[wte]", [[5, 9]]), state["wte"][5:9])
+        info = osh.open_tensor("/mp/model[h/0[a]]", "r")
+        assert (info["dtype"], info["shape"], info["size"], info["members"]) == \
+            ("int16", [3], 6, None)
+        assert osh.read_tensor(info["fd"], [[1, 3]])["data"] == \
+            np.array([1, 2], np.int16).tobytes()
+        assert osh.read_tensor(info["fd"], None, False, "ln_f.bias")["shape"] == [4]
+        osh.close_tensor(info["fd"])
+        for call in (osh.stat, osh.load_tensor):
+            with pytest.raises(SyscallError) as e:
+                call("/mp/model[nope]")
+            assert e.value.errno == Errno.ENOENT and "'nope'" in str(e.value), e.value
+        member = "/mp/model[wte]"
+        for call, args, verb in [
+                ("open_tensor", {"mode": "w", "dtype": "int8", "shape": [1]}, "written"),
+                ("open_tensor", {"mode": "x", "dtype": "int8", "shape": [1]}, "written"),
+                ("open_tensor", {"mode": "rw"}, "written"),
+                ("listdir", {}, "listed"), ("mkdir", {}, "made"), ("unlink", {}, "removed"),
+                ("chmod", {"perm": 0o600}, "given a mode"),
+                ("rename", {"src": member, "dst": "/mp/w"}, "renamed or moved"),
+                ("rename", {"src": "/mp/model", "dst": "/mp/model[x]"}, "renamed or moved")]:
+            if call != "rename":
+                args = {"path": member, **args}
+            with pytest.raises(SyscallError) as e:
+                osh.call(call, **args)
+            assert e.value.errno == Errno.EINVAL, (call, args)
+            assert f"a member cannot be {verb} on its own" in str(e.value), e.value
+        assert errno_of(osh.unlink, "/mp/model[nope]") == Errno.EINVAL  # not removable
+        assert osh.stat("/mp/model")["size"] == group["size"]           # all still there
+        # not a group: an ordinary name, brackets and all
+        osh.save_tensor("/mp/plain", np.zeros(2, np.int8))
+        osh.save_tensor("/mp/plain[0]", np.ones(2, np.int8))
+        osh.mkdir("/mp/dir[1]")
+        assert errno_of(osh.stat, "/mp/none[0]") == Errno.ENOENT
+        assert osh.stat("/mp/plain[0]")["type"] == "tensor"
+        assert osh.load_tensor("/mp/plain[0]").tolist() == [1, 1]
+        assert [e["name"] for e in osh.listdir("/mp")] == \
+            ["dir[1]", "model", "plain", "plain[0]"]
+        for p in ("dir[1]", "model", "plain", "plain[0]"):
+            osh.unlink(f"/mp/{p}")
+        osh.unlink("/mp")
+
+
 # -- bad input ------------------------------------------------------------------------
 
 BAD_PATHS = ["", "rel", "/a/../b", "/..", "/a/./b", "//a", "/a/", "/.hidden", "/a\\b",
@@ -647,7 +754,8 @@ def test_driver_start_removes_crash_leftovers(fresh):
     (tdir / "d" / ".llmos-tmp-deadbeef").write_bytes(b"torn")
     (tdir / ".llmos-tmp-dir").mkdir()
     (tdir / ".llmos-tmp-dir" / "x").write_bytes(b"")
-    stray = f"/dev/shm/{__import__('drivers.tensorfs._shm', fromlist=['x']).prefix(fresh.root)}x-stray"
+    from drivers.tensorfs import shm_prefix
+    stray = f"/dev/shm/{shm_prefix(fresh.root)}x-stray"
     open(stray, "wb").close()
     old = fresh.driver_pid("tensorfs")
     os.kill(old, signal.SIGKILL)

@@ -1,14 +1,17 @@
-"""A hypothesis state machine drives open/write/close, read, rename, unlink, mkdir
-and listdir on a real tensorfs and on an in-memory reference filesystem, and
-checks after every step that the two agree (names, types, contents), including
-that a staged write is invisible until its close."""
+"""A hypothesis state machine drives open/write/close, read, rename (of tensors and
+of directories), unlink, mkdir and listdir on a real tensorfs and on an in-memory
+reference filesystem, and checks after every step that the two agree (names,
+types, contents), including that a staged write is invisible until its close, and
+that it belongs to its directory from the open on (that directory cannot be
+removed; renaming it moves the write along)."""
 from __future__ import annotations
 
 import numpy as np
+import pytest
 from hypothesis import settings, strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
-from conftest import Booted
+from conftest import Booted, examples
 from syscalls import Errno, SyscallError
 from test_tensorfs import CONFIG
 
@@ -92,6 +95,24 @@ def tfs_machine(b: Booted):
                 self.osh.rename(src, dst)
                 self.tensors[dst] = self.tensors.pop(src)
 
+        @rule(src=st.sampled_from(["/d", "/e"]), dst=st.sampled_from(["/d", "/e"]))
+        def rename_dir(self, src, dst):
+            if src not in self.dirs:
+                self.expect(Errno.ENOENT, self.osh.rename, src, dst)
+            elif src == dst:
+                self.expect(Errno.EINVAL, self.osh.rename, src, dst)  # into itself
+            elif dst in self.dirs:
+                self.expect(Errno.EEXIST, self.osh.rename, src, dst)
+            else:
+                self.osh.rename(src, dst)
+                self.dirs.remove(src)
+                self.dirs.add(dst)
+                for p in [p for p in self.tensors if p.startswith(src + "/")]:
+                    self.tensors[dst + p[len(src):]] = self.tensors.pop(p)
+                if self.staged and self.staged[1].startswith(src + "/"):
+                    fd, path, data = self.staged
+                    self.staged = (fd, dst + path[len(src):], data)
+
         @rule(d=DIRS, n=st.one_of(NAMES, st.just("")))
         def unlink(self, d, n):
             path = f"{d}/{n}" if n else d
@@ -101,7 +122,8 @@ def tfs_machine(b: Booted):
                 self.osh.unlink(path)
                 del self.tensors[path]
             elif path in self.dirs:
-                if any(t.startswith(path + "/") for t in self.tensors):
+                if any(t.startswith(path + "/") for t in self.tensors) or \
+                        (self.staged and self.staged[1].startswith(path + "/")):
                     self.expect(Errno.ENOTEMPTY, self.osh.unlink, path)
                 else:
                     self.osh.unlink(path)
@@ -126,12 +148,40 @@ def tfs_machine(b: Booted):
     return TensorfsMachine
 
 
-def test_tensorfs_matches_a_reference_filesystem():
+@pytest.fixture(scope="module")
+def kernel():
     b = Booted(CONFIG)
     try:
-        machine = tfs_machine(b)
-        machine.TestCase.settings = settings(max_examples=30, stateful_step_count=30,
-                                             deadline=None)
-        machine.TestCase().runTest()
+        yield b
     finally:
         b.stop()
+
+
+def test_tensorfs_matches_a_reference_filesystem(kernel):
+    machine = tfs_machine(kernel)
+    machine.TestCase.settings = settings(max_examples=examples(30), stateful_step_count=30,
+                                         deadline=None)
+    machine.TestCase().runTest()
+
+
+def test_a_staged_write_keeps_its_directory(kernel):
+    """The steps the machine once found: mkdir /d, open /d/a for writing, write,
+    unlink /d, close. The unlink is ENOTEMPTY (the write is in progress there; it
+    was allowed, and the close then ENOENT) and the close commits /d/a. Then the
+    same with a rename of /d to /e between: the write lands at /e/a."""
+    m = tfs_machine(kernel)()
+    steps = [("mkdir", {"d": "/d"}),
+             ("open_and_write", {"d": "/d", "n": "a", "v": 7, "size": 5}),
+             ("unlink", {"d": "/d", "n": ""}),
+             ("close", {"discard": False}),
+             ("open_and_write", {"d": "/d", "n": "b", "v": 8, "size": 20_000}),
+             ("rename_dir", {"src": "/d", "dst": "/e"}),
+             ("close", {"discard": False}),
+             ("read", {"d": "/e", "n": "b"})]
+    try:
+        for rule, args in steps:
+            getattr(m, rule)(**args)
+            m.listings_agree()
+        assert set(m.tensors) == {"/e/a", "/e/b"}
+    finally:
+        m.teardown()

@@ -17,6 +17,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from syscalls import format_size
+
 KEY = "tensor"
 SUFFIX = ".safetensors"
 MAX_HEADER = 1 << 20
@@ -66,6 +68,10 @@ class TensorMeta:
     @property
     def nbytes(self) -> int:
         return nbytes(self.dtype, self.shape)
+
+    def member(self, name: str) -> Member | None:
+        """A group's member of that name (None: no such member, or not a group)."""
+        return next((m for m in self.members or [] if m.name == name), None)
 
 
 def layout(specs: list[tuple[str, str, list[int]]]) -> list[Member]:
@@ -123,7 +129,8 @@ def read_meta(fd: int) -> TensorMeta:
             raise FormatError("shorter than a header")
         (n,) = struct.unpack("<Q", head)
         if n > MAX_HEADER:
-            raise FormatError(f"header of {n} bytes")
+            raise FormatError(f"a header of {format_size(n)}, over "
+                              f"{format_size(MAX_HEADER)}")
         doc = json.loads(os.pread(fd, n, 8))
         md = doc.pop("__metadata__")
         owner, mode = int(md["llmos.owner"]), int(md["llmos.mode"], 8)

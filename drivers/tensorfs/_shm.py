@@ -47,6 +47,17 @@ def unlink(path: Path) -> None:
         pass
 
 
+def release(path: Path, buf: mmap.mmap) -> None:
+    """Unlink a segment and close the driver's mapping of it, unless something
+    still exports its buffer (a numpy view): then it goes with its last reference.
+    A client that mapped it keeps its pages."""
+    unlink(path)
+    try:
+        buf.close()
+    except BufferError:
+        pass
+
+
 def sweep_all(pfx: str) -> int:
     """Remove every segment of this home (at start and stop): none outlives us."""
     n = 0

@@ -324,13 +324,13 @@ def test_a_commit_checks_the_namespace_as_it_is_then(tdir) -> None:
     expect(Errno.EBADF, osh.close_tensor, b)                   # and it is closed
     osh.mkdir(f"{d}/sub")
     fd = osh.open_tensor(f"{d}/sub/y", "w", "int8", [1])["fd"]
-    osh.unlink(f"{d}/sub")
-    expect(Errno.ENOENT, osh.close_tensor, fd)
-    osh.mkdir(f"{d}/sub")
-    fd = osh.open_tensor(f"{d}/sub/y", "w", "int8", [1])["fd"]
-    osh.unlink(f"{d}/sub")
+    expect(Errno.ENOTEMPTY, osh.unlink, f"{d}/sub")             # a write in progress
+    osh.rename(f"{d}/sub", f"{d}/moved")                         # takes the write along
+    assert osh.close_tensor(fd)["size"] == 1
+    assert osh.stat(f"{d}/moved/y")["size"] == 1
+    osh.unlink(f"{d}/moved/y")
+    osh.unlink(f"{d}/moved")
     osh.save_tensor(f"{d}/sub", np.zeros(1, np.int8))
-    expect(Errno.ENOTDIR, osh.close_tensor, fd)
     for call, args in [("stat", {}), ("listdir", {}), ("mkdir", {}), ("unlink", {}),
                        ("chmod", {"perm": 0o600}), ("open_tensor", {"mode": "r"})]:
         expect(Errno.ENOTDIR, osh.call, call, path=f"{d}/sub/y", **args)
@@ -350,7 +350,8 @@ def test_size_and_quota(system: Booted, tdir) -> None:
         expect(Errno.EDQUOT, q.open_tensor, f"{qd}/b", "w", "uint8", [100 << 10])  # staged
         q.close_tensor(fd)
         expect(Errno.EDQUOT, q.open_tensor, f"{qd}/b", "w", "uint8", [100 << 10])  # owned
-        q.open_tensor(f"{qd}/a", "w", "uint8", [250 << 10])                        # replaced
+        fd = q.open_tensor(f"{qd}/a", "w", "uint8", [250 << 10])["fd"]            # replaced
+        q.close_tensor(fd, discard=True)   # a write in progress would keep qd (ENOTEMPTY)
         q.unlink(f"{qd}/a")
         q.unlink(qd)
 
