@@ -76,26 +76,21 @@ def boot(home: Home) -> int:
     return 0
 
 
-def _sim_gpus(text: str) -> str:
-    import argparse
-    try:
-        parse_sim_spec(text)
-    except ValueError as e:
-        raise argparse.ArgumentTypeError(str(e)) from None
-    return text
-
-
 def main(argv: list[str] | None = None) -> int:
     import argparse
     p = argparse.ArgumentParser(prog="python -m kernel", description="Run the llmos kernel "
                                 "in the foreground (the llmos command wraps this).")
     p.add_argument("--home", help="LLMOS_HOME (default: $LLMOS_HOME or ~/.llmos)")
     p.add_argument("-v", "--verbose", action="store_true")
-    p.add_argument("--sim-gpus", metavar="NxSIZE", type=_sim_gpus,
+    p.add_argument("--sim-gpus", metavar="NxSIZE",
                    help="simulated GPUs when there is no real one, e.g. 4x24GiB "
                         "(overrides sim_gpus in config.toml; see docs/devices.md)")
     a = p.parse_args(argv)
     if a.sim_gpus:
+        try:
+            parse_sim_spec(a.sim_gpus)
+        except ValueError as e:
+            p.error(f"--sim-gpus: {e}")
         os.environ["LLMOS_SIM_GPUS"] = a.sim_gpus  # the devices driver reads it
     logging.basicConfig(level=logging.DEBUG if a.verbose else logging.INFO, stream=sys.stderr,
                         format="%(asctime)s %(name)s %(levelname)s %(message)s")

@@ -27,11 +27,8 @@ CONFIG = {"drivers": ["tensorfs"], "tensor_shm_threshold": "64KiB",
 
 @pytest.fixture(scope="module")
 def kernel():
-    b = Booted(CONFIG)
-    try:
+    with Booted(CONFIG) as b:
         yield b
-    finally:
-        b.stop()
 
 
 def env_for(kernel: Booted, **extra: str) -> dict[str, str]:

@@ -41,11 +41,8 @@ def shm_segments(b: Booted, kind: str = "") -> list[str]:
 
 @pytest.fixture(scope="module")
 def kernel():
-    b = Booted(CONFIG)
-    try:
+    with Booted(CONFIG) as b:
         yield b
-    finally:
-        b.stop()
 
 
 @pytest.fixture

@@ -150,11 +150,8 @@ def tfs_machine(b: Booted):
 
 @pytest.fixture(scope="module")
 def kernel():
-    b = Booted(CONFIG)
-    try:
+    with Booted(CONFIG) as b:
         yield b
-    finally:
-        b.stop()
 
 
 def test_tensorfs_matches_a_reference_filesystem(kernel):

@@ -182,8 +182,9 @@ class _Formatter(argparse.RawDescriptionHelpFormatter):
     shutil imports the compression modules: 3 ms on every command)."""
 
     def __init__(self, prog: str) -> None:
+        text = os.environ.get("COLUMNS", "")
         try:
-            columns = int(os.environ.get("COLUMNS", "")) or os.get_terminal_size().columns
+            columns = int(text) if text else os.get_terminal_size().columns
         except (ValueError, OSError):
             columns = 80
         super().__init__(prog, width=max(40, columns - 2))

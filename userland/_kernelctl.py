@@ -36,19 +36,7 @@ def running_kernel(home: Home) -> int | None:
     pid = home.kernel_pid()
     if pid is None or not alive(pid):
         return None
-    try:
-        fd = os.open(home.lockfile, os.O_RDONLY)
-    except FileNotFoundError:
-        return None
-    except PermissionError:  # another user's home: trust the pidfile
-        return pid
-    try:
-        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-    except BlockingIOError:
-        return pid
-    finally:
-        os.close(fd)  # also drops the shared lock if we got it
-    return None
+    return pid if lock_held(home, unknown=True) else None
 
 
 def require_running(home: Home) -> int:
@@ -58,18 +46,22 @@ def require_running(home: Home) -> int:
     return pid
 
 
-def lock_held(home: Home) -> bool:
-    """Some kernel holds home's lock (it takes it before it writes its pidfile)."""
+def lock_held(home: Home, unknown: bool = False) -> bool:
+    """Some kernel holds home's lock (it takes it before it writes its pidfile);
+    unknown when the lock file cannot be opened for another reason than its absence
+    (another user's home)."""
     try:
         fd = os.open(home.lockfile, os.O_RDONLY)
-    except OSError:
+    except FileNotFoundError:
         return False
+    except OSError:
+        return unknown
     try:
         fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
     except BlockingIOError:
         return True
     finally:
-        os.close(fd)
+        os.close(fd)  # also drops the shared lock if we got it
     return False
 
 

@@ -72,12 +72,13 @@ class Devices(Service):
 
     def __init__(self, loop: DriverLoop) -> None:
         super().__init__(loop)
-        cfg = self.config
-        gpus: list[Gpu] = _discover.nvml_gpus() if cfg.gpus == "auto" else []
+        gpus: list[Gpu] = _discover.nvml_gpus() if self.config.gpus == "auto" else []
         self.simulated = not gpus
-        if self.simulated:
-            gpus = _discover.simulated_gpus(os.environ.get("LLMOS_SIM_GPUS") or cfg.sim_gpus)
-        self.alloc = Allocator(gpus, cfg.gpu_max_bypass, dict(cfg.gpu_quota))
+        if self.simulated:  # LLMOS_SIM_GPUS: llmos start --sim-gpus, over config.toml
+            gpus = _discover.simulated_gpus(os.environ.get("LLMOS_SIM_GPUS")
+                                            or self.config.sim_gpus)
+        self.alloc = Allocator(gpus, self.config.gpu_max_bypass,
+                               dict(self.config.gpu_quota))
         self.tombstones: OrderedDict[str, int] = OrderedDict()  # freed id -> its pid
         self.journal = self.home.root / "devices" / "allocations.json"
         self.boot = boot_id()

@@ -29,6 +29,7 @@ def main() -> int:
             llmos("corpus", "/datasets/pystdlib")       # the stdlib's sources, as bytes
             llmos("train", "demo", "--data", "/datasets/pystdlib")  # 300 steps, 2 workers
             llmos("infer", "/models/demo", "def main(", "-n", "300", "-v", "--seed", "1")
+            llmos("jobs", "-a")                              # the job, ended: its loss, checkpoint
             llmos("models")
             llmos("ps")
             llmos("status")
