@@ -18,15 +18,16 @@ PS_JSON = ("[{pid, ppid, uid, argv, state, start_time, end_time, os_pid, attache
            "resources, status, reason, info, system}]")
 
 
-@command("ps", "processes", "the process table", syscalls=("ps",),
+@command("ps", "processes", "the process table",
+         arg("-a", "--all", action="store_true",
+             help="also the processes that ended (the last ended_kept, 256 by "
+                  "default), with how they ended"),
+         arg("-f", "--full", action="store_true",
+             help="each command line in full (by default: the program's name and "
+                  "its arguments)"),
+         syscalls=("ps",),
          view=lambda procs, s, a: _views.ps_lines(procs, a.full),
          json_keys=PS_JSON,
-         *(arg("-a", "--all", action="store_true",
-               help="also the processes that ended (the last ended_kept, 256 by "
-                    "default), with how they ended"),
-           arg("-f", "--full", action="store_true",
-               help="each command line in full (by default: the program's name and "
-                    "its arguments)")),
          details="STATE is running, zombie, or how an ended one ended (exited N, killed "
                  "N, lost). A system process (a driver's own connection, e.g. the "
                  "executor loading models as a uid) shows in [brackets]; only uid 0 may "
@@ -41,11 +42,12 @@ def reporting(procs: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 @command("jobs", "processes", "the processes that report progress: training jobs, with "
-         "how far they are", syscalls=("ps",),
+         "how far they are",
+         arg("-a", "--all", action="store_true",
+             help="also the jobs that ended: how (STATE), steps, final loss and "
+                  "checkpoint"),
+         syscalls=("ps",),
          view=lambda procs, s, a: _views.jobs_lines(procs), json_keys=PS_JSON,
-         *(arg("-a", "--all", action="store_true",
-               help="also the jobs that ended: how (STATE), steps, final loss and "
-                    "checkpoint"),),
          details="A job shows from its first report on (state starting); an ended one "
                  "stays listed by -a with its last report.")
 def jobs(s: Session, a: argparse.Namespace) -> list[dict[str, Any]]:
@@ -89,8 +91,9 @@ def top_lines(s: Session, rates: Rates, height: int | None = None) -> list[str]:
 
 
 @command("top", "processes", "a live view: processes, devices and allocations, the GPU "
-         "queue, syscall rates and latencies", syscalls=("ps", "sysinfo", "devices"),
-         *(arg("--once", action="store_true", help="print one snapshot and return"),),
+         "queue, syscall rates and latencies",
+         arg("--once", action="store_true", help="print one snapshot and return"),
+         syscalls=("ps", "sysinfo", "devices"),
          details="Refreshes every second; q or Ctrl-C leaves. Not on a terminal, or "
                  "with --once, it prints one snapshot. PER S is each syscall's calls per "
                  "second since the last refresh (top's own included).")
@@ -146,23 +149,24 @@ def exit_status(record: dict[str, Any]) -> int:
 
 
 @command("run", "processes", "run a program as an llmos process (a child of this one), "
-         "show its output and exit with its status", syscalls=("spawn", "wait", "kill"),
-         *(arg("-d", "--detach", "--no-wait", action="store_true",
-               help="print the new pid and return at once (wait reaps it later, in the "
-                    "shell)"),
-           arg("-e", "--env", action="append", default=[], metavar="KEY=VALUE",
-               help="add to the program's environment (repeatable)"),
-           arg("--cwd", metavar="DIR", complete="local",
-               help="working directory (default: this one)"),
-           arg("command", nargs=argparse.REMAINDER, metavar="PROGRAM [ARGS...]",
-               complete="local",
-               help='"python" is the kernel\'s interpreter; a .py file runs with it')),
+         "show its output and exit with its status",
+         arg("-d", "--detach", "--no-wait", action="store_true",
+             help="print the new pid and return at once (wait reaps it later, in the "
+                  "shell)"),
+         arg("-e", "--env", action="append", default=[], metavar="KEY=VALUE",
+             help="add to the program's environment (repeatable)"),
+         arg("--cwd", metavar="DIR", complete="local",
+             help="working directory (default: this one)"),
+         arg("command", nargs=argparse.REMAINDER, metavar="PROGRAM [ARGS...]",
+             complete="local",
+             help='"python" is the kernel\'s interpreter; a .py file runs with it'),
+         syscalls=("spawn", "wait", "kill"),
          remainder=True,
          details="Its output (log/proc/PID.log) is copied here as it grows; Python "
                  "programs run unbuffered (PYTHONUNBUFFERED=1) unless -e says otherwise. "
                  "Ctrl-C, SIGTERM and SIGHUP send it TERM (a second Ctrl-C: KILL) and "
                  "the wait goes on, so its status is always passed on.")
-def run(s: Session, a: argparse.Namespace) -> int | None:
+def run(s: Session, a: argparse.Namespace) -> None:
     argv = program(a.command)
     env = key_values(a.env, "--env values")
     cwd = os.path.abspath(os.path.expanduser(a.cwd)) if a.cwd else None
@@ -260,12 +264,13 @@ WAIT_POLL_S = 0.25
 
 
 @command("wait", "processes", "wait for a process to end and show how it ended",
-         syscalls=("wait", "ps"), view=lambda r, s, a: [_views.wait_line(r)],
+         arg("pid", nargs="?", type=int, complete="pid",
+             help="the process (default: any child of this session)"),
+         arg("--timeout", type=seconds, metavar="S",
+             help="give up after S seconds (ETIMEDOUT)"),
+         syscalls=("wait", "ps"),
+         view=lambda r, s, a: [_views.wait_line(r)],
          json_keys="{pid, status, reason, info}",
-         *(arg("pid", nargs="?", type=int, complete="pid",
-               help="the process (default: any child of this session)"),
-           arg("--timeout", type=seconds, metavar="S",
-               help="give up after S seconds (ETIMEDOUT)")),
          details="A child of this session (run -d, train -d in the shell) is reaped "
                  "with the wait syscall; any other process is watched until it ends and "
                  "its status shown when ps still knows it (ps -a). It fails when the "
@@ -310,11 +315,11 @@ def signal_arg(text: str) -> str:
 
 
 @command("kill", "processes", "send a signal (default TERM) to processes",
+         arg("-s", "--signal", type=signal_arg, default="TERM", complete="signal",
+             metavar="SIG", help=f"{', '.join(SIGNAL_NAMES)}, with or without SIG, "
+                                 "or its number (15, 9, 2)"),
+         arg("pids", nargs="+", type=int, metavar="PID", complete="pid"),
          syscalls=("kill",),
-         *(arg("-s", "--signal", type=signal_arg, default="TERM", complete="signal",
-               metavar="SIG", help=f"{', '.join(SIGNAL_NAMES)}, with or without SIG, "
-                                   "or its number (15, 9, 2)"),
-           arg("pids", nargs="+", type=int, metavar="PID", complete="pid")),
          details="Your own uid's processes only (uid 0: anyone's, system processes "
                  "too); init cannot be signalled. A failure is one line per pid and the "
                  "others are still signalled.")
