@@ -8,7 +8,8 @@ Every figure is a ratio against a baseline measured in the same run:
              decode and sampling called in this process, for a model whose
              forward takes >= 10 ms                                 target <= 1.1x
   training   spawn_train's mean step time against the same DDP loop launched
-             directly with torch.multiprocessing (train.run_direct) target <= 1.05x
+             directly with torch.multiprocessing (bench/direct_train.py)
+                                                                    target <= 1.05x
 
     python bench/executor_bench.py [--only batching,latency,training] [--json]
 
@@ -27,13 +28,12 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
+sys.path[:0] = [str(ROOT), str(ROOT / "bench"), str(ROOT / "tests")]
 
 import torch  # noqa: E402
 
 import userland  # noqa: E402
-from drivers.executor._engine import generate_direct  # noqa: E402
-from drivers.executor._gpt import GPT, GPTConfig  # noqa: E402
+from drivers.executor import GPT, GPTConfig, generate_direct  # noqa: E402
 
 DEMO = GPTConfig(n_layer=4, n_head=4, n_embd=128, block_size=128)
 BIG = GPTConfig(n_layer=8, n_head=8, n_embd=512, block_size=128)   # forward >= 10 ms
@@ -129,8 +129,8 @@ def training(steps: int, rounds: int) -> dict[str, Any]:
     import numpy as np
 
     from conftest import Booted
-    from drivers.executor.train import run_direct
-    from userland._cli_models import read_corpus
+    from direct_train import run_direct
+    from userland.corpus import read_corpus
     data = np.frombuffer(read_corpus(None, 4 << 20), dtype=np.uint8)
     direct, through = [], []
     with Booted() as b:

@@ -506,7 +506,8 @@ TABLE += (
         ),
         doc="Start a data-parallel training job as a child process of the caller. "
             "The config is checked, and its memory estimate against the allocation "
-            "(ENOMEM), before anything starts; wait returns its final loss."),
+            "(ENOMEM), before anything starts; wait returns its final loss. SIGTERM "
+            "stops it at the next step with a checkpoint of that step (status 143)."),
     Syscall(401, "infer", "executor", (
         Arg("model", "str", max_len=MAX_STR,
             doc="a tensorfs model directory (its latest checkpoint) or checkpoint"),

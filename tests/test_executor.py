@@ -74,8 +74,12 @@ def test_infer_is_deterministic_and_streams_what_it_returns(kernel: Booted) -> N
         parts = list(osh.infer("/models/tiny", "import os", 30, temperature=1.0, seed=7,
                                stream=True))
         final = parts[-1]
-        assert final["text"] == a["text"] and final["tokens"] == 30
-        assert len(parts) > 2 and "".join(p["text"] for p in parts[:-1]) == a["text"]
+        # chunks are deltas: all of them, the final one too, add up to the text once
+        assert len(parts) > 2 and "".join(p["text"] for p in parts) == a["text"]
+        assert [p["finish_reason"] for p in parts[:-1]] == [None] * (len(parts) - 1)
+        assert final["finish_reason"] == "length" and final["tokens"] == 30
+        assert (final["seed"], final["prompt_tokens"]) == (7, len(b"import os"))
+        assert [p["tokens"] for p in parts] == sorted(p["tokens"] for p in parts)
         # other calls on the same handle while reading a stream lose none of it
         parts, pids = [], []
         for p in osh.infer("/models/tiny", "import os", 30, temperature=1.0, seed=7,
@@ -84,8 +88,7 @@ def test_infer_is_deterministic_and_streams_what_it_returns(kernel: Booted) -> N
             pids.append(osh.getpid())
             osh.stat("/models/tiny")
         assert set(pids) == {osh.getpid()}
-        assert parts[-1]["text"] == a["text"]
-        assert "".join(p["text"] for p in parts[:-1]) == a["text"]
+        assert "".join(p["text"] for p in parts) == a["text"]
 
 
 def test_a_tiny_temperature_is_greedy_not_a_failure_for_everyone(kernel: Booted) -> None:

@@ -1,10 +1,13 @@
 """The training job's pieces that need no running llmos: config checking, the
 learning-rate schedule, checkpoint state round trips, and the training loop in
-direct mode (two real gloo processes). The job and its workers under llmos, and
-checkpoints in a real tensorfs, are tested against a booted llmos elsewhere."""
+direct mode (bench/direct_train.py: two real gloo processes). The job and its
+workers under llmos, and checkpoints in a real tensorfs, are tested against a
+booted llmos elsewhere."""
 from __future__ import annotations
 
 import math
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -12,9 +15,11 @@ import torch
 
 from drivers.executor._config import memory_bytes, model_config, normalize
 from drivers.executor._gpt import GPT, GPTConfig, train_bytes
-from drivers.executor.train import (OPTIM_TENSORS, Checkpoint, load_state, lr_at,
-                                    make_optimizer, optimizer_moments, run_direct,
-                                    shard_bounds)
+from drivers.executor.checkpoint import OPTIM_TENSORS, Checkpoint, load_state, optimizer_moments
+from drivers.executor.trainer import lr_at, make_optimizer, shard_bounds
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
+from direct_train import run_direct  # noqa: E402
 
 BASE = {"name": "tiny", "dataset": "/datasets/tiny"}
 
@@ -194,5 +199,91 @@ def test_run_direct_learns_with_two_gloo_workers():
 
 
 def test_run_direct_rejects_too_little_data():
-    with pytest.raises(ValueError, match="bytes"):
+    with pytest.raises(ValueError, match="20 B of data"):
         run_direct({"block_size": 16, "workers": 2}, np.zeros(20, np.uint8), steps=1)
+
+
+def test_config_errors_say_their_bounds_in_words():
+    for change, says in (({"steps": -1}, "steps = -1 must be at least 1"),
+                         ({"workers": 17}, "workers = 17 must be between 1 and 16"),
+                         ({"dropout": 1.0}, "must be at least 0 and under 1"),
+                         ({"lr": 0}, "lr = 0.0 must be over 0 and at most 10"),
+                         ({"gpu_bytes": -1}, "gpu_bytes = -1 must be at least 0 B")):
+        with pytest.raises(ValueError) as e:
+            normalize({**BASE, **change})
+        assert says in str(e.value) and "e+" not in str(e.value), e.value
+
+
+class StopAt:
+    """Hooks that ask to stop once step `at` was trained, and record the calls."""
+
+    def __init__(self, at: int) -> None:
+        self.at, self.trainer, self.calls = at, None, []
+
+    def stop_requested(self) -> bool:
+        return self.trainer is not None and self.trainer.step >= self.at
+
+    def log(self, trainer, progress) -> None:
+        self.calls.append(("log", progress.step, progress.stopping))
+
+    def checkpoint(self, trainer, progress) -> None:
+        self.calls.append(("checkpoint", progress.step, progress.stopping))
+
+
+@pytest.fixture
+def one_rank():
+    import torch.distributed as dist
+
+    from drivers.executor.trainer import free_port
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0,
+                            world_size=1)
+    yield
+    dist.destroy_process_group()
+
+
+def test_a_stop_request_ends_the_loop_with_a_checkpoint_of_that_step(one_rank):
+    from drivers.executor.trainer import Trainer, train_loop
+    cfg = normalize({**BASE, "n_layer": 1, "n_head": 2, "n_embd": 16, "block_size": 8,
+                     "batch_size": 2, "workers": 1, "steps": 100, "log_every": 5,
+                     "checkpoint_every": 5})
+    trainer = Trainer(cfg, torch.randint(256, (500,), dtype=torch.uint8), 0, 1,
+                      torch.device("cpu"))
+    # asked during step 7, which neither logs nor checkpoints: its agreement is
+    # waited for at the end of step 8, the last
+    hooks = StopAt(7)
+    hooks.trainer = trainer
+    result = train_loop(trainer, hooks, cfg["steps"])
+    assert result.stopped and trainer.step == 8 and len(result.durations) == 8
+    assert hooks.calls == [("log", 5, False), ("checkpoint", 5, False),
+                           ("log", 8, True), ("checkpoint", 8, True)]
+    history = trainer.history_tensor()
+    assert history.dtype == torch.float32 and history[:, 0].tolist() == list(range(1, 9))
+    assert torch.isfinite(history[:, 1]).all()
+    assert result.loss == pytest.approx(float(history[5:, 1].mean()))
+    # asked during a step that logs: that step is the last
+    again = Trainer(cfg, torch.randint(256, (500,), dtype=torch.uint8), 0, 1,
+                    torch.device("cpu"))
+    hooks = StopAt(10)
+    hooks.trainer = again
+    assert train_loop(again, hooks, cfg["steps"]).stopped and again.step == 10
+    assert hooks.calls[-2:] == [("log", 10, True), ("checkpoint", 10, True)]
+
+
+def test_a_resumed_trainer_carries_the_history_up_to_its_step(one_rank):
+    from drivers.executor.trainer import Trainer, train_loop
+    cfg = normalize({**BASE, "n_layer": 1, "n_head": 2, "n_embd": 16, "block_size": 8,
+                     "batch_size": 2, "workers": 1, "steps": 3, "log_every": 1})
+    shard = torch.randint(256, (500,), dtype=torch.uint8)
+    first = Trainer(cfg, shard, 0, 1, torch.device("cpu"))
+    train_loop(first, StopAt(100), 3)
+    history = first.history_tensor()
+    moments, step = optimizer_moments(first.model, first.optimizer)
+    stale = torch.cat([history, torch.tensor([[4.0, 1.0]])])  # a row past the checkpoint
+    ckpt = Checkpoint("/m/step-000003", {"step": 3, "optim_step": step,
+                                         "stats": {"loss0": first.loss0}},
+                      first.model.state_dict(), moments, stale)
+    resumed = Trainer({**cfg, "steps": 5}, shard, 0, 1, torch.device("cpu"), ckpt)
+    assert torch.equal(resumed.history_tensor(), history)
+    train_loop(resumed, StopAt(100), 5)
+    assert resumed.history_tensor()[:, 0].tolist() == [1, 2, 3, 4, 5]
+    assert torch.equal(resumed.history_tensor()[:3], history)

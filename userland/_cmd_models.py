@@ -9,7 +9,7 @@ import argparse
 import os
 import sys
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 from syscalls import BY_NAME, Errno, SyscallError
 
@@ -17,34 +17,10 @@ from . import _views
 from ._cmd_devices import alloc_id
 from ._cmd_procs import exit_status
 from ._command import Session, arg, command, key_values, sized
+from .corpus import read_corpus
 
 INFER = BY_NAME["infer"].by_name
 POLL_S = 0.5
-
-
-def stdlib_files() -> Iterator[Path]:
-    """The .py files of this interpreter's standard library, in a stable order."""
-    import sysconfig
-    root = Path(sysconfig.get_paths()["stdlib"])
-    for path in sorted(root.rglob("*.py")):
-        if "site-packages" not in path.parts and "test" not in path.parts:
-            yield path
-
-
-def read_corpus(files: list[Path] | None, max_bytes: int) -> bytes:
-    """The files' bytes, up to max_bytes; files named explicitly must be readable
-    (OSError), the standard library's unreadable ones are skipped."""
-    out = bytearray()
-    for path in files if files else stdlib_files():
-        try:
-            out += path.read_bytes()
-        except OSError:
-            if files:
-                raise
-            continue
-        if len(out) >= max_bytes:
-            break
-    return bytes(out[:max_bytes])
 
 
 def makedirs(osh: Any, path: str) -> None:

@@ -6,13 +6,13 @@ spawn_train checks a job before anything starts (the config, the dataset, the
 memory estimate against the allocation: ENOMEM) and answers with the program to
 run; the kernel spawns it as the caller's child (the table's `spawns`), so the
 job is the caller's process: ps shows it, kill ends it, wait returns its final
-loss. The job itself is drivers/executor/train.py.
+loss. The job itself is drivers/executor/train.py (_job.py, _worker.py).
 
 infer resolves the model as the caller: the executor makes its own syscalls to
 tensorfs, through one connection per caller uid (so tensorfs's permissions
-apply), loads the checkpoint into a cache with a memory budget (least recently
-used out first), and hands the request to the Engine (_engine.py): continuous
-batching across processes, round robin between them. Tokens stream back as
+apply), loads the checkpoint into a cache with a memory budget (_models.py:
+least recently used out first), and hands the request to the Engine (_engine.py):
+continuous batching across processes, round robin between them. Tokens stream back as
 partial replies. Everything slow (importing torch, loading a model, checking a
 dataset) runs in one background thread, so the loop keeps answering heartbeats;
 each result comes back to the loop's thread with loop.post. The engine steps on
@@ -28,12 +28,13 @@ import logging
 import os
 import secrets
 import time
-from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from drivers import DriverLoop, Request, Service
 from syscalls import ConnectionLost, Errno, SyscallError, format_size
+
+from ._models import Loaded, ModelCache
 
 log = logging.getLogger("llmos.executor")
 
@@ -41,21 +42,10 @@ TRAIN_ARGV = ["python", "-m", "drivers.executor.train"]
 
 
 @dataclass
-class Loaded:
-    """A model in the cache."""
-    key: tuple
-    path: str           # the checkpoint directory it came from
-    model: Any          # a GPT in eval mode
-    nbytes: int
-    config: dict
-    model_path: str = ""  # the path infer named: a model directory or a checkpoint
-    loaded_at: float = field(default_factory=time.time)
-    requests: int = 0
-
-
-@dataclass
 class Pending:
-    """An infer request: its driver Request, and the text decoded so far."""
+    """An infer request: its driver Request, and the decoded text its final reply
+    carries: all of it, or streamed, what no partial reply has sent (each partial
+    carries only its new text)."""
     req: Request
     stream: bool
     seed: int
@@ -78,11 +68,10 @@ class Executor(Service):
         self.window_s = cfg.infer_window_ms / 1000
         self.max_tokens = cfg.infer_max_tokens
         self.max_prompt = cfg.infer_max_prompt
-        self.budget = cfg.model_cache
         self.threads_setting = cfg.infer_threads
         self.threads: int | None = None
         self.conns: dict[int, Any] = {}        # uid -> client handle (background thread)
-        self.cache: OrderedDict[tuple, Loaded] = OrderedDict()
+        self.cache = ModelCache(self.conn, self.device, cfg.model_cache, self.max_batch)
         self.engine: Any = None                # created on the first infer
         self.pending: dict[int, Pending] = {}  # request id -> Pending
         self.loading: dict[int, int] = {}      # request id -> caller pid, model loading
@@ -136,96 +125,7 @@ class Executor(Service):
             self.conns[uid] = osh
         return osh
 
-    # -- models ----------------------------------------------------------------------
-
-    def resolve(self, uid: int, path: str) -> tuple[str, dict, tuple]:
-        """(checkpoint dir, its config, cache key) of a model path, read as uid: a
-        model directory's `latest` checkpoint, or a checkpoint directory itself."""
-        osh = self.conn(uid)
-        path = path.rstrip("/")
-        if not path.startswith("/"):
-            raise SyscallError(Errno.EINVAL, "infer: model must be a tensorfs path such as "
-                               "/models/NAME")
-        try:
-            st = osh.stat(path)
-        except SyscallError as e:
-            if e.errno in (Errno.ENOENT, Errno.ENOTDIR):
-                raise SyscallError(Errno.ENOENT, f"infer: no model at {path}") from None
-            raise
-        if st["type"] != "dir":
-            raise SyscallError(Errno.ENOENT, f"infer: {path} is a tensor, not a model "
-                               "directory")
-        ckpt = path
-        try:
-            name = text_of(osh.load_tensor(f"{path}/latest")).strip()
-            ckpt = f"{path}/{name}"
-        except SyscallError as e:
-            if e.errno == Errno.EISDIR:
-                raise SyscallError(Errno.EIO, f"infer: {path}/latest is a directory, not "
-                                   "a checkpoint's name") from None
-            if e.errno != Errno.ENOENT:
-                raise
-        except UnicodeDecodeError:
-            raise SyscallError(Errno.EIO, f"infer: {path}/latest does not name a "
-                               "checkpoint") from None
-        try:
-            cst = osh.stat(f"{ckpt}/config")
-            key = (ckpt, cst["mtime"], cst.get("checksum"))  # none: not a tensor
-            hit = self.cache.get(key) if cst["type"] == "tensor" else None
-            config = hit.config if hit is not None else json.loads(
-                text_of(osh.load_tensor(f"{ckpt}/config")))
-        except SyscallError as e:
-            if e.errno in (Errno.ENOENT, Errno.ENOTDIR):
-                raise SyscallError(Errno.ENOENT, f"infer: {path} is not a model: no "
-                                   f"{ckpt}/config") from None
-            raise
-        except (ValueError, UnicodeDecodeError) as e:
-            raise SyscallError(Errno.EIO, f"infer: corrupt checkpoint {ckpt}: config: {e}")
-        return ckpt, config, key
-
-    def load(self, uid: int, path: str) -> Loaded:
-        """The model at path, from the cache or loaded now (pool thread)."""
-        ckpt, config, key = self.resolve(uid, path)
-        self.check_access(uid, ckpt)  # on a cache hit too: the cache is everyone's
-        from ._gpt import GPT, GPTConfig, n_params
-        try:
-            cfg = GPTConfig.from_dict(dict(config["model"]))
-        except (ValueError, KeyError, TypeError) as e:
-            raise SyscallError(Errno.EIO, f"infer: corrupt checkpoint {ckpt}: {e}") from None
-        if cfg.vocab_size != 256:
-            raise SyscallError(Errno.EINVAL, f"infer: {path} has a vocabulary of "
-                               f"{cfg.vocab_size}; infer reads and writes bytes (256)")
-        # weights, and the KV cache of infer_max_batch slots the engine gives it
-        nbytes = 4 * n_params(cfg) + 2 * 4 * cfg.n_layer * self.max_batch * \
-            cfg.block_size * cfg.n_embd
-        if nbytes > self.budget:
-            raise SyscallError(Errno.ENOMEM, f"infer: {path} needs {format_size(nbytes)} "
-                               "with its KV cache, over the model cache budget of "
-                               f"{format_size(self.budget)} (model_cache)")
-        hit = self.cache.get(key)
-        if hit is not None:
-            return hit
-        from .train import load_state, read_checkpoint
-        try:
-            got = read_checkpoint(self.conn(uid), ckpt, with_optimizer=False)
-            model = GPT(cfg)
-            load_state(model, None, got)
-        except (ValueError, KeyError, TypeError, RuntimeError) as e:
-            raise SyscallError(Errno.EIO, f"infer: corrupt checkpoint {ckpt}: {e}") from None
-        model.eval().to(self.device())
-        log.info("loaded %s (%d bytes with its KV cache)", ckpt, nbytes)
-        return Loaded(key, ckpt, model, nbytes, config, path)
-
-    def check_access(self, uid: int, ckpt: str) -> None:
-        """EACCES unless uid may list ckpt and read each of its tensors (pool thread)."""
-        if uid == 0:
-            return
-        for e in self.conn(uid).listdir(ckpt):  # the directory's own r bit: tensorfs
-            if e["type"] in ("tensor", "group") and e.get("owner") != uid \
-                    and not e.get("mode", 0) & 0o4:
-                raise SyscallError(Errno.EACCES, f"infer: uid {uid} may not read "
-                                   f"{e['path']} (owner {e.get('owner')}, mode "
-                                   f"{e.get('mode', 0):o})")
+    # -- torch -----------------------------------------------------------------------
 
     def device(self) -> str:
         import torch
@@ -236,25 +136,6 @@ class Executor(Service):
             torch.set_num_threads(self.threads)
         return "cuda" if torch.cuda.is_available() else "cpu"
 
-    def admit(self, m: Loaded) -> Loaded:
-        """Put m in the cache (loop thread), evicting idle models over the budget."""
-        have = self.cache.get(m.key)
-        if have is not None:
-            m = have
-        self.cache[m.key] = m
-        self.cache.move_to_end(m.key)
-        for key, old in list(self.cache.items()):  # older checkpoints of the same model
-            if key != m.key and old.model_path == m.model_path and (
-                    self.engine is None or self.engine.drop_model(key)):
-                del self.cache[key]
-        used = sum(x.nbytes for x in self.cache.values())
-        for key in list(self.cache):
-            if used <= self.budget or key == m.key:
-                continue
-            if self.engine is None or self.engine.drop_model(key):
-                used -= self.cache.pop(key).nbytes
-        return m
-
     # -- infer -----------------------------------------------------------------------
 
     def infer(self, req: Request, model: str, prompt: str, max_tokens: int,
@@ -263,8 +144,8 @@ class Executor(Service):
         if not data:
             raise SyscallError(Errno.EINVAL, "infer: the prompt is empty")
         if len(data) > self.max_prompt:
-            raise SyscallError(Errno.EINVAL, f"infer: the prompt is {len(data)} bytes, over "
-                               f"infer_max_prompt ({self.max_prompt})")
+            raise SyscallError(Errno.EINVAL, f"infer: the prompt is {format_size(len(data))}, "
+                               f"over infer_max_prompt ({format_size(self.max_prompt)})")
         if max_tokens > self.max_tokens:
             raise SyscallError(Errno.EINVAL, f"infer: max_tokens {max_tokens} is over "
                                f"infer_max_tokens ({self.max_tokens})")
@@ -276,7 +157,7 @@ class Executor(Service):
             if self.loading.pop(req.id, None) is None:  # cancelled, or its caller ended
                 req.fail(Errno.ECANCELED, "infer: cancelled")
                 return
-            m = self.admit(m)
+            m = self.cache.admit(m, self.engine)
             from ._engine import GenRequest
             if self.engine is None:
                 from ._engine import Engine
@@ -287,7 +168,7 @@ class Executor(Service):
                                           max_tokens, temperature, top_k, seed))
             self.kick(self.window_s)
 
-        return self.background(lambda: self.load(uid, model), start, req)
+        return self.background(lambda: self.cache.load(uid, model), start, req)
 
     def kick(self, delay: float = 0.0) -> None:
         if not self.stepping:
@@ -313,9 +194,10 @@ class Executor(Service):
                 continue
             chunk = p.decoder.decode(bytes(t & 0xFF for t in ev.tokens), final=ev.done)
             p.tokens += len(ev.tokens)
-            p.text.append(chunk)
-            if p.stream and chunk and not (ev.done and ev.reason == "cancelled"):
-                p.req.partial({"text": chunk, "tokens": p.tokens})
+            if p.stream and chunk and ev.reason != "cancelled":
+                p.req.partial({"text": chunk, "tokens": p.tokens, "finish_reason": None})
+            else:  # what the final reply carries: all of it, or what no partial sent
+                p.text.append(chunk)
             if ev.done:
                 del self.pending[ev.id]
                 if ev.reason == "cancelled":
@@ -343,7 +225,7 @@ class Executor(Service):
     def models(self, req: Request) -> Any:
         """The loaded models the caller may read (as infer would let it: the check
         reads tensorfs as the caller, in the pool thread), with the engine's figures."""
-        uid, loaded = req.uid, list(self.cache.values())
+        uid, loaded = req.uid, list(self.cache)
 
         def visible() -> list[Loaded]:
             if uid == 0:
@@ -351,7 +233,7 @@ class Executor(Service):
             out = []
             for m in loaded:
                 try:
-                    self.check_access(uid, m.path)
+                    self.cache.check_access(uid, m.path)
                 except SyscallError as e:
                     if e.errno not in (Errno.EACCES, Errno.ENOENT, Errno.ENOTDIR):
                         raise
@@ -365,7 +247,7 @@ class Executor(Service):
                                    "loss": m.config.get("loss"), "loaded_at": m.loaded_at}
                                   for m in shown],
                        "engine": self.engine_stats(),
-                       "budget": self.budget, "max_batch": self.max_batch})
+                       "budget": self.cache.budget, "max_batch": self.max_batch})
         return self.background(visible, answer, req)
 
     def engine_stats(self) -> dict[str, Any]:
@@ -503,8 +385,9 @@ class Executor(Service):
         least = cfg["workers"] * (cfg["block_size"] + 1)
         if info["shape"][0] < least:
             raise SyscallError(Errno.EINVAL, f"spawn_train: dataset {cfg['dataset']} has "
-                               f"{info['shape'][0]} bytes; {cfg['workers']} workers need at "
-                               f"least {least}")
+                               f"{format_size(info['shape'][0])}; {cfg['workers']} workers "
+                               f"of block_size {cfg['block_size']} need at least "
+                               f"{format_size(least)}")
 
     # -- status ----------------------------------------------------------------------
 
@@ -512,7 +395,7 @@ class Executor(Service):
         out: dict[str, Any] = {"models": len(self.cache), "pending": len(self.pending),
                                "loading": len(self.loading),
                                "errors": self.errors,
-                               "cache_bytes": sum(m.nbytes for m in self.cache.values())}
+                               "cache_bytes": self.cache.nbytes}
         if self.engine is not None:
             s = self.engine_stats()
             out.update({k: s[k] for k in ("steps", "tokens", "running", "queued") if k in s})
@@ -526,11 +409,18 @@ class Executor(Service):
                 pass
 
 
-def text_of(t: Any) -> str:
-    """A uint8 tensor's bytes as text."""
-    import numpy as np
-    return bytes(np.asarray(t, dtype=np.uint8).tobytes()).decode("utf-8")
+# What other code (bench/, tests) may use besides the driver: the model, its
+# generation loop and the training config's check. They load on first use (torch
+# is heavy, and the driver imports it only when a model is first needed).
+_LAZY = {"GPT": "._gpt", "GPTConfig": "._gpt", "generate_direct": "._engine",
+         "normalize": "._config"}
 
 
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        import importlib
+        return getattr(importlib.import_module(_LAZY[name], __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
-__all__ = ["Executor"]
+
+__all__ = ["Executor", "GPT", "GPTConfig", "generate_direct", "normalize"]

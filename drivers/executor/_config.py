@@ -14,6 +14,8 @@ import math
 import re
 from typing import Any, Callable
 
+from syscalls import bounds, format_size, number
+
 from ._gpt import GPTConfig, train_bytes
 
 _NAME = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9_.-]{0,99}")
@@ -24,8 +26,21 @@ _MAX_INT = 2 ** 62  # any count or seed past this is a typo, and overflows torch
 _Check = Callable[[Any], "str | None"]
 
 
-def _in(lo: float, hi: float) -> _Check:
-    return lambda v: None if lo <= v <= hi else f"must be in [{lo:g}, {hi:g}]"
+def _in(lo: float, hi: float, fmt: Callable[[Any], str] = number) -> _Check:
+    """lo <= v <= hi, said as "must be at least 1" or "must be between 1 and 16"."""
+    return lambda v: None if lo <= v <= hi else f"must be {bounds(lo, hi, fmt)}"
+
+
+def _at_least_under(lo: float, hi: float) -> _Check:
+    """lo <= v < hi."""
+    return lambda v: None if lo <= v < hi else \
+        f"must be at least {number(lo)} and under {number(hi)}"
+
+
+def _over_at_most(lo: float, hi: float) -> _Check:
+    """lo < v <= hi."""
+    return lambda v: None if lo < v <= hi else \
+        f"must be over {number(lo)} and at most {number(hi)}"
 
 
 def _path(v: str) -> str | None:
@@ -58,9 +73,9 @@ SPEC: dict[str, tuple[type, Any, _Check | None]] = {
     "n_head": (int, 4, _in(1, 256)),
     "n_embd": (int, 128, _in(1, 65536)),
     "block_size": (int, 128, _in(1, 8192)),
-    "dropout": (float, 0.0, lambda v: None if 0.0 <= v < 1.0 else "must be in [0, 1)"),
+    "dropout": (float, 0.0, _at_least_under(0.0, 1.0)),
     "batch_size": (int, 12, _in(1, 65536)),
-    "lr": (float, 1e-3, lambda v: None if 0.0 < v <= 10.0 else "must be in (0, 10]"),
+    "lr": (float, 1e-3, _over_at_most(0.0, 10.0)),
     "min_lr": (float, 1e-4, _in(0.0, 10.0)),
     "warmup": (int, 20, _in(0, _MAX_INT)),
     "steps": (int, 300, _in(1, _MAX_INT)),
@@ -71,13 +86,13 @@ SPEC: dict[str, tuple[type, Any, _Check | None]] = {
     "seed": (int, 0, _in(0, _MAX_INT)),
     "grad_clip": (float, 1.0, _in(0.0, 1e6)),  # 0: no clipping
     "log_every": (int, 10, _in(1, _MAX_INT)),
-    "timeout_s": (float, 3600.0, lambda v: None if 0.0 < v <= 1e7 else "must be in (0, 1e7]"),
+    "timeout_s": (float, 3600.0, _over_at_most(0.0, 1e7)),
     "gpus": (int, 0, _in(0, 16)),
     # added by the executor (or the job) once GPUs are allocated
     "alloc_id": (str, None, None),
     "devices": (list, None, _devices),
     "simulated": (bool, None, None),
-    "gpu_bytes": (int, None, _in(0, 2 ** 60)),
+    "gpu_bytes": (int, None, _in(0, 2 ** 60, format_size)),
 }
 INTERNAL = ("alloc_id", "devices", "simulated", "gpu_bytes")
 MODEL_KEYS = ("n_layer", "n_head", "n_embd", "block_size", "dropout")

@@ -76,7 +76,7 @@ class SyscallMethods:
         return self._call(202, {})
 
     def open_tensor(self, path: str, mode: str, dtype: str | None = None, shape: list[int] | None = None, perm: int = 420, shm: bool = False, whole: bool = False, members: list[list[Any]] | None = None) -> Any:
-        "Open a tensor. Writes are staged and become visible, durably, at close_tensor; the descriptor is this process's only."
+        "Open a tensor. Writes are staged and become visible, durably, at close_tensor; the descriptor is this process's only. PATH[name] opens member name of the group at PATH (mode r only): the reply and read_tensor without member are that member's."
         return self._call(300, {'path': path, 'mode': mode, 'dtype': dtype, 'shape': shape, 'perm': perm, 'shm': shm, 'whole': whole, 'members': members})
 
     def read_tensor(self, fd: str, slice: list[list[int]] | None = None, shm: bool = False, member: str | None = None) -> Any:
@@ -92,7 +92,7 @@ class SyscallMethods:
         return self._call(303, {'fd': fd, 'discard': discard})
 
     def stat(self, path: str) -> Any:
-        'Metadata of a tensor or a directory.'
+        'Metadata of a tensor, a directory, or (PATH[name]) member name of the group at PATH; where PATH is not a group, PATH[name] is an ordinary name.'
         return self._call(304, {'path': path})
 
     def listdir(self, path: str) -> Any:
@@ -104,11 +104,11 @@ class SyscallMethods:
         return self._call(306, {'path': path, 'perm': perm})
 
     def unlink(self, path: str) -> Any:
-        'Remove a tensor or an empty directory. Open readers keep what they opened.'
+        'Remove a tensor or an empty directory. Open readers keep what they opened; a staged write keeps its directory (POSIX: a file exists from its open).'
         return self._call(307, {'path': path})
 
     def rename(self, src: str, dst: str) -> Any:
-        'Move a tensor or directory; dst must not exist.'
+        'Move a tensor or directory; dst must not exist. Writes staged below a directory move with it: they commit at the new place.'
         return self._call(308, {'src': src, 'dst': dst})
 
     def chmod(self, path: str, perm: int) -> Any:
@@ -116,7 +116,7 @@ class SyscallMethods:
         return self._call(309, {'path': path, 'perm': perm})
 
     def spawn_train(self, config: dict[str, Any], alloc_id: str | None = None) -> Any:
-        'Start a data-parallel training job as a child process of the caller. The config is checked, and its memory estimate against the allocation (ENOMEM), before anything starts; wait returns its final loss.'
+        'Start a data-parallel training job as a child process of the caller. The config is checked, and its memory estimate against the allocation (ENOMEM), before anything starts; wait returns its final loss. SIGTERM stops it at the next step with a checkpoint of that step (status 143).'
         return self._call(400, {'config': config, 'alloc_id': alloc_id})
 
     def infer(self, model: str, prompt: str, max_tokens: int = 200, temperature: float = 0.8, top_k: int = 40, seed: int | None = None, stream: bool = False) -> Any:

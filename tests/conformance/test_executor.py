@@ -7,7 +7,8 @@ anything starts (no real training here: tests/test_executor_jobs.py trains).
 Model: a valid infer answers max_tokens tokens (finish_reason "length") of the
 prompt's byte count, the seed it was given (or the one it chose), the same text
 for the same greedy (temperature 0) or seeded request, and, streamed, partial
-replies that add up to the final text. Each refused request has one errno, from
+replies whose texts (the final reply's too) add up to the text, with exactly the
+last one carrying a finish_reason. Each refused request has one errno, from
 the model paths and datasets the fixture lays out: a missing, plain-tensor, empty
 or unparsable model, another uid's private model, a vocabulary that is not bytes,
 prompts and max_tokens past the configured bounds; configs with every kind of
@@ -151,8 +152,9 @@ class ExecutorMachine(RuleBasedStateMachine):
         if stream:
             parts = list(h.infer(self.tiny, prompt, max_tokens, temperature, seed=seed,
                                  stream=True))
-            r = parts[-1]
-            assert "".join(p["text"] for p in parts[:-1]) == r["text"], parts
+            assert [p["finish_reason"] is None for p in parts] == \
+                [True] * (len(parts) - 1) + [False], parts
+            r = {**parts[-1], "text": "".join(p["text"] for p in parts)}  # deltas
         else:
             r = h.infer(self.tiny, prompt, max_tokens, temperature, seed=seed)
         assert (r["tokens"], r["finish_reason"]) == (max_tokens, "length"), r
