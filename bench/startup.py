@@ -55,6 +55,10 @@ def main() -> int:
     root = Path(tempfile.mkdtemp(prefix="llmos-start-", dir="/tmp"))
     env = dict(os.environ, LLMOS_HOME=str(root))
     env.pop("LLMOS_SPAWN_TOKEN", None)
+    # as on a user's machine: the warm-up runs write .pyc files, the timed ones use
+    # them (with PYTHONDONTWRITEBYTECODE set, every run would compile what changed
+    # since the last .pyc, and the figures would measure the compiler)
+    env.pop("PYTHONDONTWRITEBYTECODE", None)
     program = llmos_program()
     cases = {"python -c 'import zmq, msgpack'": [sys.executable, "-c", "import zmq, msgpack"],
              "llmos ps": [*program, "ps"], "llmos --help": [*program, "--help"]}

@@ -254,10 +254,12 @@ def home_arg(text: str) -> str:
 # -- where a command runs --------------------------------------------------------------
 
 class Session:
-    """Where commands run: the CLI's one-shot process (a connection per command,
-    each reply awaited at most call_timeout()), or the shell's session (one
-    connection for its life, a tensorfs working directory, the allocations it
-    holds). Commands reach the kernel through .osh and print through .line."""
+    """Where commands run: the CLI's one-shot process (a connection per command),
+    or the shell's session (one connection for its life, a tensorfs working
+    directory, the allocations it holds). Either way each reply is awaited at most
+    call_timeout(), so a stopped kernel is ETIMEDOUT, not a hang, except in
+    unbounded(): the calls that wait by nature. Commands reach the kernel through
+    .osh and print through .line."""
 
     def __init__(self, home: Home, uid: int | None = None, shell: bool = False,
                  argv: list[str] | None = None) -> None:
@@ -288,7 +290,7 @@ class Session:
         from syscalls.client import connect
         require_running(self.home)
         return connect(self.home.root, uid=self.uid if uid is None else uid,
-                       heartbeat=heartbeat, timeout=None if self.shell else call_timeout(),
+                       heartbeat=heartbeat, timeout=call_timeout(),
                        argv=self.argv)
 
     @contextlib.contextmanager
