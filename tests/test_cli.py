@@ -408,7 +408,8 @@ def test_a_start_that_loses_the_race_says_only_already_running(cli_home):
 
 
 @pytest.mark.parametrize("args", [["start", "--timeout", "-1"], ["stop", "--timeout", "-1"],
-                                  ["start", "--timeout", "nan"]])
+                                  ["start", "--timeout", "nan"], ["stop", "--timeout", "abc"],
+                                  ["wait", "--timeout", "soon"]])
 def test_a_negative_timeout_is_a_usage_error(tmp_path, args):
     home = tmp_path / "a-file"  # a home no kernel could start on, should the check fail
     home.write_text("")

@@ -19,21 +19,17 @@ from syscalls import format_size
 
 from . import _views
 from ._cmd_procs import exit_status, program, wait_forwarding
-from ._command import Session, UsageError, arg, command, each, seconds, sized
+from ._command import Session, UsageError, arg, command, each, seconds, shows, sized
 from ._kernelctl import LogTail
 
 ALLOC_JSON = "{id, devices, bytes_each, count, exclusive, simulated, capacity}"
 
 
-@command("devices", "devices", "CPUs, memory, GPUs (real or simulated), their "
-         "allocations and the requests waiting for one", syscalls=("devices",),
-         view=lambda info, s, a: _views.devices_lines(info, s.allocs),
-         json_keys="devices()'s record: {gpus: [{id, index, name, simulated, capacity, "
-                   "allocated, free, exclusive, allocations}], cpus, memory, queue, "
-                   "simulated}",
-         details="Allocations this session holds are marked *.")
-def devices(s: Session, a: argparse.Namespace) -> dict[str, Any]:
-    return s.osh.devices()
+shows("devices", "devices", "CPUs, memory, GPUs (real or simulated), their allocations "
+      "and the requests waiting for one", lambda info, s: _views.devices_lines(info, s.allocs),
+      "devices()'s record: {gpus: [{id, index, name, simulated, capacity, allocated, free, "
+      "exclusive, allocations}], cpus, memory, queue, simulated}",
+      details="Allocations this session holds are marked *.")
 
 
 def alloc_line(r: dict[str, Any]) -> str:

@@ -17,7 +17,7 @@ from syscalls import Errno, SyscallError, parse_sim_spec
 
 from . import _kernelctl as kctl
 from . import _views
-from ._command import CliError, Session, arg, command, seconds
+from ._command import CliError, Session, arg, command, seconds, shows
 
 NOT_RUNNING = 3  # status's exit status when no kernel runs (as systemctl's)
 
@@ -163,13 +163,10 @@ def status(s: Session, a: argparse.Namespace) -> dict[str, Any]:
             "drivers": info["drivers"]}
 
 
-@command("sysinfo", "kernel", "kernel statistics: processes, drivers, per-syscall counts "
-         "and latencies, dropped messages", syscalls=("sysinfo",),
-         view=lambda info, s, a: _views.sysinfo_lines(info),
-         json_keys="sysinfo()'s record: uptime_s, boot_time, kernel_pid, abi, home, "
-                   "hostname, processes, drivers, waiting, syscalls, dropped")
-def sysinfo(s: Session, a: argparse.Namespace) -> dict[str, Any]:
-    return s.osh.sysinfo()
+shows("sysinfo", "kernel", "kernel statistics: processes, drivers, per-syscall counts and "
+      "latencies, dropped messages", lambda info, s: _views.sysinfo_lines(info),
+      "sysinfo()'s record: uptime_s, boot_time, kernel_pid, abi, home, hostname, "
+      "processes, drivers, waiting, syscalls, dropped")
 
 
 def log_path(s: Session, target: str) -> Any:

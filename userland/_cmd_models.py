@@ -16,7 +16,7 @@ from syscalls import BY_NAME, Errno, SyscallError
 from . import _views
 from ._cmd_devices import alloc_id
 from ._cmd_procs import exit_status
-from ._command import Session, arg, command, key_values, sized
+from ._command import Session, arg, command, key_values, shows, sized
 from .corpus import read_corpus
 
 INFER = BY_NAME["infer"].by_name
@@ -296,11 +296,8 @@ def chat(s: Session, a: argparse.Namespace) -> None:
             s.status = 1
 
 
-@command("models", "models", "the models the executor holds loaded, and its batching "
-         "statistics", syscalls=("models",),
-         view=lambda m, s, a: _views.models_lines(m),
-         json_keys="models()'s record: {models: [{path, bytes, requests, step, loss, "
-                   "loaded_at}], engine: {...}, budget, max_batch}")
-def models(s: Session, a: argparse.Namespace) -> dict[str, Any]:
-    return s.osh.models()
+shows("models", "models", "the models the executor holds loaded, and its batching "
+      "statistics", lambda m, s: _views.models_lines(m),
+      "models()'s record: {models: [{path, bytes, requests, step, loss, loaded_at}], "
+      "engine: {...}, budget, max_batch}")
 

@@ -241,14 +241,14 @@ def get(s: Session, a: argparse.Namespace) -> None:
                            f"{len(st['members'])} tensors: export it to a .safetensors "
                            "or .pt file")
     with _files.TransferBar(path, _files.show_bar(a.quiet, a.progress, st["size"])) as bar:
-        torch = group or st["dtype"] == "bfloat16" or suffix in (".pt", ".safetensors")
-        if torch:
-            import torch as _  # load_tensor's import: before the bar's clock starts
+        via_torch = group or st["dtype"] == "bfloat16" or suffix in (".pt", ".safetensors")
+        if via_torch:
+            import torch  # noqa: F401 (load_tensor's import, before the bar's clock starts)
         bar.reading()
         if group:
             t: Any = s.osh.load_tensors(path)
         else:  # torch keeps bfloat16; numpy alone needs no torch
-            t = s.osh.load_tensor(path) if torch else s.osh.load_array(path)
+            t = s.osh.load_tensor(path) if via_torch else s.osh.load_array(path)
         _files.write_file(file, t, bar.part())
     if not a.quiet:
         what = f"a group of {len(st['members'])}" if group else f"{st['dtype']}{st['shape']}"

@@ -28,7 +28,6 @@ from typing import Any, Callable, Iterator
 
 from syscalls import Errno, Home, SyscallError
 
-from . import _views
 from ._base import CliError, ExitShell, UsageError, call_timeout, os_error
 from ._kernelctl import require_running
 
@@ -213,6 +212,16 @@ def command(name: str, family: str, summary: str, *args: Arg, syscalls: tuple[st
                                  json_keys, scope, details, remainder)
         return func
     return register
+
+
+def shows(name: str, family: str, summary: str, view: Callable[[Any, "Session"], list[str]],
+          json_keys: str, details: str = "") -> None:
+    """Declare a command that makes the syscall of its name, with no arguments, and
+    shows the result (sysinfo, devices, models)."""
+    def body(s: Session, a: argparse.Namespace) -> Any:
+        return getattr(s.osh, name)()
+    command(name, family, summary, syscalls=(name,), json_keys=json_keys, details=details,
+            view=lambda result, s, a: view(result, s))(body)
 
 
 def commands() -> dict[str, Command]:
@@ -455,8 +464,8 @@ def seconds(text: str) -> float:
     try:
         value = float(text)
     except ValueError:
-        value = math.nan
-    if not value >= 0:
+        value = float("nan")
+    if not value >= 0:  # NaN too
         raise argparse.ArgumentTypeError(f"wants seconds >= 0, not {text!r}")
     return value
 
