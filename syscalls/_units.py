@@ -59,7 +59,7 @@ def format_size(n: int | float) -> str:
 def number(x: float) -> str:
     """A bound as a person reads it: 2147483648, not 2.14748e+09; 2**62 and up as
     a power of two (4611686018427387904 reads as noise)."""
-    if float(x).is_integer():
+    if float(x).is_integer() and abs(x) < 2**64:
         n = int(x)
         if abs(n) >= HUGE and abs(n) & (abs(n) - 1) == 0:
             return f"{'-' if n < 0 else ''}2**{abs(n).bit_length() - 1}"

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import signal
 import subprocess
 import sys
@@ -279,9 +280,83 @@ def test_ctrl_c_on_train_keeps_a_checkpoint_and_resume_goes_on(h: CliHome) -> No
     assert proc.returncode == 130, (out, err)
     assert "stopping the job: it writes a checkpoint" in err
     assert "stopped  step" in out and "checkpoint: /models/nu/step-" in out, out
-    assert "resume with: llmos train nu --data /datasets/nu --resume" in out
+    hint = f"resume with: llmos {shlex.join(argv)} --resume"  # the same model
+    assert hint in out, out
     step = int(out.split("checkpoint: /models/nu/step-")[1].split()[0])
     assert step > 0
-    resumed = json.loads(ok(h.llmos("train", "--json", *argv[1:], "--resume",
+    resumed = json.loads(ok(h.llmos(*shlex.split(hint)[3:], "--json",
                                     "steps=" + str(step + 2))))
     assert resumed["status"] == 0 and resumed["info"]["step"] == step + 2
+
+
+# -- what a fresh-eyes review found ---------------------------------------------------------
+
+def test_rm_r_refuses_the_root_and_goes_on_after_a_failure(h: CliHome) -> None:
+    r = h.llmos("rm", "-r", "/")
+    assert r.returncode == 1 and "refusing to remove /" in r.stderr
+    ok(h.llmos("mkdir", "-p", "/keep/b"))
+    with connect(h, uid=0) as root:  # a directory of root's in it: what it holds,
+        root.mkdir("/keep/a", 0o755)   # uid 1000 may not remove
+        root.save_tensor("/keep/a/x", np.zeros(1, np.int8))
+    r = h.llmos("rm", "-r", "/keep")
+    assert r.returncode == 1 and "EACCES" in r.stderr
+    left = {e["name"] for e in json.loads(ok(h.llmos("ls", "--json", "/keep")))["/keep"]}
+    assert left == {"a"}  # b went, as rm -r goes on; a holds what could not go
+
+
+def test_get_of_bfloat16_to_npy_writes_floats_and_put_dtype_leaves_integers(
+        h: CliHome, tmp_path: Any) -> None:
+    import torch
+    with connect(h) as osh:
+        osh.save_tensor("/bf", torch.tensor([1.5, -2.0], dtype=torch.bfloat16))
+    r = h.llmos("get", "/bf", str(tmp_path / "bf.npy"))
+    assert r.returncode == 0 and "as float32" in r.stderr, r.stderr
+    assert np.load(tmp_path / "bf.npy").tolist() == [1.5, -2.0]
+    from safetensors.numpy import save_file
+    save_file({"w": np.ones(2), "n": np.arange(2)}, tmp_path / "mixed.safetensors")
+    ok(h.llmos("put", "-q", "-g", "--dtype", "float32", str(tmp_path / "mixed.safetensors"),
+               "/mixed"))
+    members = {m["name"]: m["dtype"] for m in
+               json.loads(ok(h.llmos("stat", "--json", "/mixed")))[0]["members"]}
+    assert members == {"w": "float32", "n": "int64"}
+
+
+def test_put_into_a_directory_names_the_tensor_after_the_file(h: CliHome,
+                                                               tmp_path: Any) -> None:
+    np.save(tmp_path / "weights.npy", np.arange(3, dtype=np.int32))
+    ok(h.llmos("mkdir", "/into"))
+    ok(h.llmos("put", "-q", str(tmp_path / "weights.npy"), "/into"))
+    assert ok(h.llmos("ls", "/into")) == "weights\n"
+
+
+def test_one_sided_commands_say_where_they_are(h: CliHome) -> None:
+    r = h.llmos("cd", "/")
+    assert r.returncode == 2 and "a command of the shell only" in r.stderr
+    r = h.llmos("shell", "-c", "stop")
+    assert r.returncode == 1 and "a command of the llmos command" in r.stderr
+
+
+def test_bad_numbers_read_as_people_write_them(h: CliHome) -> None:
+    r = h.llmos("--uid", "-1", "ps")
+    assert r.returncode == 2 and "a uid from 0 to 2147483647" in r.stderr
+    r = h.llmos("syscall", "sleep", "seconds=1e308")
+    assert r.returncode == 1 and "1e+308" in r.stderr and "0" * 30 not in r.stderr
+    ok(h.llmos("corpus", "/datasets/tiny", "--max-bytes", "1KiB"))
+    r = h.llmos("train", "x", "--data", "/datasets/tiny", "--steps", "9" * 20)
+    assert r.returncode == 1 and "key 'steps'" in r.stderr and "too large" in r.stderr
+
+
+def test_alloc_json_with_a_program_prints_the_allocation_first(h: CliHome) -> None:
+    r = h.llmos("alloc", "1MiB", "--json", "--", "python", "-c", "print('ran')")
+    assert r.returncode == 0, r.stderr
+    record, rest = r.stdout.split("}\n", 1)
+    assert json.loads(record + "}")["bytes_each"] == 1 << 20 and rest == "ran\n"
+
+
+def test_corpus_takes_a_directory(h: CliHome, tmp_path: Any) -> None:
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "a.txt").write_text("alpha ")
+    (tmp_path / "sub" / "b.txt").write_text("beta")
+    ok(h.llmos("corpus", "/datasets/dir", str(tmp_path)))
+    with connect(h) as osh:
+        assert bytes(osh.load_array("/datasets/dir")) == b"alpha beta"

@@ -66,10 +66,13 @@ def alloc(s: Session, a: argparse.Namespace) -> dict[str, Any] | None:
     with s.unbounded() if a.wait else contextlib.nullcontext():
         r = s.osh.alloc_gpu(a.size, a.count, a.exclusive, a.wait, a.timeout, a.priority)
     s.allocs[r["id"]] = r
+    if s.json:  # the allocation first; a program's output follows
+        s.line(json.dumps(r, indent=2, sort_keys=True))
     if a.command:
         _run_with(s, r, program(a.command))
         return None
-    s.line(json.dumps(r, indent=2, sort_keys=True) if s.json else alloc_line(r))
+    if not s.json:
+        s.line(alloc_line(r))
     if not s.shell:
         _hold(s, r)
     return None

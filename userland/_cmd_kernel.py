@@ -17,7 +17,7 @@ from syscalls import Errno, SyscallError, parse_sim_spec
 
 from . import _kernelctl as kctl
 from . import _views
-from ._command import CliError, Session, arg, command, seconds, shows
+from ._command import CliError, Session, arg, command, count_arg, seconds, shows
 
 NOT_RUNNING = 3  # status's exit status when no kernel runs (as systemctl's)
 
@@ -73,8 +73,20 @@ def start(s: Session, a: argparse.Namespace) -> None:
                                   stdin=subprocess.DEVNULL, stdout=out,
                                   stderr=subprocess.STDOUT, start_new_session=True)
     deadline = time.monotonic() + a.timeout
+    watch = kctl.DriverWatch(home, kernel.pid)
+    try:
+        _wait_ready(s, a, kernel, watch, deadline, offsets)
+    finally:
+        watch.close()
+    s.line(f"llmos started on {home.root} (kernel pid {kernel.pid})")
+
+
+def _wait_ready(s: Session, a: argparse.Namespace, kernel: Any, watch: Any,
+                deadline: float, offsets: dict[Any, int]) -> None:
+    """Until every driver of the new kernel is ready; CliError when it will not be."""
+    home = s.home
     while True:
-        drivers = kctl.drivers_of(home, kernel.pid, deadline)
+        drivers = watch.drivers(deadline)
         if drivers is not None:
             if all(d["state"] == "ready" for d in drivers):
                 break
@@ -100,7 +112,6 @@ def start(s: Session, a: argparse.Namespace) -> None:
                            f"{a.timeout:g}s; see {home.kernel_log} (stop it with: llmos "
                            "stop)")
         time.sleep(kctl.POLL_S)
-    s.line(f"llmos started on {home.root} (kernel pid {kernel.pid})")
 
 
 def _drivers_failed(s: Session, kernel_pid: int, failed: list[dict[str, Any]],
@@ -194,7 +205,7 @@ def log_path(s: Session, target: str) -> Any:
              help="a pid, kernel, or a driver's name (echo, devices, tensorfs, executor)"),
          arg("-f", "--follow", action="store_true",
              help="keep printing what is added: until the process ends, or Ctrl-C"),
-         arg("-n", "--lines", type=int, metavar="N",
+         arg("-n", "--lines", type=count_arg, metavar="N",
              help="only the last N lines (default: all)"),
          details="Reads $LLMOS_HOME/log/proc/PID.log, log/kernel.log or "
                  "log/drivers/DRIVER.log. pids are never reused on a home, so a pid's "
@@ -214,7 +225,7 @@ def logs(s: Session, a: argparse.Namespace) -> None:
         while not (a.target.isdigit() and _ended(s, int(a.target))):
             time.sleep(0.25)
     except KeyboardInterrupt:
-        pass
+        s.status = 130  # as after any Ctrl-C
     finally:
         tail.stop()
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shlex
 import sys
 from pathlib import Path
 from typing import Any
@@ -37,7 +38,8 @@ def makedirs(osh: Any, path: str) -> None:
 @command("corpus", "models", "store text files (default: this Python's standard library "
          "sources) as one uint8 tensor: a training dataset",
          arg("path", metavar="PATH", complete="tensor", help="e.g. /datasets/pystdlib"),
-         arg("files", nargs="*", metavar="FILE", complete="local"),
+         arg("files", nargs="*", metavar="FILE", complete="local",
+             help="text files, or directories of them (default: the standard library)"),
          arg("--max-bytes", type=sized, default="8MiB", metavar="SIZE",
              help="stop at this many bytes"),
          syscalls=("mkdir", "open_tensor", "close_tensor"),
@@ -121,8 +123,9 @@ def train(s: Session, a: argparse.Namespace) -> Any:
     s.line(_views.progress(info) if info else _views.wait_line(record))
     if info.get("checkpoint"):
         s.line(f"checkpoint: {info['checkpoint']}")
-    if info.get("state") == "stopped":
-        s.line(f"resume with: llmos train {a.name} --data {config['dataset']} --resume")
+    if info.get("state") == "stopped":  # the same command again, so the same model
+        words = [w for w in s.words if w not in ("--resume", "-d", "--detach")]
+        s.line(f"resume with: llmos {shlex.join(words)} --resume")
     elif record["status"] != 0:
         s.note(_views.wait_line({**record, "info": {}}))
     return None
@@ -194,7 +197,8 @@ class StatusLine:
 def _sampling(tokens: int) -> list[Any]:
     return [
         arg("-n", "--max-tokens", type=int, default=tokens, metavar="N",
-            help="new tokens at most"),
+            help="new tokens at most (the executor allows up to its infer_max_tokens "
+                 "setting, 4096 by default)"),
         arg("-t", "--temperature", type=float, default=INFER["temperature"].default,
             metavar="T", help="sampling temperature; 0 is greedy"),
         arg("-k", "--top-k", type=int, default=INFER["top_k"].default, metavar="K",
@@ -289,8 +293,8 @@ def chat(s: Session, a: argparse.Namespace) -> None:
             return
         try:
             generate(s, model, line, a, echo="" if typed else line)
-        except KeyboardInterrupt:
-            s.status = 1
+        except KeyboardInterrupt:  # it stopped that generation: the chat goes on
+            pass
         except SyscallError as e:
             s.error(f"{e.errno.name}: {e.message}")
             s.status = 1

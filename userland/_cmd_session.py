@@ -7,8 +7,8 @@ from typing import Any
 
 from syscalls import BY_NAME, Errno, SyscallError
 
-from ._command import (FAMILIES, ExitShell, Session, UsageError, arg, command, commands,
-                       key_values, lookup, names, plain, unknown)
+from ._command import (ALIASES, FAMILIES, ExitShell, Session, UsageError, arg, command,
+                       commands, key_values, lookup, names, plain, unknown)
 
 
 @command("help", "session", "list the commands, or show how to use one",
@@ -27,6 +27,8 @@ def help_(s: Session, a: argparse.Namespace) -> None:
             s.line(family)
             for c in cmds:
                 s.line(f"  {c.name:<10} {c.summary}")
+    if s.shell:
+        s.line("aliases: " + ", ".join(f"{k} = {v}" for k, v in ALIASES.items()))
     s.line("\nhelp COMMAND (or COMMAND --help) shows its arguments and their defaults."
            + (" Commands are separated by ; or newlines; # starts a comment. TAB "
               "completes commands and paths." if s.shell else ""))

@@ -15,7 +15,7 @@ from syscalls import Errno, SyscallError
 from syscalls.client import DTYPES
 
 from . import _files, _views
-from ._command import Session, arg, command, each
+from ._command import Session, arg, command, count_arg, each
 
 FIRST_VALUES = 8
 STAT_JSON = ("stat()'s record: {path, type (dir, tensor, group, member), owner, mode, "
@@ -47,8 +47,9 @@ def ls(s: Session, a: argparse.Namespace) -> dict[str, list[dict[str, Any]]]:
 
 def _ls_lines(listing: dict[str, list[dict[str, Any]]], long: bool) -> list[str]:
     lines: list[str] = []
-    for path, entries in listing.items():
-        if len(listing) > 1:
+    for path, entries in listing.items():  # a directory under a header when several
+        directory = not (len(entries) == 1 and entries[0].get("path") == path)
+        if len(listing) > 1 and directory:
             lines += ([""] if lines else []) + [f"{path}:"]
         lines += _views.ls_lines(entries, long)
     return lines
@@ -138,17 +139,10 @@ def summary_lines(x: dict[str, Any]) -> list[str]:
     return lines
 
 
-def _count(text: str) -> int:
-    n = int(text)
-    if n < 0:
-        raise argparse.ArgumentTypeError(f"a count >= 0, not {text}")
-    return n
-
-
 @command("cat", "tensors", "a summary of tensors: dtype, shape, min, max, mean, std and "
          "the first values (a group: each member)",
          arg("paths", nargs="+", metavar="PATH", complete="tensor"),
-         arg("-n", "--values", type=_count, default=FIRST_VALUES, metavar="N",
+         arg("-n", "--values", type=count_arg, default=FIRST_VALUES, metavar="N",
              help="how many of the first values (in C order) to show"),
          syscalls=("stat", "open_tensor", "read_tensor", "close_tensor"),
          view=lambda xs, s, a: _blank_between([summary_lines(x) for x in xs]),
@@ -188,17 +182,19 @@ def _dtype(text: str) -> str:
              help="the file's tensors as one group at PATH (one safetensors file, names "
                   "kept) instead of one tensor per name under the directory PATH"),
          arg("--dtype", type=_dtype, metavar="DTYPE",
-             help="store the tensors cast to DTYPE (float64 data needs one: tensorfs "
-                  "stores " + ", ".join(DTYPES) + ")"),
+             help="store floating-point data cast to DTYPE (float64 needs one: "
+                  "tensorfs stores " + ", ".join(DTYPES) + "); integer and bool tensors "
+                  "of a file of several keep theirs"),
          arg("-q", "--quiet", action="store_true",
              help="no output: no summary, no progress bar"),
          arg("--progress", action="store_true",
              help="a progress bar whatever the size, also when stderr is not a terminal "
                   "(by default: from 64 MiB, on a terminal)"),
          syscalls=("open_tensor", "write_tensor", "close_tensor", "mkdir"),
-         details="What the file holds is checked before anything is written, so a "
-                 "refused file leaves nothing half imported. Each tensor written prints "
-                 "its size, speed and checksum on stderr unless -q.")
+         details="PATH may be a directory: the tensor (or the group) goes into it, named "
+                 "after FILE. What the file holds is checked before anything is written, "
+                 "so a refused file leaves nothing half imported. Each tensor written "
+                 "prints its size, speed and checksum on stderr unless -q.")
 def put(s: Session, a: argparse.Namespace) -> None:
     file = Path(os.path.expanduser(a.file))
     path = s.resolve(a.path)
@@ -208,10 +204,23 @@ def put(s: Session, a: argparse.Namespace) -> None:
             data = _files.read_file(file, bar)
         except OSError:
             raise  # printed as ENOENT: ... and the like
-        except Exception as e:  # not the format its suffix says
-            raise SyscallError(Errno.EINVAL, f"put: cannot read {file}: {e}") from None
+        except Exception as e:  # not the format its suffix says: the gist, one line
+            why = (str(e).strip().splitlines() or [type(e).__name__])[0]
+            raise SyscallError(Errno.EINVAL, f"put: cannot read {file}: {why}") from None
         _files.check_storable(data, not a.group, a.dtype)  # before anything is written
+        one = not isinstance(data, dict) or len(data) == 1
+        if (one or a.group) and _is_dir(s, path):  # into the directory, as cp does
+            path = f"{path.rstrip('/')}/{file.stem}"
         _files.put_data(s.osh, path, data, a.quiet, bar, a.group, a.dtype)
+
+
+def _is_dir(s: Session, path: str) -> bool:
+    try:
+        return s.osh.stat(path)["type"] == "dir"
+    except SyscallError as e:
+        if e.errno in (Errno.ENOENT, Errno.ENOTDIR):
+            return False
+        raise
 
 
 @command("get", "tensors", "export a tensor to a local file (.npy, .pt, .safetensors, "
@@ -241,18 +250,22 @@ def get(s: Session, a: argparse.Namespace) -> None:
                            f"{len(st['members'])} tensors: export it to a .safetensors "
                            "or .pt file")
     with _files.TransferBar(path, _files.show_bar(a.quiet, a.progress, st["size"])) as bar:
-        via_torch = group or st["dtype"] == "bfloat16" or suffix in (".pt", ".safetensors")
+        bf16_npy = not group and st["dtype"] == "bfloat16" and suffix == ".npy"
+        via_torch = group or suffix in (".pt", ".safetensors") or (
+            st["dtype"] == "bfloat16" and not bf16_npy)  # raw: bfloat16's own bits
         if via_torch:
             import torch  # noqa: F401 (load_tensor's import, before the bar's clock starts)
         bar.reading()
         if group:
             t: Any = s.osh.load_tensors(path)
-        else:  # torch keeps bfloat16; numpy alone needs no torch
+        else:  # torch keeps bfloat16; numpy alone needs no torch (and has no bfloat16:
+            # load_array gives it as float32, exactly)
             t = s.osh.load_tensor(path) if via_torch else s.osh.load_array(path)
         _files.write_file(file, t, bar.part())
     if not a.quiet:
         what = f"a group of {len(st['members'])}" if group else f"{st['dtype']}{st['shape']}"
-        s.note(f"{file}: {what}, {_views.size(st['size'])}")
+        s.note(f"{file}: {what}{' as float32 (.npy has no bfloat16)' if bf16_npy else ''}, "
+               f"{_views.size(st['size'])}")
 
 
 def mode_arg(text: str) -> int:
@@ -291,10 +304,21 @@ def mkdir(s: Session, a: argparse.Namespace) -> None:
 @command("rm", "tensors", "remove tensors or empty directories",
          arg("paths", nargs="+", metavar="PATH", complete="tensor"),
          arg("-r", "--recursive", action="store_true",
-             help="directories with everything in them"),
+             help="directories with everything in them (not /); a failure is reported "
+                  "and the rest still removed"),
          syscalls=("stat", "listdir", "unlink"))
 def rm(s: Session, a: argparse.Namespace) -> None:
-    each(s, a.paths, lambda p: _files.remove(s.osh, s.resolve(p), a.recursive))
+    def failed(e: SyscallError) -> None:
+        s.error(f"{e.errno.name}: {e.message}")
+        s.status = 1
+
+    for p in a.paths:
+        path = s.resolve(p)
+        if path == "/" and a.recursive:
+            failed(SyscallError(Errno.EINVAL, "rm: refusing to remove / (the root) and "
+                                "everything in it"))
+            continue
+        _files.remove(s.osh, path, a.recursive, failed)
 
 
 @command("mv", "tensors", "rename a tensor or directory; into DST if it is a directory",

@@ -111,7 +111,7 @@ class Command:
         if cli:
             p.add_argument("--home", metavar="PATH", default=argparse.SUPPRESS,
                            type=home_arg, help="LLMOS_HOME (as before the command)")
-            p.add_argument("--uid", type=int, default=argparse.SUPPRESS,
+            p.add_argument("--uid", type=uid_arg, default=argparse.SUPPRESS,
                            help="act as this uid (as before the command)")
         p.add_argument("-h", "--help", action="store_true", help="show this help")
         self._parsers[(cli, head)] = p
@@ -247,11 +247,38 @@ def names(shell: bool) -> list[str]:
 
 
 def unknown(name: str, shell: bool) -> str:
+    other = commands().get(name) or commands().get(ALIASES.get(name, "").split(" ")[0])
+    if other is not None:  # a command of the other side
+        return (f"{name}: a command of the llmos command, not of the shell (from a shell "
+                f"prompt: llmos {name})" if shell else
+                f"{name}: a command of the shell only (llmos shell, then {name})")
     import difflib
     close = difflib.get_close_matches(name, names(shell), n=1, cutoff=0.5)
     hint = f"; did you mean {close[0]!r}?" if close else \
         ("; help lists the commands" if shell else "; llmos --help lists the commands")
     return f"{name}: unknown command{hint}"
+
+
+def uid_arg(text: str) -> int:
+    """An argparse type: a uid, 0 to 2**31 - 1."""
+    try:
+        uid = int(text)
+    except ValueError:
+        uid = -1
+    if not 0 <= uid < 2**31:
+        raise argparse.ArgumentTypeError(f"a uid from 0 to {2**31 - 1}, not {text!r}")
+    return uid
+
+
+def count_arg(text: str) -> int:
+    """An argparse type: a count, 0 or more."""
+    try:
+        n = int(text)
+    except ValueError:
+        n = -1
+    if n < 0:
+        raise argparse.ArgumentTypeError(f"a count of 0 or more, not {text!r}")
+    return n
 
 
 def home_arg(text: str) -> str:
@@ -280,6 +307,7 @@ class Session:
         self.cwd = "/"
         self.previous = "/"
         self.allocs: dict[str, dict] = {}
+        self.words: list[str] = []    # the command as typed: its name and arguments
         self.status = 0               # the exit status a command sets besides failing
         self.json = False             # this command prints JSON
         self.tty = sys.stdout.isatty()
@@ -370,6 +398,7 @@ def run(session: Session, cmd: Command, argv: list[str]) -> int:
     if cli and hasattr(a, "uid"):
         session.uid = a.uid
     session.status, session.json = 0, bool(getattr(a, "json", False))
+    session.words = [cmd.name, *argv]
     try:
         result = cmd.func(session, a)
         if result is None:  # it printed what it had to say (or had nothing)

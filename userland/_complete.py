@@ -70,8 +70,9 @@ def complete(s: Session, kind: str, word: str) -> Iterable[str]:
         return tensor_paths(s, word)
     if kind == "local":
         return local_paths(word)
-    if kind == "pid":
-        return _matching(word, [str(p["pid"]) for p in s.osh.ps()])
+    if kind == "pid":  # the ones a signal could reach: not init, not a system process
+        return _matching(word, [str(p["pid"]) for p in s.osh.ps()
+                                if p["pid"] != 1 and not p.get("system")])
     if kind == "alloc":
         return _matching(word, s.allocs)
     if kind == "signal":

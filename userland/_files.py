@@ -15,10 +15,10 @@ import stat
 import sys
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Callable
 
-from syscalls import Errno, SyscallError
-from syscalls.client import PROGRESS_CHUNK, Progress, as_raw
+from syscalls import Errno, SyscallError, format_size
+from syscalls.client import PROGRESS_CHUNK, Progress, as_raw, floating
 
 from ._views import size
 
@@ -148,7 +148,7 @@ def _save(osh: Any, path: str, tensor: Any, quiet: bool,
     if not quiet:
         dt = time.monotonic() - t0
         print(f"{path}: {size(r['size'])} in {dt:.2f}s "
-              f"({r['size'] / max(dt, 1e-9) / 2**20:.0f} MiB/s), {r['checksum']}",
+              f"({format_size(r['size'] / max(dt, 1e-9))}/s), {r['checksum']}",
               file=sys.stderr)
 
 
@@ -173,7 +173,7 @@ def put_data(osh: Any, path: str, data: Any, quiet: bool, bar: TransferBar,
         if not quiet:
             dt = time.monotonic() - t0
             print(f"{path}: a group of {len(members)}, {size(r['size'])} in {dt:.2f}s "
-                  f"({r['size'] / max(dt, 1e-9) / 2**20:.0f} MiB/s), {r['checksum']}",
+                  f"({format_size(r['size'] / max(dt, 1e-9))}/s), {r['checksum']}",
                   file=sys.stderr)
         return
     if isinstance(data, dict) and len(data) == 1:
@@ -189,7 +189,7 @@ def put_data(osh: Any, path: str, data: Any, quiet: bool, bar: TransferBar,
     total, offset = sum(_nbytes(t) for t in data.values()), 0
     for name, t in data.items():
         p = f"{path.rstrip('/')}/{name}"
-        _save(osh, p, t, quiet, bar.part(p, offset, total), dtype)
+        _save(osh, p, t, quiet, bar.part(p, offset, total), dtype if floating(t) else None)
         offset += _nbytes(t)
 
 
@@ -207,8 +207,9 @@ def check_storable(data: Any, split: bool, dtype: str | None = None) -> None:
             raise SyscallError(Errno.EINVAL, f"put: key {key!r} cannot be a tensorfs "
                                "name (empty, a leading '.', '/', '\\', NUL, over 200 "
                                "bytes); put -g keeps such names in a group")
+        several = isinstance(data, dict) and len(data) > 1
         try:
-            as_raw(t, dtype)
+            as_raw(t, dtype if not several or floating(t) else None)
         except SyscallError as e:
             where = f" {key!r}:" if key is not None else ""
             raise SyscallError(Errno.EINVAL, f"put:{where} {e.message}") from None
@@ -339,16 +340,25 @@ def _write_chunks(f: Any, data: np.ndarray, progress: Progress | None) -> None:
     progress(total, total, "done")
 
 
-def remove(osh: Any, path: str, recursive: bool) -> None:
-    """unlink path; with recursive, a directory's contents first. A file tensorfs
+def remove(osh: Any, path: str, recursive: bool,
+           failed: Callable[[SyscallError], None]) -> bool:
+    """unlink path; with recursive, a directory's contents first. Whether path is
+    gone. A failure is given to failed() and the rest is still removed (as rm -r
+    goes on), but not the directories left holding something. A file tensorfs
     cannot read (stat is EIO) is still removed: unlink does not need its header."""
     try:
         st = osh.stat(path)
+        if st["type"] == "dir" and recursive:
+            gone = [remove(osh, e["path"], True, failed) for e in osh.listdir(path)]
+            if not all(gone):
+                return False
     except SyscallError as e:
         if e.errno != Errno.EIO:
-            raise
-        st = {"type": "tensor"}
-    if st["type"] == "dir" and recursive:
-        for e in osh.listdir(path):
-            remove(osh, e["path"], True)
-    osh.unlink(path)
+            failed(e)
+            return False
+    try:
+        osh.unlink(path)
+    except SyscallError as e:
+        failed(e)
+        return False
+    return True

@@ -99,19 +99,36 @@ def prepare_home(home: Home) -> None:
             raise CliError(f"llmos: EACCES: {d} is not writable by this user")
 
 
-def drivers_of(home: Home, pid: int, deadline: float) -> list[dict[str, Any]] | None:
-    """The drivers of kernel pid on home as sysinfo() tells, or None while it cannot
-    tell (not up yet)."""
-    # pidfile first: the client library checks that pid to notice a dead kernel
-    if home.kernel_pid() != pid or not home.secretfile.exists():
-        return None
-    timeout = max(POLL_S, min(call_timeout(), deadline - time.monotonic()))
-    try:
-        with connect(home.root, uid=0, heartbeat=False, timeout=timeout,
-                     argv=["llmos", "start"]) as osh:
-            return osh.sysinfo()["drivers"]
-    except SyscallError:
-        return None
+class DriverWatch:
+    """What start asks a starting kernel: its drivers, as sysinfo() tells, on one
+    connection for the whole wait (one process in ps -a, not one per poll)."""
+
+    def __init__(self, home: Home, pid: int) -> None:
+        self.home, self.pid = home, pid
+        self.osh: Any = None
+
+    def drivers(self, deadline: float) -> list[dict[str, Any]] | None:
+        """The drivers, or None while the kernel cannot tell (not up yet)."""
+        # pidfile first: the client library checks that pid to notice a dead kernel
+        if self.home.kernel_pid() != self.pid or not self.home.secretfile.exists():
+            return None
+        try:
+            if self.osh is None:
+                self.osh = connect(self.home.root, uid=0, heartbeat=False,
+                                   argv=["llmos", "start"])
+            self.osh.timeout = max(POLL_S, min(call_timeout(), deadline - time.monotonic()))
+            return self.osh.sysinfo()["drivers"]
+        except SyscallError:
+            self.close()
+            return None
+
+    def close(self) -> None:
+        if self.osh is not None:
+            osh, self.osh = self.osh, None
+            try:
+                osh.close()
+            except SyscallError:
+                pass
 
 
 def other_kernel(home: Home, ours: int, deadline: float) -> int | None:

@@ -151,7 +151,7 @@ def progress(info: dict[str, Any]) -> str:
 
 def ps_lines(procs: list[dict[str, Any]], full: bool = False) -> list[str]:
     now = time.time()
-    procs = sorted(procs, key=lambda p: (p["state"] != "ended", p["pid"]))
+    procs = sorted(procs, key=lambda p: p["pid"])
     rows = []
     for p in procs:
         end = p.get("end_time") or now
@@ -168,10 +168,10 @@ def ps_lines(procs: list[dict[str, Any]], full: bool = False) -> list[str]:
 def jobs_lines(procs: list[dict[str, Any]]) -> list[str]:
     now = time.time()
     rows = [[p["pid"], state(p), clock((p.get("end_time") or now) - p["start_time"]),
-             job_name(p), progress(p["info"])]
+             job_name(p), progress(p["info"]), p["info"].get("checkpoint")]
             for p in sorted(procs, key=lambda p: p["pid"])]
-    return table(["PID", "STATE", "TIME", "NAME", "PROGRESS"], rows, "rlrl",
-                 empty="no jobs")
+    return table(["PID", "STATE", "TIME", "NAME", "PROGRESS", "CHECKPOINT"], rows,
+                 "rlrl", empty="no jobs")
 
 
 def job_name(p: dict[str, Any]) -> str:

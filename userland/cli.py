@@ -18,12 +18,13 @@ from __future__ import annotations
 
 import os
 import sys
+from argparse import ArgumentTypeError
 from typing import Sequence
 
 from syscalls import ABI_VERSION, Home
 
 from ._base import CliError
-from ._command import FAMILIES, Session, commands, home_arg, lookup, run, unknown
+from ._command import FAMILIES, Session, commands, home_arg, lookup, run, uid_arg, unknown
 
 USAGE = "usage: llmos [--home PATH] [--uid N] [--version] COMMAND [ARGS...]"
 
@@ -82,10 +83,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             if flag == "--home":
                 home_text = home_arg(value)
             else:
-                uid = int(value)
-        except ValueError:
-            return usage_error(f"{flag}: {value!r} is not {'a path' if flag == '--home' else 'a uid'}")
-        except Exception as e:  # home_arg's ArgumentTypeError
+                uid = uid_arg(value)
+        except ArgumentTypeError as e:
             return usage_error(f"argument {flag}: {e}")
         i += 1
     if i == len(args):

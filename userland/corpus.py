@@ -18,11 +18,21 @@ def stdlib_files() -> Iterator[Path]:
             yield path
 
 
+def expand(files: list[Path]) -> Iterator[Path]:
+    """The files named, a directory standing for the files under it (sorted)."""
+    for path in files:
+        if path.is_dir():
+            yield from sorted(p for p in path.rglob("*") if p.is_file())
+        else:
+            yield path
+
+
 def read_corpus(files: list[Path] | None, max_bytes: int) -> bytes:
-    """The files' bytes, up to max_bytes; files named explicitly must be readable
-    (OSError), the standard library's unreadable ones are skipped."""
+    """The files' bytes (a directory: the files under it), up to max_bytes; files
+    named explicitly must be readable (OSError), the standard library's unreadable
+    ones are skipped."""
     out = bytearray()
-    for path in files if files else stdlib_files():
+    for path in expand(files) if files else stdlib_files():
         try:
             out += path.read_bytes()
         except OSError:

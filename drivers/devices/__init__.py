@@ -176,7 +176,7 @@ class Devices(Service):
             raise SyscallError(Errno.ENOMEM, f"alloc_gpu: no {count} device(s) with "
                                f"{format_size(mem)} free"
                                f"{' for exclusive use' if exclusive else ''} now "
-                               "(wait=True queues)")
+                               "(asked with wait, it queues)")
         self.commit(grants)
         if w in al.queue and timeout is not None:
             req.loop.call_later(timeout, lambda: self.expire(w))

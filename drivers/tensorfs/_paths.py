@@ -149,7 +149,7 @@ class Namespace:
     def may_remove(self, uid: int, d: Path, owner: int, path: str) -> None:
         """Write permission on the directory; with its sticky bit, also ownership."""
         dm = read_dir_meta(d)
-        need(uid, dm.owner, dm.mode, 2, path)
+        need(uid, dm.owner, dm.mode, 2, f"{path} (its directory)")
         if dm.mode & 0o1000 and uid not in (0, owner, dm.owner):
             raise SyscallError(Errno.EACCES, f"{path}: the directory is sticky and "
                                f"uid {uid} owns neither it nor the entry")

@@ -342,15 +342,17 @@ def _unsendable(number: int, args: dict, e: Exception) -> SyscallError:
             except SyscallError as checked:
                 return checked
             for name, value in args.items():
-                try:
-                    encode({name: value})
-                except (TypeError, ValueError, OverflowError):
-                    if isinstance(value, int):
-                        return SyscallError(Errno.EINVAL, f"{call.name}: argument "
-                                            f"{name!r} is too large ({len(str(value))} "
-                                            "digits)")
-                    return SyscallError(Errno.EINVAL, f"{call.name}: argument {name!r}: "
-                                        f"{type(value).__name__} cannot be sent")
+                items = value.items() if isinstance(value, dict) else [(None, value)]
+                for key, v in items:  # a dict argument (a training config): its key
+                    try:
+                        encode({name: v})
+                    except (TypeError, ValueError, OverflowError):
+                        where = f"argument {name!r}" + (f", key {key!r}," if key else "")
+                        if isinstance(v, int):
+                            return SyscallError(Errno.EINVAL, f"{call.name}: {where} is "
+                                                f"too large ({len(str(v))} digits)")
+                        return SyscallError(Errno.EINVAL, f"{call.name}: {where} "
+                                            f"{type(v).__name__} cannot be sent")
     return SyscallError(Errno.EINVAL, f"cannot send these arguments: {e}")
 
 

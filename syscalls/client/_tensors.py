@@ -43,6 +43,17 @@ def _torch() -> Any:
     return torch
 
 
+def floating(tensor: Any) -> bool:
+    """Whether tensor holds floating-point data (torch, numpy, or what numpy takes)."""
+    torch = sys.modules.get("torch")
+    if torch is not None and isinstance(tensor, torch.Tensor):
+        return bool(tensor.is_floating_point())
+    dtype = getattr(tensor, "dtype", None)
+    if dtype is None:
+        dtype = _np().asarray(tensor).dtype
+    return getattr(dtype, "kind", "") == "f" or getattr(dtype, "name", "") == "bfloat16"
+
+
 def as_raw(tensor: Any, dtype: str | None = None) -> tuple[str, list[int], np.ndarray]:
     """(dtype name, shape, a C-contiguous numpy array of the bytes) of a torch
     tensor or anything numpy accepts, cast to dtype when given. EINVAL for a dtype
@@ -206,8 +217,10 @@ class TensorMethods:
                      dtype: str | None = None) -> dict[str, Any]:
         """Write a group: several named tensors (a state_dict, say) as one
         safetensors file, durably and atomically, like save_tensor. progress: as
-        for save_tensor, over all the members' bytes; dtype: every member cast to it."""
-        raws = {name: as_raw(t, dtype) for name, t in tensors.items()}
+        for save_tensor, over all the members' bytes; dtype: the floating-point
+        members cast to it (integer and bool members keep theirs)."""
+        raws = {name: as_raw(t, dtype if floating(t) else None)
+                for name, t in tensors.items()}
         members = [[name, dtype, shape] for name, (dtype, shape, _) in raws.items()]
         info = self.open_tensor(path, "x" if exclusive else "w", None, None,  # type: ignore[attr-defined]
                                 perm, True, True, members)
