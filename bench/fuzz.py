@@ -908,7 +908,7 @@ class Fuzzer:
                     put("argv", [NO_SUCH_PROGRAM, *argv[1:]])
         elif name == "kill":
             pid = a.get("pid")
-            if type(pid) is int and 1 < pid <= 2**31 and pid not in self.owned \
+            if type(pid) is int and 1 < pid < 2**31 and pid not in self.owned \
                     and pid != NO_SUCH_PID:
                 put("pid", NO_SUCH_PID)
         elif name == "sleep":

@@ -97,13 +97,13 @@ _SIGNALS = ("TERM", "KILL", "INT")
 TABLE: tuple[Syscall, ...] = (
     # -- kernel: processes ------------------------------------------------------
     Syscall(0, "attach", "kernel", (
-        Arg("os_pid", "int", lo=0, hi=2**31, doc="the caller's OS pid"),
+        Arg("os_pid", "int", lo=0, hi=2**31 - 1, doc="the caller's OS pid"),
         Arg("argv", "list[str]", default=[], max_len=MAX_ARGV, doc="shown by ps"),
         Arg("secret", "str", default=None, nullable=True, max_len=256,
             doc="the home's secret (run/secret): attaches a new process"),
         Arg("token", "str", default=None, nullable=True, max_len=256,
             doc="a spawn token: binds to the process the kernel spawned"),
-        Arg("uid", "int", default=None, nullable=True, lo=0, hi=2**31,
+        Arg("uid", "int", default=None, nullable=True, lo=0, hi=2**31 - 1,
             doc="uid to attach as (with the secret); default: the configured default uid"),
         Arg("host", "str", default="", max_len=256, doc="the caller's hostname"),
         Arg("heartbeat", "bool", default=False,
@@ -130,7 +130,7 @@ TABLE: tuple[Syscall, ...] = (
         Arg("argv", "list[str]", max_len=MAX_ARGV,
             doc='program and arguments; "python" and "python3" mean the kernel\'s '
                 'interpreter'),
-        Arg("uid", "int", default=None, nullable=True, lo=0, hi=2**31,
+        Arg("uid", "int", default=None, nullable=True, lo=0, hi=2**31 - 1,
             doc="run as this uid (root only); default: the caller's"),
         Arg("cwd", "str", default=None, nullable=True, max_len=MAX_STR,
             doc="working directory; the userland library passes the caller's, "
@@ -153,7 +153,7 @@ TABLE: tuple[Syscall, ...] = (
         doc="Start a program as a child of the caller: a real OS process with an "
             "llmos pid. Its output goes to log/proc/<pid>.log under LLMOS_HOME."),
     Syscall(5, "wait", "kernel", (
-        Arg("pid", "int", default=None, nullable=True, lo=1, hi=2**31,
+        Arg("pid", "int", default=None, nullable=True, lo=1, hi=2**31 - 1,
             doc="a child's pid; None: any child"),
         Arg("timeout", "float", default=None, nullable=True, lo=0, hi=86400 * 365),
     ), blocks=True, returns="{pid, status, reason, info}",
@@ -168,7 +168,7 @@ TABLE: tuple[Syscall, ...] = (
             "minus the signal that killed it; reason is exited, killed or lost; info is "
             "what the child last reported (report)."),
     Syscall(6, "kill", "kernel", (
-        Arg("pid", "int", lo=1, hi=2**31),
+        Arg("pid", "int", lo=1, hi=2**31 - 1),
         Arg("signal", "str", default="TERM", choices=_SIGNALS),
     ), returns="None", errors=(
         ("ESRCH", "no running process has pid: it never did, or it ended (a zombie, "
@@ -201,7 +201,7 @@ TABLE: tuple[Syscall, ...] = (
         Arg("info", "dict", max_len=32,
             doc="fields to publish, e.g. {step, loss, tokens_per_s}; merged into the "
                 "process's info, a None value removes its key"),
-        Arg("pid", "int", default=None, nullable=True, lo=1, hi=2**31,
+        Arg("pid", "int", default=None, nullable=True, lo=1, hi=2**31 - 1,
             doc="the caller (None) or its parent: a training worker reports for its job"),
     ), returns="None", errors=(
         ("EPERM", "pid is neither the caller nor its parent, or the parent is another "
