@@ -360,3 +360,25 @@ def test_corpus_takes_a_directory(h: CliHome, tmp_path: Any) -> None:
     ok(h.llmos("corpus", "/datasets/dir", str(tmp_path)))
     with connect(h) as osh:
         assert bytes(osh.load_array("/datasets/dir")) == b"alpha beta"
+
+
+def test_a_call_given_up_right_after_its_send_is_cancelled(h: CliHome, monkeypatch) -> None:
+    """Ctrl-C can land between a request's send and the wait for its reply: the
+    kernel must still hear that the caller gave up, or a parked wait would reap a
+    child nobody hears of (CI once lost a training job's status so)."""
+    import syscalls.client._client as client
+    with connect(h) as osh:
+        child = osh.spawn(["python", "-c", "import time; time.sleep(60)"])
+        sent = client.send_frames
+
+        def send_then_interrupt(*args: Any, **kw: Any) -> None:
+            sent(*args, **kw)
+            raise KeyboardInterrupt  # as a signal arriving just after the send
+
+        monkeypatch.setattr(client, "send_frames", send_then_interrupt)
+        with pytest.raises(KeyboardInterrupt):
+            osh.wait(child)
+        monkeypatch.undo()
+        assert wait_until(lambda: osh.sysinfo()["waiting"] == 0, 10)  # not parked
+        osh.kill(child, "KILL")
+        assert osh.wait(child, timeout=30)["status"] == -9  # its status is still ours

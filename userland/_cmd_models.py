@@ -145,6 +145,8 @@ def follow(s: Session, pid: int) -> tuple[dict[str, Any], bool]:
                     with s.unbounded():
                         return osh.wait(pid, timeout=POLL_S), interrupts > 0
                 except SyscallError as e:
+                    if e.errno == Errno.ECHILD:  # reaped by a wait we gave up on: ps -a
+                        return ended_record(osh, pid), interrupts > 0  # still knows how
                     if e.errno != Errno.ETIMEDOUT:
                         raise
                 me = next((p for p in osh.ps() if p["pid"] == pid), None)
@@ -166,6 +168,15 @@ def follow(s: Session, pid: int) -> tuple[dict[str, Any], bool]:
                            "again kills it)")
     finally:
         show.clear()
+
+
+def ended_record(osh: Any, pid: int) -> dict[str, Any]:
+    """How process pid ended, as ps -a remembers it (ECHILD if it does not)."""
+    for p in osh.ps(all=True):
+        if p["pid"] == pid and p["state"] != "running":
+            return {k: p[k] for k in ("pid", "status", "reason", "info")}
+    raise SyscallError(Errno.ECHILD, f"wait: process {pid} was reaped, and ps -a no "
+                       "longer knows how it ended")
 
 
 class StatusLine:

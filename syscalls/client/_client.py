@@ -22,7 +22,7 @@ import os
 import sys
 import threading
 import time
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import zmq
 
@@ -130,12 +130,11 @@ class Llmos(TensorMethods, SyscallMethods):
 
     # -- calls -------------------------------------------------------------------
 
-    def _send(self, number: int, args: dict) -> int:
+    def _send(self, seq: int, number: int, args: dict) -> None:
         if self._closed:
             raise SyscallError(Errno.EBADF, "this llmos handle is closed")
         if self._restarted is not None:
             raise self._restarted
-        seq = next(self._seq)
         try:
             frames = encode(wire.request(seq, number, args))
         except (TypeError, ValueError, OverflowError) as e:
@@ -144,7 +143,6 @@ class Llmos(TensorMethods, SyscallMethods):
             raise SyscallError(Errno.E2BIG, f"request header of {len(frames[0])} bytes "
                                f"is over {MAX_HEADER}")
         send_frames(self._sock, frames, block=True)
-        return seq
 
     def _recv(self, seq: int) -> dict:
         held = self._streams.get(seq)
@@ -181,11 +179,12 @@ class Llmos(TensorMethods, SyscallMethods):
             pass
         return result
 
-    def _await(self, seq: int) -> dict:
-        """_recv, telling the kernel when this process gives up on the call (its
-        timeout, Ctrl-C), so that a parked call (wait) does not go on without it."""
+    def _await(self, seq: int, step: Callable[[], Any]) -> Any:
+        """step() (sending call seq, or receiving its reply), telling the kernel when
+        this process gives up on the call (its timeout, Ctrl-C), so that a parked
+        call (wait) does not go on without it."""
         try:
-            return self._recv(seq)
+            return step()
         except BaseException as e:
             if not (isinstance(e, SyscallError) and e.errno == Errno.EIO):
                 self._cancel(seq)
@@ -212,13 +211,18 @@ class Llmos(TensorMethods, SyscallMethods):
         """Partial replies as they come, then the final one. Holds the handle until
         the stream ends or the iterator is closed."""
         with self._lock:
-            seq = self._send(number, args)
+            seq = next(self._seq)
             # replies to it that arrive while the caller makes other calls in its
             # loop (same thread: the lock is reentrant) wait here, not dropped
             self._streams[seq] = collections.deque()
             try:
+                # from the send on, giving up on the call (a timeout, Ctrl-C, even one
+                # that comes between the send and the wait for the reply) tells the
+                # kernel, so that a parked call (wait) does not go on without us; a
+                # cancel of a call never sent is nothing to it
+                self._await(seq, lambda: self._send(seq, number, args))
                 while True:
-                    head = self._await(seq)
+                    head = self._await(seq, lambda: self._recv(seq))
                     if wire.ERRNO in head:
                         raise SyscallError(head[wire.ERRNO], head.get(wire.MESSAGE, ""))
                     if not head.get(wire.PARTIAL):

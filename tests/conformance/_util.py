@@ -59,24 +59,23 @@ RECORDER = Recorder()
 
 
 def install_recorder() -> None:
-    """Wrap Llmos._send (remember each sequence number's syscall) and Llmos._await
+    """Wrap Llmos._send (remember each sequence number's syscall) and Llmos._recv
     (record the errno of an error reply). Idempotent."""
     if getattr(Llmos, "_conformance_recorder", False):
         return
-    send, await_ = Llmos._send, Llmos._await
+    send, recv = Llmos._send, Llmos._recv
 
-    def _send(self: Llmos, number: int, args: dict) -> int:
-        seq = send(self, number, args)
+    def _send(self: Llmos, seq: int, number: int, args: dict) -> None:
         self.__dict__.setdefault("_numbers", {})[seq] = number
-        return seq
+        send(self, seq, number, args)
 
-    def _await(self: Llmos, seq: int) -> dict:
-        head = await_(self, seq)
+    def _recv(self: Llmos, seq: int) -> dict:
+        head = recv(self, seq)
         if "e" in head:
             RECORDER.record(self.__dict__.get("_numbers", {}).get(seq), head["e"])
         return head
 
-    Llmos._send, Llmos._await = _send, _await  # type: ignore[method-assign]
+    Llmos._send, Llmos._recv = _send, _recv  # type: ignore[method-assign]
     Llmos._conformance_recorder = True  # type: ignore[attr-defined]
 
 
@@ -109,12 +108,14 @@ def expect(errno: Errno | None, fn: Callable[..., Any], *args: Any, **kw: Any) -
 def send(h: Llmos, name: str, **args: Any) -> int:
     """Send a call without waiting for its answer (one at a time per handle unless
     answers are read with answers())."""
-    return h._send(BY_NAME[name].number, args)
+    seq = next(h._seq)
+    h._send(seq, BY_NAME[name].number, args)
+    return seq
 
 
 def answer(h: Llmos, seq: int) -> tuple[str, Any]:
     """The final answer to call seq on h: ("r", result) or ("e", errno name)."""
-    head = h._await(seq)
+    head = h._recv(seq)
     if "e" in head:
         return "e", Errno(head["e"]).name
     return "r", head.get("r")

@@ -153,12 +153,12 @@ def test_a_cancelled_generation_is_ecanceled(system: Booted, tiny_model: str) ->
     itself stops waiting when it cancels)."""
     with system.connect() as osh:
         seq = send(osh, "infer", model=tiny_model, prompt="abc", max_tokens=3000, stream=True)
-        first = osh._await(seq)
+        first = osh._recv(seq)
         assert first.get("p"), first                 # it is generating: cancel it
         osh._cancel(seq)
         head = first
         while head.get("p"):
-            head = osh._await(seq)                   # the rest, then the final answer
+            head = osh._recv(seq)                    # the rest, then the final answer
         assert head.get("e") == Errno.ECANCELED, head
         assert osh.infer(tiny_model, "x", 2)["tokens"] == 2
 
