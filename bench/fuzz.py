@@ -71,9 +71,7 @@ import random
 import shutil
 import socket as _socket
 import struct
-import subprocess
 import sys
-import tempfile
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -91,7 +89,9 @@ import zmq  # noqa: E402
 import userland  # noqa: E402
 from syscalls import (ABI_VERSION, BY_NAME, BY_NUMBER, MAX_HEADER, SERVICES, TABLE,  # noqa: E402
                       Arg, Errno, Home, Syscall, SyscallError, WireError, decode, encode)
-from syscalls.client import stop_kernel  # noqa: E402
+
+sys.path.insert(0, str(ROOT / "bench"))
+from kernelboot import BenchKernel  # noqa: E402
 
 FUZZ_UID = 4242                  # uid of the fuzzer's processes (and uid 0, one connection)
 REMOTE_HOST = "llmos-fuzz.invalid"  # attach "from another host": no OS pid, never signalled
@@ -126,63 +126,6 @@ _SEQ = itertools.count(2**48)
 
 def log(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
-
-
-# -- a kernel of our own ---------------------------------------------------------------
-
-
-class OwnKernel:
-    """A kernel on a temporary home under /tmp (ipc:// paths must be short), as
-    tests/conftest.py boots one; stop() kills it and what it left, by pid."""
-
-    def __init__(self, config: dict[str, Any] | None = None, timeout: float = 30.0,
-                 prefix: str = "llmos-fuzz-") -> None:
-        self.root = Path(tempfile.mkdtemp(prefix=prefix, dir="/tmp"))
-        self.home = Home.resolve(self.root)
-        if config:
-            (self.root / "config.toml").write_text(
-                "".join(f"{k} = {json.dumps(v)}\n" for k, v in config.items()))
-        env = dict(os.environ, LLMOS_HOME=str(self.root), PYTHONPATH=str(ROOT))
-        self.log = open(self.root / "boot.log", "wb")
-        self.proc = subprocess.Popen([sys.executable, "-m", "kernel", "--home", str(self.root)],
-                                     env=env, stdout=self.log, stderr=subprocess.STDOUT,
-                                     start_new_session=True)
-        self.pid = self.proc.pid
-        try:
-            self._wait_ready(timeout)
-        except BaseException:
-            self.stop()
-            raise
-
-    def _wait_ready(self, timeout: float) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"the kernel exited: {self.boot_log()}")
-            if self.home.secretfile.exists():
-                try:
-                    with userland.connect(self.root, uid=0, heartbeat=False) as osh:
-                        if all(d["state"] == "ready" for d in osh.sysinfo()["drivers"]):
-                            return
-                except userland.SyscallError:
-                    pass
-            time.sleep(0.05)
-        raise RuntimeError(f"the kernel was not ready in {timeout}s: {self.boot_log()}")
-
-    def boot_log(self) -> str:
-        return (self.root / "boot.log").read_text(errors="replace")[-4000:]
-
-    def stop(self) -> None:
-        stop_kernel(self.pid)
-        self.proc.wait()  # ours to reap
-        self.log.close()
-        shutil.rmtree(self.root, ignore_errors=True)
-
-    def __enter__(self) -> "OwnKernel":
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        self.stop()
 
 
 # -- the report --------------------------------------------------------------------------
@@ -1612,12 +1555,12 @@ def main(argv: list[str] | None = None) -> int:
     seconds = args.seconds if args.seconds is not None or args.messages else 10.0
     seed = args.seed if args.seed is not None else random.SystemRandom().randrange(2**31)
     log(f"fuzz: seed {seed}")
-    own: OwnKernel | None = None
+    own: BenchKernel | None = None
     try:
         if args.home:
             home = Home.resolve(args.home)
         else:
-            own = OwnKernel()
+            own = BenchKernel(prefix="llmos-fuzz-")
             home = own.home
             log(f"fuzz: booted kernel pid {own.pid} on {own.root}")
         report = run_fuzz(home, seconds=seconds, messages=args.messages, seed=seed,

@@ -290,14 +290,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--no-tensors", action="store_true", help="leave out the tensor round trips")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args(argv)
-    from fuzz import OwnKernel  # the same boot and stop, by pid
+    from kernelboot import BenchKernel  # the same boot and stop, by pid
 
     own = None
     try:
         if args.home:
             home = Home.resolve(args.home)
         else:
-            own = OwnKernel(prefix="llmos-load-")
+            own = BenchKernel(prefix="llmos-load-")
             home = own.home
             log(f"load: booted kernel pid {own.pid} on {own.root}")
         res = run_load(home, args.clients, args.calls, args.seed, not args.no_tensors)

@@ -26,7 +26,6 @@ import os
 import shutil
 import signal
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -41,8 +40,10 @@ import msgpack  # noqa: E402
 import zmq  # noqa: E402
 
 import userland  # noqa: E402
-from syscalls.client import stop_kernel  # noqa: E402
-from syscalls import ABI_VERSION, BY_NAME, Home  # noqa: E402
+from syscalls import ABI_VERSION, BY_NAME  # noqa: E402
+
+sys.path.insert(0, str(ROOT / "bench"))
+from kernelboot import BenchKernel  # noqa: E402
 
 NOP = BY_NAME["nop"].number
 WARMUP = 200
@@ -137,47 +138,6 @@ class RawClient:
 
 # -- the kernel under test --------------------------------------------------------------
 
-class BootedKernel:
-    """A real kernel on a temporary home; stop() kills it and what it left, by pid."""
-
-    def __init__(self, root: Path) -> None:
-        self.root = root
-        self.home = Home.resolve(root)
-        env = dict(os.environ, LLMOS_HOME=str(root), PYTHONPATH=str(ROOT))
-        root.mkdir(parents=True, exist_ok=True)
-        self.log = open(root / "boot.log", "wb")
-        self.proc = subprocess.Popen([sys.executable, "-m", "kernel", "--home", str(root)],
-                                     env=env, stdout=self.log, stderr=subprocess.STDOUT,
-                                     start_new_session=True)
-        self.pid = self.proc.pid
-
-    def wait_ready(self, timeout: float = 30.0) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"the kernel exited: {self.boot_log()}")
-            if self.home.secretfile.exists() and self._echo_ready():
-                return
-            time.sleep(0.05)
-        raise RuntimeError(f"the kernel was not ready in {timeout}s: {self.boot_log()}")
-
-    def _echo_ready(self) -> bool:
-        try:
-            with userland.connect(self.root, uid=0, heartbeat=False) as osh:
-                return any(d["name"] == "echo" and d["state"] == "ready"
-                           for d in osh.sysinfo()["drivers"])
-        except userland.SyscallError:
-            return False
-
-    def boot_log(self) -> str:
-        return (self.root / "boot.log").read_text(errors="replace")[-4000:]
-
-    def stop(self) -> None:
-        stop_kernel(self.pid)
-        self.proc.wait()  # ours to reap
-        self.log.close()
-
-
 # -- measurements -------------------------------------------------------------------------
 
 def time_calls(fn: Callable[[], Any], n: int) -> list[int]:
@@ -264,10 +224,9 @@ def measure(n: int, rounds: int, calls: int) -> dict[str, Any]:
         server.start()
         relay.start()
         backend.start()
-        kernel = BootedKernel(tmp / "home")
+        kernel = BenchKernel(root=tmp / "home")
         if not server_ready.wait(30):
             raise RuntimeError("the raw server did not start")
-        kernel.wait_ready()
         log(f"kernel {kernel.pid} up on {kernel.root}; raw server {server.pid}")
         if not relay_ready.wait(30):
             raise RuntimeError("the raw relay did not start")
