@@ -195,8 +195,9 @@ TABLE: tuple[Syscall, ...] = (
             "with all), start time, resources held, exit status; system is true for a "
             "driver's own connection."),
     Syscall(9, "sysinfo", "kernel", returns="dict", idempotent=True,
-            doc="Uptime, processes, drivers (state, restarts), per-syscall counts "
-                "and latency percentiles, dropped messages."),
+            doc="Uptime, processes, drivers (state, restarts, the last restart's "
+                "delay), the kernel's own stalls, per-syscall counts and latency "
+                "percentiles, dropped messages."),
     Syscall(10, "report", "kernel", (
         Arg("info", "dict", max_len=32,
             doc="fields to publish, e.g. {step, loss, tokens_per_s}; merged into the "
@@ -301,6 +302,11 @@ TABLE += (
         Arg("members", "members", default=None, nullable=True, max_len=MAX_MEMBERS,
             doc="w or x: make a group, one safetensors file of named tensors, "
                 "[[name, dtype, shape], ...], instead of one tensor (no dtype, shape)"),
+        Arg("key", "str", default=None, nullable=True, max_len=64,
+            doc="w, x or rw: an idempotency key, recorded in the committed file's header "
+                "and shown by stat, so a caller whose close failed (the driver died "
+                "mid-commit: EIO) can tell whether its write committed; rw without one "
+                "keeps the tensor's key"),
     ), returns="{fd, dtype, shape, size, shm, members: None, or [[name, dtype, shape, "
                "offset], ...] for a group}",
         errors=(
@@ -308,7 +314,8 @@ TABLE += (
                        "mode r or rw; mode w or x without both; members with mode r or "
                        "rw, or with dtype or shape; a member name empty, over 200 "
                        "bytes, repeated or __metadata__, an unknown dtype; a group's "
-                       "member (PATH[name]) with mode w, x or rw"),
+                       "member (PATH[name]) with mode w, x or rw; a key with mode r, or "
+                       "an empty key"),
             ("ENAMETOOLONG", "the path's file on disk (under $LLMOS_HOME/tensors, with .safetensors) would be over PATH_MAX, 4096 bytes"),
             ("ENOENT", "the parent directory does not exist; or mode r or rw and no tensor "
                        "is at path; or PATH[name] and the group at PATH has no member name"),
@@ -321,7 +328,9 @@ TABLE += (
             ("EMFILE", "the caller has tensor_max_open descriptors open already"),
             ("EFBIG", "w, x or rw: the tensor's size is over tensor_max_size"),
             ("EDQUOT", "w, x or rw: the owner's tensors, plus its staged writes, plus this "
-                       "one, less the one it replaces, are over its tensor_quota"),
+                       "one, less the one it replaces, are over its tensor_quota (an owner "
+                       "with a quota: checked once the driver's scan of the store, after "
+                       "it starts, has counted usage; the open waits for it)"),
             ("EIO", "the tensor on disk is damaged: its header is unreadable, or (rw) its "
                     "data fails its checksum"),
         ),
@@ -384,14 +393,18 @@ TABLE += (
                        "write is discarded"),
             ("EINVAL", "committing: a bool tensor or member holds a byte other than 0 "
                        "or 1; the write is discarded"),
+            ("ENOSPC", "committing: the file system holding the store has no room for the "
+                       "file (full, or the driver's disk quota on it used up); the write "
+                       "is discarded, nothing of it is left, the old version is intact"),
         ),
         doc="Close a descriptor. For a write it commits: temporary file, fsync, rename, "
             "fsync of the directory; when it returns, the tensor survives any crash."),
     Syscall(304, "stat", "tensorfs", (_path(),), idempotent=True,
             returns="{path, type (dir, tensor, group or member), owner, mode, ctime, "
-                    "mtime; dtype, shape, size, checksum for a tensor; size, checksum, "
-                    "members [{name, dtype, shape, size}] for a group; group, name, "
-                    "dtype, shape, size and the group's checksum for a member}",
+                    "mtime; dtype, shape, size, checksum, key for a tensor; size, "
+                    "checksum, key, members [{name, dtype, shape, size}] for a group; "
+                    "group, name, dtype, shape, size and the group's checksum and key for "
+                    "a member}",
             errors=(
                 ("EINVAL", "a bad path: not absolute; an empty, '.', '..' or hidden component; a backslash; a name over 200 bytes; deeper than 64"),
                 ("ENAMETOOLONG", "the path's file on disk (under $LLMOS_HOME/tensors, with .safetensors) would be over PATH_MAX, 4096 bytes"),
@@ -462,8 +475,34 @@ TABLE += (
             ("EPERM", "the caller is neither the owner nor uid 0"),
             ("EIO", "the tensor is damaged: its header is unreadable or its data fails "
                     "its checksum"),
+            ("ENOSPC", "a tensor (rewritten whole: the mode is in its header) and the file "
+                       "system holding the store has no room for the copy; the tensor "
+                       "is unchanged"),
         ),
         doc="Set mode bits (owner or uid 0 only)."),
+    Syscall(310, "fsck", "tensorfs", (
+        Arg("path", "str", default="/", max_len=MAX_STR,
+            doc="check the tensors under this directory (or this one tensor); from /, "
+                "all but /lost+found"),
+        Arg("repair", "bool", default=False,
+            doc="move each damaged file into /lost+found (uid 0's, mode 0700), named "
+                "after its path, / as %2F"),
+    ), blocks=True, returns="{checked, damaged: [{path, why}], moved: [{path, to}]}",
+        errors=(
+            ("EPERM", "the caller is not uid 0"),
+            ("EINVAL", "a bad path: not absolute; an empty, '.', '..' or hidden component; "
+                       "a backslash; a name over 200 bytes; deeper than 64; a group's "
+                       "member (PATH[name])"),
+            ("ENAMETOOLONG", "the path's file on disk (under $LLMOS_HOME/tensors, with "
+                             ".safetensors) would be over PATH_MAX, 4096 bytes"),
+            ("ENOENT", "nothing is at path, or its parent directory does not exist"),
+            ("ENOTDIR", "the parent is a tensor"),
+            ("EEXIST", "repair, and a tensor (not a directory) is at /lost+found"),
+        ),
+        doc="Check every tensor and group under path: its header, its size and its "
+            "data's CRC-32 against the header; repair moves each damaged file aside "
+            "into /lost+found, so the namespace stays usable. uid 0 only. Reads every "
+            "byte: the answer comes when all is read."),
 )
 
 MAX_PROMPT = 1 << 20

@@ -56,6 +56,9 @@ BLOCKING: dict[str, str] = {
     "alloc_gpu": "without `wait`, answers at once; with `wait=True`, queues until the "
                  "request is met, `timeout` passes (ETIMEDOUT) or the caller ends",
     "close_tensor": "a commit answers once the data and its directory are fsynced",
+    "fsck": "answers once every tensor under path is read and its checksum verified "
+            "(a background thread of the driver does it: other calls are served "
+            "meanwhile)",
     "spawn_train": "answers once the job is checked and spawned (loading torch the "
                    "first time takes seconds); it does not wait for the job: wait does",
     "infer": "answers when max_tokens are generated (the context slides: a generation "

@@ -343,3 +343,32 @@ def mv(s: Session, a: argparse.Namespace) -> None:
 def chmod(s: Session, a: argparse.Namespace) -> None:
     each(s, a.paths, lambda p: s.osh.chmod(s.resolve(p), a.mode))
 
+
+
+def _fsck_lines(r: dict[str, Any]) -> list[str]:
+    moved = {m["path"]: m["to"] for m in r["moved"]}
+    lines = [f"{d['path']}: {d['why']}" + (f" (moved to {moved[d['path']]})"
+                                          if d["path"] in moved else "")
+             for d in r["damaged"]]
+    return lines + [f"{r['checked']:,} checked, {len(r['damaged'])} damaged, "
+                    f"{len(r['moved'])} moved to /lost+found"]
+
+
+@command("fsck", "tensors", "check every tensor's header and checksum; --repair moves "
+         "damaged ones into /lost+found (uid 0 only: llmos --uid 0 fsck)",
+         arg("path", nargs="?", default="/", metavar="PATH", complete="tensor",
+             help="the directory to check, everything under it (or one tensor)"),
+         arg("--repair", action="store_true",
+             help="move each damaged file into /lost+found, under a name that says "
+                  "where it was, so the namespace stays usable"),
+         syscalls=("fsck",), view=lambda r, s, a: _fsck_lines(r),
+         json_keys="fsck()'s record: {checked, damaged: [{path, why}], moved: [{path, "
+                   "to}]}",
+         details="Reads every byte of every tensor and group under PATH (from /, "
+                 "/lost+found is left out) and says, one line each, which are damaged "
+                 "and why. Exit status 1 when a damaged file is left in place.")
+def fsck(s: Session, a: argparse.Namespace) -> dict[str, Any]:
+    r = s.osh.fsck(s.resolve(a.path), a.repair)
+    if len(r["moved"]) < len(r["damaged"]):
+        s.status = 1
+    return r

@@ -1,15 +1,17 @@
 """Durable writes: every change tensorfs makes to the tree on disk, each one safe
 against a crash at any point.
 
-A commit writes a temporary file (.llmos-tmp-*) in the target's directory, fsyncs
-it, renames it over the target (links it, for mode x) and fsyncs the directory;
-making or removing a directory renames a prepared temporary one. So a crash
-leaves the old version or the new, never a torn file, and recover() (at start)
-removes the temporary files and directories a crash left. Large data goes with
-direct I/O, its checksum computed in a thread meanwhile. The Store also keeps each
-owner's usage, which the quota checks read. It must never write to a tensor's own
-name except by rename or link of a whole, fsynced file, and never import the
-kernel or userland.
+A commit writes a temporary file (.llmos-tmp-<instance tag>-*) in the target's
+directory, fsyncs it, renames it over the target (links it, for mode x) and fsyncs
+the directory; making or removing a directory renames a prepared temporary one.
+So a crash leaves the old version or the new, never a torn file, and the next
+instance's scan (_scan.py) removes the temporary files and directories a crash
+left. A commit the file system has no room for (ENOSPC, EDQUOT) is ENOSPC and
+leaves nothing behind. Large data goes with direct I/O, its checksum computed in
+a thread meanwhile. The Store also keeps each owner's usage, which the quota
+checks read: the scan's counts plus every change since, accounted under the
+scan's lock. It must never write to a tensor's own name except by rename or link
+of a whole, fsynced file, and never import the kernel or userland.
 """
 from __future__ import annotations
 
@@ -31,13 +33,21 @@ import numpy as np
 from syscalls import Errno, SyscallError, format_size
 
 from . import _format
-from ._format import SUFFIX, FormatError, TensorMeta
+from ._format import FormatError, TensorMeta
 from ._paths import DIR_META, ROOT_MODE, TMP_PREFIX, DirMeta, Namespace, file_meta
+from ._scan import Scan, remove_tree
 
 log = logging.getLogger("llmos.tensorfs")
 
 PARALLEL_CRC_BYTES = 1 << 20  # from this size the checksum runs beside the write
 DIRECT_ALIGN = 4096      # direct I/O: buffer, file offset and length in whole pages
+NO_SPACE = {errno.ENOSPC: "the file system holding the store is full",
+            errno.EDQUOT: "the driver's disk quota on the file system holding the store "
+                          "is used up (EDQUOT)"}
+
+
+class UsageNotReady(Exception):
+    """A quota check for an owner with a quota before the scan has counted usage."""
 
 
 def fsync_dir(path: Path) -> None:
@@ -117,25 +127,30 @@ def write_data_and_crc(fd: int, m: TensorMeta, data: memoryview) -> None:
     os.pwrite(fd, final, 0)
 
 
-def write_dir_meta(d: Path, meta: DirMeta) -> None:
-    tmp = d / (TMP_PREFIX + secrets.token_hex(6))
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+def write_file(path: Path, m: TensorMeta, data: memoryview) -> None:
+    """A new file at path holding the tensor, fsynced (m.crc32 set)."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
     try:
-        os.write(fd, json.dumps(meta.__dict__).encode())
+        write_data_and_crc(fd, m, data)
         os.fsync(fd)
     finally:
         os.close(fd)
-    os.replace(tmp, d / DIR_META)
-    fsync_dir(d)
 
 
-def remove_tree(p: Path) -> None:
-    for dirpath, dirnames, filenames in os.walk(p, topdown=False):
-        for name in filenames:
-            os.unlink(os.path.join(dirpath, name))
-        for name in dirnames:
-            os.rmdir(os.path.join(dirpath, name))
-    os.rmdir(p)
+def no_space(e: OSError, call: str, path: str, d: Path, size: int) -> SyscallError | None:
+    """ENOSPC for a write the file system has no room for (full, or the driver's
+    disk quota used up); None for any other error."""
+    why = NO_SPACE.get(e.errno or 0)
+    if why is None:
+        return None
+    try:
+        st = os.statvfs(d)
+        free = f"{format_size(st.f_bavail * st.f_frsize)} free"
+    except OSError:
+        free = "free space unknown"
+    return SyscallError(Errno.ENOSPC, f"{call}: {path}: {why} ({free}; the tensor is "
+                        f"{format_size(size)}): nothing was written, the store is as it "
+                        "was")
 
 
 def check_bools(m: TensorMeta, data: memoryview, path: str) -> None:
@@ -154,14 +169,19 @@ def check_bools(m: TensorMeta, data: memoryview, path: str) -> None:
 
 class Store:
     """The tree's durable changes, and each owner's bytes (for quotas). Replaced
-    large files are unlinked by a thread of its own, off the commit's path (boot
-    removes any a crash left: they carry the temporary prefix)."""
+    large files are unlinked by a thread of its own, off the commit's path (the
+    next instance's scan removes any a crash left: they carry the temporary
+    prefix). Temporary names carry this instance's tag (self.tmp), so the scan,
+    running beside the commits, tells ours from leftovers."""
 
-    def __init__(self, ns: Namespace, max_bytes: int, quota: dict[int, int]) -> None:
+    def __init__(self, ns: Namespace, max_bytes: int, quota: dict[int, int],
+                 tag: str) -> None:
         self.ns = ns
         self.max_bytes = max_bytes
         self.quota = quota
-        self.usage: dict[int, int] = {}
+        self.tmp = f"{TMP_PREFIX}{tag}-"
+        self.scan = Scan(ns.root, self.tmp)
+        self.usage: dict[int, int] = {}   # until the scan is done: changes since it began
         self.commits = 0
         self.reaper: queue.SimpleQueue[Path | None] = queue.SimpleQueue()
         self.reaper_thread = threading.Thread(target=self.reap, name="tensorfs-reaper",
@@ -176,43 +196,39 @@ class Store:
                 log.warning("removing replaced %s: %s", p, e)
 
     def close(self) -> None:
+        self.scan.stop()
         self.reaper.put(None)
         self.reaper_thread.join(5.0)
 
-    def recover(self) -> int:
-        """At start: make the root, remove what crashed writes left, count each
-        owner's bytes. Returns how many leftovers went."""
+    def prepare(self) -> None:
+        """At start, before the scan: the root, with its metadata."""
         root = self.ns.root
         root.mkdir(parents=True, exist_ok=True)
         if not (root / DIR_META).exists():
-            write_dir_meta(root, DirMeta(0, ROOT_MODE, time.time()))
-        leftovers = 0
-        for dirpath, dirnames, filenames in os.walk(root, topdown=True):
-            for name in list(dirnames):
-                if name.startswith(TMP_PREFIX):  # a mkdir or unlink cut short
-                    remove_tree(Path(dirpath) / name)
-                    dirnames.remove(name)
-                    leftovers += 1
-            for name in filenames:
-                p = Path(dirpath) / name
-                if name.startswith(TMP_PREFIX):
-                    p.unlink()
-                    leftovers += 1
-                elif name.endswith(SUFFIX):
-                    try:
-                        meta = file_meta(p)
-                    except (OSError, FormatError) as e:
-                        log.error("%s: %s", p, e)
-                        continue
-                    self.account(meta.owner, meta.nbytes)
-        if leftovers:
-            fsync_dir(root)
-        return leftovers
+            self.write_dir_meta(root, DirMeta(0, ROOT_MODE, time.time()))
+
+    def temp_name(self, d: Path) -> Path:
+        return d / (self.tmp + secrets.token_hex(8))
 
     # -- sizes and quotas ------------------------------------------------------------
 
-    def account(self, owner: int, delta: int) -> None:
-        self.usage[owner] = self.usage.get(owner, 0) + delta
+    def scan_walked(self) -> None:
+        """On the loop thread, once the scan's walk is over: usage is its counts
+        plus the changes accounted since it began."""
+        with self.scan.lock:
+            for owner, n in self.scan.counted.items():
+                self.usage[owner] = self.usage.get(owner, 0) + n
+            self.scan.done = True
+
+    def changed(self, p: Path, old: TensorMeta | None, new: TensorMeta | None) -> None:
+        """Account the change of tensor file p from old to new (None: no file),
+        made holding the scan's lock, unless the scan is yet to read p: it will
+        count what it finds there then."""
+        if self.scan.pending(p):
+            return
+        for meta, sign in ((old, -1), (new, 1)):
+            if meta is not None:
+                self.usage[meta.owner] = self.usage.get(meta.owner, 0) + sign * meta.nbytes
 
     def check_space(self, owner: int, size: int, replaced: int, staged: int,
                     path: str) -> None:
@@ -223,6 +239,8 @@ class Store:
                                f"over the largest tensor allowed, {format_size(self.max_bytes)}"
                                " (tensor_max_size)")
         quota = self.quota.get(owner)
+        if quota is not None and not self.scan.done:
+            raise UsageNotReady(owner)
         used = self.usage.get(owner, 0) - replaced + staged
         if quota is not None and used + size > quota:
             raise SyscallError(Errno.EDQUOT, f"open_tensor: {path}: uid {owner} holds "
@@ -231,14 +249,16 @@ class Store:
 
     # -- tensors -----------------------------------------------------------------------
 
-    def commit(self, path: str, m: TensorMeta, buf: Any, exclusive: bool) -> dict[str, Any]:
+    def commit(self, path: str, m: TensorMeta, buf: Any, exclusive: bool,
+               call: str = "close_tensor") -> dict[str, Any]:
         """Make buf's first m.nbytes the tensor at path: temp file, fsync, rename (or,
-        exclusive, link: EEXIST if another writer got there first), fsync dir."""
+        exclusive, link: EEXIST if another writer got there first), fsync dir. No
+        room on the file system: ENOSPC, and no temporary file is left."""
         parts = self.ns.split(path)
         d = self.ns.parent_dir(parts, path)  # it may have gone behind our back
         target = self.ns.tensor_path(parts)
         if self.ns.dir_path(parts).is_dir():  # made since the open: one name, one thing
-            raise SyscallError(Errno.EISDIR, f"close_tensor: {path} is a directory now; "
+            raise SyscallError(Errno.EISDIR, f"{call}: {path} is a directory now; "
                                "the write is discarded")
         data = memoryview(buf).cast("B")[:m.nbytes]
         check_bools(m, data, path)
@@ -249,30 +269,28 @@ class Store:
                 old = file_meta(target)
             except FormatError:
                 old = None
-        tmp = d / (TMP_PREFIX + secrets.token_hex(8))
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        tmp = self.temp_name(d)
         try:
-            write_data_and_crc(fd, m, data)
-            os.fsync(fd)
-        except BaseException:
-            os.close(fd)
-            os.unlink(tmp)
+            write_file(tmp, m, data)
+            with self.scan.lock:
+                if exclusive:
+                    try:
+                        os.link(tmp, target)  # fails if another writer got there first
+                    except FileExistsError:
+                        raise SyscallError(Errno.EEXIST, f"{call}: {path} was created "
+                                           "by another writer (mode x)") from None
+                else:
+                    self.replace(tmp, target, old)
+                self.changed(target, old, m)
+        except BaseException as e:
+            tmp.unlink(missing_ok=True)
+            full = no_space(e, call, path, d, m.nbytes) if isinstance(e, OSError) else None
+            if full is not None:
+                raise full from None
             raise
-        os.close(fd)
         if exclusive:
-            try:
-                os.link(tmp, target)  # fails if another writer got there first
-            except FileExistsError:
-                raise SyscallError(Errno.EEXIST, f"close_tensor: {path} was created "
-                                   "by another writer (mode x)") from None
-            finally:
-                os.unlink(tmp)
-        else:
-            self.replace(tmp, target, old)
+            os.unlink(tmp)
         fsync_dir(d)
-        if old is not None:
-            self.account(old.owner, -old.nbytes)
-        self.account(m.owner, m.nbytes)
         self.commits += 1
         return {"size": m.nbytes, "checksum": f"crc32:{m.crc32:08x}"}
 
@@ -281,7 +299,7 @@ class Store:
         if old is not None and old.nbytes >= PARALLEL_CRC_BYTES:
             # freeing a large file's blocks takes tens of ms inside the rename;
             # keep a link so the rename is quick and free it after the reply
-            doomed = target.parent / (TMP_PREFIX + secrets.token_hex(8))
+            doomed = self.temp_name(target.parent)
             try:
                 os.link(target, doomed)
             except OSError:
@@ -292,34 +310,47 @@ class Store:
 
     def remove_tensor(self, p: Path, meta: TensorMeta | None) -> None:
         """Unlink the tensor file p (meta: its header; None if unreadable)."""
-        os.unlink(p)
+        with self.scan.lock:
+            os.unlink(p)
+            self.changed(p, meta, None)
         fsync_dir(p.parent)
-        if meta is not None:
-            self.account(meta.owner, -meta.nbytes)
 
-    # -- directories ---------------------------------------------------------------------
-
-    @staticmethod
-    def make_dir(d: Path, name: str, meta: DirMeta) -> None:
-        """Directory d/name with meta, made whole beside it and renamed into place."""
-        tmp = d / (TMP_PREFIX + secrets.token_hex(8))
-        tmp.mkdir()
-        write_dir_meta(tmp, meta)
-        os.rename(tmp, d / name)
-        fsync_dir(d)
-
-    @staticmethod
-    def remove_dir(p: Path) -> None:
-        """Remove the (empty) directory p: renamed aside first, atomically, so a
-        crash after it leaves a leftover recover() removes."""
-        tmp = p.parent / (TMP_PREFIX + secrets.token_hex(8))
-        os.rename(p, tmp)
-        fsync_dir(p.parent)
-        remove_tree(tmp)
-
-    @staticmethod
-    def move(src: Path, dst: Path) -> None:
-        os.rename(src, dst)
+    def move(self, src: Path, dst: Path, meta: TensorMeta | None = None) -> None:
+        """Rename src to dst: a tensor file with its header meta (None if unreadable:
+        uncounted), or a directory (never while the scan runs: _scan.py)."""
+        with self.scan.lock:
+            os.rename(src, dst)
+            self.changed(src, meta, None)
+            self.changed(dst, None, meta)
         fsync_dir(dst.parent)
         if dst.parent != src.parent:
             fsync_dir(src.parent)
+
+    # -- directories ---------------------------------------------------------------------
+
+    def write_dir_meta(self, d: Path, meta: DirMeta) -> None:
+        tmp = self.temp_name(d)
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        try:
+            os.write(fd, json.dumps(meta.__dict__).encode())
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, d / DIR_META)
+        fsync_dir(d)
+
+    def make_dir(self, d: Path, name: str, meta: DirMeta) -> None:
+        """Directory d/name with meta, made whole beside it and renamed into place."""
+        tmp = self.temp_name(d)
+        tmp.mkdir()
+        self.write_dir_meta(tmp, meta)
+        os.rename(tmp, d / name)
+        fsync_dir(d)
+
+    def remove_dir(self, p: Path) -> None:
+        """Remove the (empty) directory p: renamed aside first, atomically, so a
+        crash after it leaves a leftover the next instance's scan removes."""
+        tmp = self.temp_name(p.parent)
+        os.rename(p, tmp)
+        fsync_dir(p.parent)
+        remove_tree(tmp)

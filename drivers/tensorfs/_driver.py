@@ -2,12 +2,16 @@
 
 Handlers check arguments and permissions, then call the parts that do the work:
 _paths (lookup, stat records), _regions (members, slices), _commit (every change
-on disk), _cache (verified data), _staging (segments lent to processes). A
+on disk), _cache (verified data), _staging (segments lent to processes), _fsck. A
 descriptor is a 96-bit random token bound to the pid that opened it; a write's
 data is staged in it until close_tensor commits it, and the staged write belongs
 to its path's directory from the open on: that directory cannot be removed
-(ENOTEMPTY) and a rename of it carries the write along. It must never import the
-kernel or userland.
+(ENOTEMPTY) and a rename of it carries the write along.
+
+The driver is ready at once; the scan of the store (_scan.py) runs after, in a
+thread. Until it is done the calls that need what it counts wait for it, in the
+order they came (DEFERRED): an open for writing of a tensor whose owner has a
+quota, and a directory's rename. It must never import the kernel or userland.
 """
 from __future__ import annotations
 
@@ -17,24 +21,24 @@ import secrets
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 
-from drivers import DriverLoop, Request, Service
+from drivers import DEFERRED, DriverLoop, Request, Service
 from syscalls import Errno, SyscallError, format_size
 
 from . import _format, _shm
 from ._cache import Cache, FileKey, Loaded, file_key
-from ._commit import DIRECT_ALIGN, Store, write_dir_meta
+from ._commit import DIRECT_ALIGN, Store, UsageNotReady
 from ._format import DTYPES, FormatError, TensorMeta
-from ._paths import DirMeta, Namespace, file_meta, need, read_dir_meta, refused
+from ._namespace import NamespaceCalls
+from ._paths import Namespace, need, read_dir_meta, refused
 from ._regions import member_specs, region, slices
-from ._staging import Segments
+from ._staging import SHM_GRACE_S, Segments
 
 log = logging.getLogger("llmos.tensorfs")
-
-WRITE_MODES = ("w", "x", "rw")
+WAKE_S = 0.05   # while the scan runs: the loop wakes this often to run what it posts
 
 
 @dataclass
@@ -56,25 +60,61 @@ class Open:
     member: str | None = None
 
 
-class TensorFS(Service):
+class TensorFS(NamespaceCalls, Service):
     name = "tensorfs"
     serves = ("open_tensor", "read_tensor", "write_tensor", "close_tensor", "stat",
-              "listdir", "mkdir", "unlink", "rename", "chmod")
+              "listdir", "mkdir", "unlink", "rename", "chmod", "fsck")
 
     def __init__(self, loop: DriverLoop) -> None:
         super().__init__(loop)
         cfg = self.config
+        # this instance's name for what it makes (temporary files, segments): the
+        # scan and the sweeps tell its own from what earlier instances left
+        tag = _shm.instance_tag(os.environ.get("LLMOS_DRIVER_ID") or secrets.token_hex(8))
         self.ns = Namespace(self.home.root / "tensors")
-        self.pfx = _shm.prefix(self.home.root)
-        self.store = Store(self.ns, cfg.tensor_max_size, dict(cfg.tensor_quota))
+        self.home_pfx = _shm.prefix(self.home.root)
+        self.pfx = f"{self.home_pfx}{tag}-"
+        self.store = Store(self.ns, cfg.tensor_max_size, dict(cfg.tensor_quota), tag)
         self.cache = Cache(self.pfx, cfg.tensor_cache)
         self.segments = Segments(self.pfx, cfg.tensor_shm_threshold)
         self.max_open = cfg.tensor_max_open
         self.fds: dict[str, Open] = {}
-        swept = _shm.sweep_all(self.pfx)
-        leftovers = self.store.recover()
-        log.info("tensorfs on %s: removed %d crash leftover(s), %d stale segment(s); "
-                 "usage %s", self.ns.root, leftovers, swept, self.store.usage)
+        self.after_scan: list[tuple[Request, Callable[..., Any], dict[str, Any]]] = []
+        swept, self.foreign = _shm.sweep_all(self.home_pfx, self.pfx, SHM_GRACE_S)
+        self.store.prepare()
+        log.info("tensorfs %s on %s: removed %d segment(s) of earlier instances "
+                 "(%d too recent, for later); scanning the store",
+                 tag, self.ns.root, swept, self.foreign)
+        self.store.scan.start(lambda: self.loop.post(self.scan_walked))
+        self.loop.call_later(WAKE_S, self.wake)
+
+    # -- calls that wait for the scan ------------------------------------------------
+
+    def wake(self) -> None:
+        """The loop sleeps until a message, a timer or its heartbeat: while the
+        scan runs, this timer has it look at what the scan posted soon."""
+        if not self.store.scan.done:
+            self.loop.call_later(WAKE_S, self.wake)
+
+    def scan_walked(self) -> None:
+        """The scan is over: usage is known; answer the calls that waited, in order."""
+        self.store.scan_walked()
+        log.info("usage %s; %d call(s) waited for the scan", self.store.usage,
+                 len(self.after_scan))
+        waiting, self.after_scan = self.after_scan, []
+        for req, handler, args in waiting:  # answered as the loop answers a handler
+            try:
+                req.reply(handler(req, **args))
+            except SyscallError as e:
+                req.fail(e.errno, e.message)
+            except Exception as e:
+                log.exception("%s failed", req.name)
+                req.fail(Errno.EIO, f"tensorfs driver: {type(e).__name__}: {e}")
+
+    def wait_for_scan(self, req: Request, handler: Callable[..., Any],
+                      args: dict[str, Any]) -> object:
+        self.after_scan.append((req, handler, args))
+        return DEFERRED
 
     # -- descriptors -------------------------------------------------------------------
 
@@ -85,14 +125,19 @@ class TensorFS(Service):
                                "of this process")
         return o
 
-    def writes_under(self, path: str) -> list[Open]:
-        """The staged writes (open in w, x or rw) inside directory path."""
-        return [o for o in self.fds.values()
-                if o.mode in WRITE_MODES and o.path.startswith(path + "/")]
-
     def open_tensor(self, req: Request, path: str, mode: str, dtype: str | None,
                     shape: list[int] | None, perm: int, shm: bool, whole: bool = False,
-                    members: list[list[Any]] | None = None) -> dict[str, Any]:
+                    members: list[list[Any]] | None = None,
+                    key: str | None = None) -> Any:
+        try:
+            return self.open_now(req, path, mode, dtype, shape, perm, shm, whole,
+                                 members, key)
+        except UsageNotReady:  # its owner has a quota: answered once usage is known
+            return self.wait_for_scan(req, self.open_tensor, req.args)
+
+    def open_now(self, req: Request, path: str, mode: str, dtype: str | None,
+                 shape: list[int] | None, perm: int, shm: bool, whole: bool,
+                 members: list[list[Any]] | None, key: str | None) -> dict[str, Any]:
         member = self.ns.member_of(path)
         if member is not None and mode != "r":
             raise refused("open_tensor", path, member, "written", " (open the group in "
@@ -115,6 +160,9 @@ class TensorFS(Service):
         if mode in ("r", "rw") and (dtype is not None or shape is not None):
             raise SyscallError(Errno.EINVAL, "open_tensor: dtype and shape are for "
                                "modes w and x")
+        if key is not None and (mode == "r" or not key):
+            why = "a key is for modes w, x and rw" if key else "an empty key"
+            raise SyscallError(Errno.EINVAL, f"open_tensor: {why}")
         os_fd, old = -1, None
         if exists:
             os_fd = os.open(target, os.O_RDONLY | os.O_NOFOLLOW)
@@ -134,6 +182,8 @@ class TensorFS(Service):
                 o.key = file_key(o.os_fd)
             else:
                 meta = self.written_meta(req, path, mode, dtype, shape, perm, specs, old, d)
+                if key is not None or mode != "rw":  # rw without a key keeps the old one
+                    meta.key = key
                 self.store.check_space(meta.owner, meta.nbytes, old.nbytes if old and
                                        old.owner == meta.owner else 0,
                                        self.staged_bytes(meta.owner), path)
@@ -172,7 +222,7 @@ class TensorFS(Service):
         if mode == "rw":
             need(req.uid, old.owner, old.mode, 6, f"open_tensor {path}")
             return TensorMeta(old.dtype, old.shape, old.owner, old.mode, old.ctime,
-                              now, 0, members=old.members)
+                              now, 0, members=old.members, key=old.key)
         if specs is not None:  # a group: its data is its members' bytes, back to back
             dtype, shape = "uint8", [0]
         if dtype is None or shape is None:
@@ -278,104 +328,6 @@ class TensorFS(Service):
                 _shm.release(o.seg, o.buf)
         o.buf = None
 
-    # -- the namespace ---------------------------------------------------------------------
-
-    def stat(self, req: Request, path: str) -> dict[str, Any]:
-        member = self.ns.member_of(path)
-        if member is not None:
-            return self.ns.describe_member(path, member)
-        kind, p = self.ns.lookup(self.ns.split(path), path)
-        return self.ns.describe(path, kind, p)
-
-    def listdir(self, req: Request, path: str) -> list[dict[str, Any]]:
-        self.ns.not_a_member("listdir", path, "listed", " (it is a tensor)")
-        kind, d = self.ns.lookup(self.ns.split(path), path)
-        if kind != "dir":
-            raise SyscallError(Errno.ENOTDIR, f"listdir: {path} is a tensor")
-        dm = read_dir_meta(d)
-        need(req.uid, dm.owner, dm.mode, 4, f"listdir {path}")
-        return self.ns.entries(d, path)
-
-    def mkdir(self, req: Request, path: str, perm: int) -> None:
-        self.ns.not_a_member("mkdir", path, "made")
-        parts = self.ns.split(path)
-        d = self.ns.parent_dir(parts, path)
-        if self.ns.taken(parts):
-            raise SyscallError(Errno.EEXIST, f"mkdir: {path} exists")
-        dm = read_dir_meta(d)
-        need(req.uid, dm.owner, dm.mode, 2, f"mkdir {path}")
-        self.store.make_dir(d, parts[-1], DirMeta(req.uid, perm, time.time()))
-
-    def unlink(self, req: Request, path: str) -> None:
-        self.ns.not_a_member("unlink", path, "removed", " (write the group again "
-                             "without it)")
-        parts = self.ns.split(path)
-        if not parts:
-            raise SyscallError(Errno.EINVAL, "unlink: not the root")
-        kind, p = self.ns.lookup(parts, path)
-        if kind == "tensor":
-            try:
-                meta: TensorMeta | None = file_meta(p)
-            except FormatError:
-                meta = None  # a damaged tensor can go all the same
-            self.ns.may_remove(req.uid, p.parent, meta.owner if meta else 0, path)
-            self.store.remove_tensor(p, meta)
-            return
-        self.ns.may_remove(req.uid, p.parent, read_dir_meta(p).owner, path)
-        if any(not e.name.startswith(".") for e in os.scandir(p)):
-            raise SyscallError(Errno.ENOTEMPTY, f"unlink: directory {path} is not empty")
-        pending = self.writes_under(path)
-        if pending:
-            raise SyscallError(Errno.ENOTEMPTY, f"unlink: directory {path} has a write "
-                               f"in progress: {pending[0].path}, by pid {pending[0].pid}")
-        self.store.remove_dir(p)
-
-    def rename(self, req: Request, src: str, dst: str) -> None:
-        for path in (src, dst):
-            self.ns.not_a_member("rename", path, "renamed or moved")
-        sp, dp = self.ns.split(src), self.ns.split(dst)
-        if not sp or not dp:
-            raise SyscallError(Errno.EINVAL, "rename: not the root")
-        kind, p = self.ns.lookup(sp, src)
-        dd = self.ns.parent_dir(dp, dst)
-        if kind == "dir" and dp[:len(sp)] == sp:
-            raise SyscallError(Errno.EINVAL, f"rename: {dst} is inside {src}")
-        if self.ns.taken(dp):
-            raise SyscallError(Errno.EEXIST, f"rename: {dst} exists")
-        owner = read_dir_meta(p).owner if kind == "dir" else file_meta(p).owner
-        self.ns.may_remove(req.uid, p.parent, owner, src)
-        ddm = read_dir_meta(dd)
-        need(req.uid, ddm.owner, ddm.mode, 2, f"rename to {dst}")
-        if kind == "tensor":
-            self.store.move(p, self.ns.tensor_path(dp))
-            return
-        self.store.move(p, self.ns.dir_path(dp))
-        for o in self.writes_under(src):  # a staged write is in its directory already
-            o.path = dst + o.path[len(src):]
-
-    def chmod(self, req: Request, path: str, perm: int) -> None:
-        self.ns.not_a_member("chmod", path, "given a mode", " (chmod the group)")
-        kind, p = self.ns.lookup(self.ns.split(path), path)
-        if kind == "dir":
-            dm = read_dir_meta(p)
-            if req.uid not in (0, dm.owner):
-                raise SyscallError(Errno.EPERM, f"chmod: {path} belongs to uid {dm.owner}")
-            dm.mode = perm
-            write_dir_meta(p, dm)
-            return
-        meta = file_meta(p)
-        if req.uid not in (0, meta.owner):
-            raise SyscallError(Errno.EPERM, f"chmod: {path} belongs to uid {meta.owner}")
-        # the mode is in the header: rewrite the file, atomically, keeping the data
-        fd = os.open(p, os.O_RDONLY | os.O_NOFOLLOW)
-        try:
-            src = self.cache.load(fd, meta, file_key(fd), path)
-        finally:
-            os.close(fd)
-        self.store.commit(path, TensorMeta(meta.dtype, meta.shape, meta.owner, perm,
-                                           meta.ctime, meta.mtime, 0, members=meta.members),
-                          src.buf, exclusive=False)
-
     # -- process exit, the sweep, the status summary ------------------------------------
 
     def on_exit(self, pid: int) -> None:
@@ -383,6 +335,9 @@ class TensorFS(Service):
         for o in mine:
             self.drop(o, keep_spare=False)  # uncommitted writes are discarded
         self.segments.end(pid)
+        for w in [w for w in self.after_scan if w[0].pid == pid]:
+            self.after_scan.remove(w)
+            w[0].fail(Errno.ECANCELED, f"process {pid} ended")
         if mine:
             log.info("pid %d ended: closed %d descriptor(s)", pid, len(mine))
 
@@ -393,10 +348,13 @@ class TensorFS(Service):
 
     def status(self) -> dict[str, Any]:
         self.segments.sweep()  # the heartbeat's period is the sweep's
+        if self.foreign:  # an earlier instance's recent segments, spared at start
+            self.foreign = _shm.sweep_all(self.home_pfx, self.pfx, SHM_GRACE_S)[1]
         return {"open": len(self.fds), "cache": self.cache.summary(),
                 "commits": self.store.commits,
                 "checksum_errors": self.cache.checksum_errors,
-                "segments_lent": self.segments.lent()}
+                "segments_lent": self.segments.lent(),
+                "scan": {**self.store.scan.summary(), "waiting": len(self.after_scan)}}
 
     def shutdown(self) -> None:
         self.store.close()
@@ -404,4 +362,4 @@ class TensorFS(Service):
             self.drop(o, keep_spare=False)
         self.segments.close()
         self.cache.clear()
-        _shm.sweep_all(self.pfx)
+        _shm.sweep_all(self.pfx)  # this instance's own segments, never another's

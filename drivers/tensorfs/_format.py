@@ -4,8 +4,9 @@ A tensor /a/b is LLMOS_HOME/tensors/a/b.safetensors: the 8-byte little-endian
 header length, the JSON header, then the raw data, exactly as the safetensors
 library writes it, so safetensors.safe_open reads it directly. The tensor is
 stored under the key "tensor"; llmos's own metadata (owner, mode, times,
-checksum) lives in the header's "__metadata__" map of strings, which the
-safetensors library carries but ignores. Nothing here touches sockets.
+checksum, the idempotency key of the write that made it) lives in the header's
+"__metadata__" map of strings, which the safetensors library carries but
+ignores. Nothing here touches sockets.
 """
 from __future__ import annotations
 
@@ -64,6 +65,7 @@ class TensorMeta:
     crc32: int
     data_offset: int = 0  # where the data starts in the file
     members: list[Member] | None = None
+    key: str | None = None  # the idempotency key the write that made it gave (open_tensor)
 
     @property
     def nbytes(self) -> int:
@@ -108,6 +110,8 @@ def header(meta: TensorMeta, align: int = 8) -> bytes:
                             # what torch-based loaders (transformers) look for; the
                             # data is plain little-endian either way
                             "format": "pt"}}
+    if meta.key is not None:
+        doc["__metadata__"]["llmos.key"] = meta.key
     if meta.members is None:
         doc[KEY] = {"dtype": DTYPES[meta.dtype][0], "shape": list(meta.shape),
                     "data_offsets": [0, meta.nbytes]}
@@ -135,14 +139,17 @@ def read_meta(fd: int) -> TensorMeta:
         md = doc.pop("__metadata__")
         owner, mode = int(md["llmos.owner"]), int(md["llmos.mode"], 8)
         times, crc = (float(md["llmos.ctime"]), float(md["llmos.mtime"])), int(md["llmos.crc32"])
+        key = md.get("llmos.key")
+        if key is not None and not isinstance(key, str):
+            raise FormatError("llmos.key is not a string")
         if md.get("llmos.group") == "1":
             members = read_members(doc)
             meta = group_meta(members, owner, mode, *times)
-            meta.crc32, meta.data_offset = crc, 8 + n
+            meta.crc32, meta.data_offset, meta.key = crc, 8 + n, key
             return meta
         t = doc[KEY]
         meta = TensorMeta(BY_ST_NAME[t["dtype"]], [int(x) for x in t["shape"]],
-                          owner, mode, *times, crc, 8 + n)
+                          owner, mode, *times, crc, 8 + n, key=key)
         if list(t["data_offsets"]) != [0, meta.nbytes]:
             raise FormatError("data offsets do not match dtype and shape")
     except (KeyError, TypeError, ValueError, UnicodeDecodeError, AttributeError) as e:

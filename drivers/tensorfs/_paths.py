@@ -198,7 +198,7 @@ class Namespace:
         t = self.tensor_meta(p, path)
         out = {"path": path, "type": "tensor", "owner": t.owner, "mode": t.mode,
                "ctime": t.ctime, "mtime": t.mtime, "dtype": t.dtype, "shape": t.shape,
-               "size": t.nbytes, "checksum": f"crc32:{t.crc32:08x}"}
+               "size": t.nbytes, "checksum": f"crc32:{t.crc32:08x}", "key": t.key}
         if t.members is not None:
             del out["dtype"], out["shape"]
             out["type"] = "group"
@@ -208,7 +208,7 @@ class Namespace:
 
     def describe_member(self, path: str, m: MemberPath) -> dict[str, Any]:
         """A member's record: its dtype, shape and size; the group's owner, mode,
-        times and checksum (it has none of its own)."""
+        times, checksum and key (it has none of its own)."""
         g = self.tensor_meta(self.tensor_path(m.parts), m.group)
         member = g.member(m.name)
         if member is None:
@@ -217,7 +217,7 @@ class Namespace:
         return {"path": path, "type": "member", "group": m.group, "name": m.name,
                 "owner": g.owner, "mode": g.mode, "ctime": g.ctime, "mtime": g.mtime,
                 "dtype": member.dtype, "shape": member.shape, "size": member.nbytes,
-                "checksum": f"crc32:{g.crc32:08x}"}
+                "checksum": f"crc32:{g.crc32:08x}", "key": g.key}
 
     @staticmethod
     def tensor_meta(p: Path, path: str) -> TensorMeta:

@@ -44,7 +44,7 @@ class SyscallMethods:
         return self._call(8, {'all': all})
 
     def sysinfo(self) -> Any:
-        'Uptime, processes, drivers (state, restarts), per-syscall counts and latency percentiles, dropped messages.'
+        "Uptime, processes, drivers (state, restarts, the last restart's delay), the kernel's own stalls, per-syscall counts and latency percentiles, dropped messages."
         return self._call(9, {})
 
     def report(self, info: dict[str, Any], pid: int | None = None) -> Any:
@@ -75,9 +75,9 @@ class SyscallMethods:
         'Every GPU with its capacity, allocated and free bytes and the allocations on it (pid, uid, bytes), the CPUs and memory, and the queue.'
         return self._call(202, {})
 
-    def open_tensor(self, path: str, mode: str, dtype: str | None = None, shape: list[int] | None = None, perm: int = 420, shm: bool = False, whole: bool = False, members: list[list[Any]] | None = None) -> Any:
+    def open_tensor(self, path: str, mode: str, dtype: str | None = None, shape: list[int] | None = None, perm: int = 420, shm: bool = False, whole: bool = False, members: list[list[Any]] | None = None, key: str | None = None) -> Any:
         "Open a tensor. Writes are staged and become visible, durably, at close_tensor; the descriptor is this process's only. PATH[name] opens member name of the group at PATH (mode r only): the reply and read_tensor without member are that member's."
-        return self._call(300, {'path': path, 'mode': mode, 'dtype': dtype, 'shape': shape, 'perm': perm, 'shm': shm, 'whole': whole, 'members': members})
+        return self._call(300, {'path': path, 'mode': mode, 'dtype': dtype, 'shape': shape, 'perm': perm, 'shm': shm, 'whole': whole, 'members': members, 'key': key})
 
     def read_tensor(self, fd: str, slice: list[list[int]] | None = None, shm: bool = False, member: str | None = None) -> Any:
         'Read a tensor, or a slice of it, in C order. Checksums are verified.'
@@ -114,6 +114,10 @@ class SyscallMethods:
     def chmod(self, path: str, perm: int) -> Any:
         'Set mode bits (owner or uid 0 only).'
         return self._call(309, {'path': path, 'perm': perm})
+
+    def fsck(self, path: str = '/', repair: bool = False) -> Any:
+        "Check every tensor and group under path: its header, its size and its data's CRC-32 against the header; repair moves each damaged file aside into /lost+found, so the namespace stays usable. uid 0 only. Reads every byte: the answer comes when all is read."
+        return self._call(310, {'path': path, 'repair': repair})
 
     def spawn_train(self, config: dict[str, Any], alloc_id: str | None = None) -> Any:
         'Start a data-parallel training job as a child process of the caller. The config is checked, and its memory estimate against the allocation (ENOMEM), before anything starts; wait returns its final loss. SIGTERM stops it at the next step with a checkpoint of that step (status 143).'

@@ -598,3 +598,38 @@ def test_tensorfs_machine(system: Booted, root: userland.Llmos) -> None:
 @pytest.mark.timeout(900)
 def test_tensorfs_machine_long(system: Booted, root: userland.Llmos) -> None:
     _run(system, root, LONG)
+
+
+def test_fsck_is_uid_0s_and_checks_its_path(system: Booted, root: userland.Llmos) -> None:
+    """fsck's errors: EPERM for anyone but uid 0, the path's as stat's (a member:
+    EINVAL), and EEXIST for a repair where a tensor holds /lost+found's name; a
+    store of sound tensors checks clean."""
+    with system.connect(uid=1000) as osh:
+        expect(Errno.EPERM, osh.fsck)
+        d = f"/fsck{osh.pid}"
+        osh.mkdir(d)
+        osh.save_tensor(f"{d}/t", np.ones(3, np.int8))
+        osh.save_tensors(f"{d}/g", {"a": np.zeros(2, np.int64), "b": np.ones(1, np.int8)})
+    assert root.fsck(d) == {"checked": 2, "damaged": [], "moved": []}
+    expect(Errno.EINVAL, root.fsck, f"{d}/g[a]")
+    expect(Errno.ENOENT, root.fsck, f"{d}/missing")
+    expect(Errno.ENOTDIR, root.fsck, f"{d}/t/x")
+    long = "".join("/" + "a" * 200 for _ in range(20))
+    expect(Errno.ENAMETOOLONG, root.fsck, long + "/" + "b" * (4095 - len(long)))
+    root.save_tensor("/lost+found", np.zeros(1, np.int8))
+    try:
+        expect(Errno.EEXIST, root.fsck, d, repair=True)
+    finally:
+        root.unlink("/lost+found")
+    _remove(root, d)
+
+
+def test_a_full_disk_is_enospc() -> None:
+    """A commit (close_tensor), or a chmod's rewrite of a tensor, that the file
+    system has no room for: ENOSPC (tests/test_tensorfs_faults.py: what is left)."""
+    from test_tensorfs_faults import free_bytes, tmpfs_home
+    with tmpfs_home("4m", {"drivers": ["tensorfs"]}) as k, k.connect(uid=0) as osh:
+        osh.save_tensor("/a", np.zeros(1 << 20, np.uint8))
+        expect(Errno.ENOSPC, osh.save_tensor, "/b", np.zeros(free_bytes(k) + 4096, np.uint8))
+        osh.save_tensor("/fill", np.zeros(free_bytes(k) - (512 << 10), np.uint8))
+        expect(Errno.ENOSPC, osh.chmod, "/a", 0o600)
