@@ -20,8 +20,11 @@ too), on_cancel(request id) when a caller gave up on a call, shutdown() last.
 Slow work goes to loop.background(work, done, req): work() runs in the driver's
 one background thread, done(result) back on the loop's thread (the only one
 that sends), and a SyscallError from either answers req.
-The loop exits when the kernel says stop, or when the kernel is gone (its pid
-changed or its heartbeats stopped), so a driver never outlives its kernel.
+The loop exits when the kernel says stop; a driver dies with its kernel (the
+kernel starts it with PR_SET_PDEATHSIG), and as a fallback the loop exits when its
+parent is no longer the kernel. A kernel that is silent but alive (stopped,
+swapped out) is waited for: silence alone never ends a driver. A driver whose
+start is slow calls loop.progress() now and then, so the kernel sees it alive.
 It must never import the kernel or userland.
 """
 from __future__ import annotations
@@ -152,7 +155,6 @@ class DriverLoop:
         self.home = home or Home.resolve(os.environ.get("LLMOS_HOME"))
         self.config = config or self.home.config()
         self.hb_s = self.config.driver_heartbeat_s
-        self.dead_after_s = self.hb_s * self.config.driver_liveness
         self.kernel_pid = int(os.environ.get("LLMOS_KERNEL_PID", "0"))
         self.ident = os.environ.get("LLMOS_DRIVER_ID", f"{service}.0").encode()
         self.token = os.environ.get("LLMOS_DRIVER_TOKEN", "")
@@ -164,6 +166,17 @@ class DriverLoop:
         self.sock.setsockopt(zmq.LINGER, 0)
         self.sock.setsockopt(zmq.IDENTITY, self.ident)
         self.sock.setsockopt(zmq.SNDHWM, 10000)
+        self.sock.connect(self.home.driver_endpoint)
+        self._next_progress = 0.0
+
+    def progress(self) -> None:
+        """While the service starts (before run): tell the kernel this driver is
+        alive and getting on, at most once a heartbeat period, so a slow start is
+        not taken for a hung one."""
+        now = time.monotonic()
+        if now >= self._next_progress:
+            self._next_progress = now + self.hb_s
+            self.send(wire.driver_heartbeat({"starting": True}))
 
     def attach(self, service: Service) -> None:
         """Serve service's handlers, and call its hooks."""
@@ -235,18 +248,17 @@ class DriverLoop:
             log.warning("the kernel is not reading; dropped a message")
 
     def run(self) -> None:
-        self.sock.connect(self.home.driver_endpoint)
         self.send(wire.ready([self.service], self.token, os.getpid()))
         log.info("driver %s (%s) serving %s", self.service, self.ident.decode(),
                  sorted(self.handlers))
-        last_heard = next_hb = time.monotonic()
+        next_hb = time.monotonic()
         while self.running:
             now = time.monotonic()
             if now >= next_hb:
                 # a heartbeat carries the driver's status summary, shown by sysinfo
                 self.send(wire.driver_heartbeat(self.hooks.status() if self.hooks else None))
                 next_hb = now + self.hb_s
-                if now - last_heard > self.dead_after_s or self._kernel_gone():
+                if self._kernel_gone():
                     log.warning("the kernel is gone; driver %s exits", self.service)
                     break
             self._run_timers(now)
@@ -263,7 +275,6 @@ class DriverLoop:
                 frames = self.sock.recv_multipart()
             except zmq.Again:
                 continue
-            last_heard = time.monotonic()
             self._on_message(frames)
         self.close()
 

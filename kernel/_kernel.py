@@ -43,6 +43,7 @@ log = logging.getLogger("llmos.kernel")
 
 TICK_S = 0.05
 OS_CHECK_S = 0.25
+STALL_S = 1.0  # a tick this late means the kernel itself did not run (stopped, swapped)
 SIGNALS = {"TERM": signal.SIGTERM, "KILL": signal.SIGKILL, "INT": signal.SIGINT}
 MAX_INFO = 2048  # bytes of report() info a process keeps (keys and values)
 PID_BLOCK = 1024  # pids reserved in kernel.state at a time: a crash skips, never reuses
@@ -75,6 +76,8 @@ class Kernel:
         self.waiters: list[Waiter] = []
         self.running = True
         self._next_os_check = 0.0
+        self._last_tick = time.monotonic()
+        self.stalls, self.longest_stall = 0, 0.0  # times the kernel itself did not run
         # libzmq names peers that set no routing id 0x00 + a counter that starts at
         # rand(), and aborts when that name is already a peer's chosen id: an unseeded
         # rand() made the names predictable, so a client could crash the kernel by
@@ -157,6 +160,10 @@ class Kernel:
                     self.stats.drop("internal_error")
 
     def tick(self, now: float) -> None:
+        lag = now - self._last_tick - TICK_S
+        self._last_tick = now
+        if lag > STALL_S:
+            self._stalled(lag)
         for pid, rc in self.spawner.reap():
             proc = self.table.get(pid)
             if proc is not None and proc.state == "running":
@@ -404,6 +411,7 @@ class Kernel:
                           "zombie": sum(p.state == "zombie" for p in procs)},
             "drivers": self.supervisor.describe(),
             "waiting": len(self.waiters),
+            "stalls": {"count": self.stalls, "longest_s": round(self.longest_stall, 3)},
             **self.stats.snapshot(),
         }
 
@@ -422,6 +430,20 @@ class Kernel:
         self.supervisor.notify_exit(proc.pid)
         if parent is not None and proc.pid in self.table.procs:
             self._wake_waiters(parent, proc)
+
+    def _stalled(self, lag: float) -> None:
+        """The kernel did not run for lag seconds (SIGSTOP, Ctrl-Z, swapping, a paused
+        VM): the heartbeats that were sent meanwhile wait unread in its socket, so
+        every liveness deadline moves by lag before any is judged. A stall of the
+        kernel is never blamed on the processes and drivers it could not hear."""
+        log.warning("the kernel did not run for %.1f s; liveness deadlines moved by as "
+                    "much", lag)
+        self.stalls += 1
+        self.longest_stall = max(self.longest_stall, lag)
+        for proc in self.table.live():
+            if proc.hb_deadline is not None:
+                proc.hb_deadline += lag
+        self.supervisor.stalled(lag)
 
     def _check_heartbeats(self, now: float) -> None:
         for proc in self.table.live():

@@ -93,7 +93,7 @@ class Spawner:
             with open(logfile, "wb") as out:
                 return subprocess.Popen(exe, cwd=cwd, env=env, stdin=subprocess.DEVNULL,
                                         stdout=out, stderr=subprocess.STDOUT,
-                                        start_new_session=True, preexec_fn=_die_with_kernel)
+                                        start_new_session=True, preexec_fn=die_with_kernel)
         except (FileNotFoundError, NotADirectoryError) as e:
             raise SyscallError(Errno.ENOENT, f"spawn: {e.strerror}: {e.filename}") from None
         except PermissionError as e:
@@ -136,7 +136,7 @@ class Spawner:
         _wait_all(popens, 2.0)
 
 
-def _die_with_kernel() -> None:
+def die_with_kernel() -> None:
     """In a spawned child, before exec: SIGKILL me if the kernel dies, so a kernel
     that is itself SIGKILLed leaves no process behind (a reboot ends processes)."""
     if _PRCTL is not None:

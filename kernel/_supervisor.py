@@ -4,10 +4,16 @@ Each driver is an OS process the kernel starts (`python -m drivers.<name>`) and
 watches. A driver instance has an epoch and an unguessable routing id
 `<name>.<epoch>.<random>`, given to it at start; messages from any other id (an
 older instance) are dropped and counted (stale_driver). A driver that exits
-or misses `driver_liveness` heartbeats is killed and restarted after an
-exponential backoff; its calls in flight are retried once when the syscall is
+or misses `driver_liveness` heartbeats is killed and restarted: at once when it
+had been ready for STABLE_S, after an exponential backoff when it dies starting
+(a crash loop); its calls in flight are retried once when the syscall is
 idempotent and answered EIO otherwise. Calls for a driver that is not ready wait in
-its backlog for up to `driver_wait_s`, then get EIO.
+its backlog for up to `driver_wait_s`, then get EIO. A driver dies with its kernel
+(PR_SET_PDEATHSIG), whatever it is doing, so none outlives it. A starting driver
+may take as long as it needs while it shows progress (heartbeats before its
+ready); one silent for READY_TIMEOUT_S is killed. After a stall of the kernel
+itself (stopped, swapped out, a paused VM) every deadline moves by the stall, so
+a kernel that did not run never blames its drivers for not being heard.
 
 It is given what it needs (the outbox to send on, the process table, the
 configuration, the statistics and the Spawner) and never imports the kernel: a
@@ -30,13 +36,16 @@ from syscalls import Config, Errno, Home, SyscallError, WireError, decode, encod
 
 from ._call import Call, Outbox
 from ._proctable import Process, ProcessTable
-from ._spawn import Spawner
+from ._spawn import Spawner, die_with_kernel
 
 log = logging.getLogger("llmos.supervisor")
 
 BACKOFF_FIRST_S = 0.1
 BACKOFF_MAX_S = 5.0
-STABLE_S = 10.0       # a driver up this long has its backoff reset
+# A driver that dies before it is ready, or within STABLE_S of it, is in a crash
+# loop: its restarts back off. One that served longer was killed or failed at
+# work: it restarts at once (BACKOFF_FIRST_S), whatever came before.
+STABLE_S = 1.0
 READY_TIMEOUT_S = 15.0
 
 
@@ -62,10 +71,12 @@ class Driver:
     ident: bytes = b""
     token: str = ""
     started_at: float = 0.0
+    ready_at: float | None = None     # when this instance became ready
     last_seen: float = 0.0
     restarts: int = 0
     backoff: float = BACKOFF_FIRST_S
     restart_at: float = 0.0
+    restart_delay: float | None = None  # how long the last restart waited
     inflight: dict[int, Routed] = field(default_factory=dict)
     backlog: deque[Routed] = field(default_factory=deque)
     last_exit: str = ""
@@ -113,10 +124,11 @@ class Supervisor:
         with open(logfile, "ab") as out:
             d.popen = subprocess.Popen([sys.executable, "-m", f"drivers.{d.name}"], env=env,
                                        stdin=subprocess.DEVNULL, stdout=out,
-                                       stderr=subprocess.STDOUT)
+                                       stderr=subprocess.STDOUT, preexec_fn=die_with_kernel)
         self.by_ident[d.ident] = d
         d.state = "starting"
         d.started_at = d.last_seen = time.monotonic()
+        d.ready_at = None
         log.info("driver %s epoch %d started (os pid %d)", d.name, d.epoch, d.popen.pid)
 
     def _died(self, d: Driver, why: str) -> None:
@@ -129,9 +141,10 @@ class Supervisor:
         self.by_ident.pop(d.ident, None)
         d.state = "down"
         now = time.monotonic()
-        if now - d.started_at > STABLE_S:
+        if d.ready_at is not None and now - d.ready_at > STABLE_S:
             d.backoff = BACKOFF_FIRST_S
         d.restart_at = now + d.backoff
+        d.restart_delay = d.backoff
         d.backoff = min(BACKOFF_MAX_S, d.backoff * 2)
         d.restarts += 1
         for r in d.inflight.values():
@@ -253,6 +266,7 @@ class Supervisor:
             self.stats.drop("driver_bad_ready")
             return
         d.state = "ready"
+        d.ready_at = time.monotonic()
         log.info("driver %s epoch %d is ready", d.name, d.epoch)
         self._send(d, wire.welcome([p.pid for p in self.table.live()]))
         while d.backlog and d.state == "ready":
@@ -368,13 +382,26 @@ class Supervisor:
             rc = d.popen.poll() if d.popen is not None else None
             if rc is not None:
                 self._died(d, f"exited with status {rc}")
-            elif d.state == "starting" and now - d.started_at > READY_TIMEOUT_S:
-                self._died(d, "never became ready")
+            elif d.state == "starting" and now - d.last_seen > READY_TIMEOUT_S:
+                self._died(d, f"never became ready (silent for {READY_TIMEOUT_S:g} s)")
             elif d.state == "ready" and now - d.last_seen > self.dead_after_s:
                 self._died(d, "missed its heartbeats")
             elif send_hb and d.state == "ready":
                 self._send(d, wire.driver_heartbeat())
             self._expire_backlog(d, now)
+
+    def stalled(self, lag: float) -> None:
+        """The kernel did not run for lag seconds: nobody could be heard meanwhile,
+        so every deadline that counts from a driver's last word, or from when a
+        call was queued, moves by lag."""
+        for d in self.drivers.values():
+            d.last_seen += lag
+            d.started_at += lag
+            if d.ready_at is not None:
+                d.ready_at += lag
+            d.restart_at += lag
+            for r in d.backlog:
+                r.queued_at += lag
 
     def _expire_backlog(self, d: Driver, now: float) -> None:
         while d.backlog and now - d.backlog[0].queued_at > self.wait_s:
@@ -392,6 +419,7 @@ class Supervisor:
                  "restarts": d.restarts, "uptime_s": round(now - d.started_at, 3)
                  if d.state == "ready" else None, "inflight": len(d.inflight),
                  "backlog": len(d.backlog), "last_exit": d.last_exit,
+                 "restart_delay_s": d.restart_delay,
                  "info": d.info if d.state == "ready" else {}}
                 for d in self.drivers.values()]
 

@@ -35,8 +35,10 @@ CONFIG = {"drivers": ["tensorfs"], "tensor_shm_threshold": "64KiB",
 
 
 def shm_segments(b: Booted, kind: str = "") -> list[str]:
+    """The home's segments (of every driver instance), of one kind ("x", "c")."""
     from drivers.tensorfs import shm_prefix
-    return glob.glob(f"/dev/shm/{shm_prefix(b.root)}{kind}*")
+    return glob.glob(f"/dev/shm/{shm_prefix(b.root)}*-{kind}-*" if kind
+                     else f"/dev/shm/{shm_prefix(b.root)}*")
 
 
 @pytest.fixture(scope="module")
@@ -394,6 +396,50 @@ def test_exclusive_create_and_discard(kernel):
         osh.unlink("/ex")
 
 
+def test_a_commit_records_its_idempotency_key(kernel):
+    """A write opened with a key records it in the committed file's header, and
+    stat shows it (None without one), so a caller whose close failed can tell
+    whether its write committed. w and x set it; rw replaces it when given one and
+    keeps it otherwise; chmod and rename keep it."""
+    from safetensors import safe_open
+
+    def commit(path: str, mode: str, key: str | None = None, **kw) -> None:
+        fd = osh.open_tensor(path, mode, key=key, **kw)["fd"]
+        osh.write_tensor(fd, np.arange(4, dtype=np.int32).tobytes(), [[0, 4]])
+        osh.close_tensor(fd)
+
+    with kernel.connect() as osh:
+        commit("/key", "w", "save-1", dtype="int32", shape=[4])
+        assert osh.stat("/key")["key"] == "save-1"
+        with safe_open(str(kernel.root / "tensors" / "key.safetensors"), "np") as f:
+            assert f.metadata()["llmos.key"] == "save-1"
+        commit("/key", "rw")
+        assert osh.stat("/key")["key"] == "save-1"
+        commit("/key", "rw", "save-2")
+        assert osh.stat("/key")["key"] == "save-2"
+        osh.chmod("/key", 0o600)
+        osh.rename("/key", "/key2")
+        assert osh.stat("/key2")["key"] == "save-2"
+        commit("/key2", "w", dtype="int32", shape=[4])
+        assert osh.stat("/key2")["key"] is None
+        osh.save_tensor("/key2", np.ones(2, np.int8))  # the library's: one per save
+        first = osh.stat("/key2")["key"]
+        osh.save_tensor("/key2", np.ones(2, np.int8))
+        assert len(first) == 32 and osh.stat("/key2")["key"] not in (first, None)
+        commit("/key2", "w", dtype="int32", shape=[4])
+        fd = osh.open_tensor("/keyg", "x", members=[["a", "int8", [2]]], key="k" * 64)["fd"]
+        osh.close_tensor(fd)
+        assert osh.stat("/keyg")["key"] == osh.stat("/keyg[a]")["key"] == "k" * 64
+        assert {e["name"]: e["key"] for e in osh.listdir("/") if e["name"].startswith(
+            "key")} == {"key2": None, "keyg": "k" * 64}
+        assert errno_of(osh.open_tensor, "/key2", "r", key="k") == Errno.EINVAL
+        assert errno_of(osh.open_tensor, "/key2", "w", "int8", [1], key="") == Errno.EINVAL
+        assert errno_of(osh.open_tensor, "/key2", "w", "int8", [1], key="k" * 65) \
+            == Errno.EINVAL
+        osh.unlink("/key2")
+        osh.unlink("/keyg")
+
+
 def test_namespace_operations(kernel):
     with kernel.connect() as osh:
         osh.mkdir("/ns")
@@ -479,7 +525,8 @@ def test_a_member_path_names_a_groups_member(kernel):
                       "group": "/mp/model", "name": "ln_f.bias", "dtype": "float32",
                       "shape": [4], "size": 16, "owner": group["owner"],
                       "mode": group["mode"], "ctime": group["ctime"],
-                      "mtime": group["mtime"], "checksum": group["checksum"]}
+                      "mtime": group["mtime"], "checksum": group["checksum"],
+                      "key": group["key"]}
         for name, t in state.items():
             assert torch.equal(osh.load_tensor(f"/mp/model[{name}]"), t), name
         assert torch.equal(osh.load_tensor("/mp/model[wte]", [[5, 9]]), state["wte"][5:9])
@@ -731,12 +778,12 @@ def test_sigkill_mid_transfer_leaks_nothing(fresh):
         line = child.stdout.readline().split()
         assert line and line[0] == "ready", line
         assert os.path.exists(line[1]) and os.path.exists(line[2])
-        assert shm_segments(fresh, "x-")
+        assert shm_segments(fresh, "x")
     finally:
         child.send_signal(signal.SIGKILL)
         child.wait()
         child.stdout.close()
-    assert wait_until(lambda: not shm_segments(fresh, "x-"), 5), shm_segments(fresh, "x-")
+    assert wait_until(lambda: not shm_segments(fresh, "x"), 5), shm_segments(fresh, "x")
     with fresh.connect() as osh:
         assert errno_of(osh.stat, "/dying") == Errno.ENOENT  # discarded, never visible
         assert wait_until(lambda: tensor_info(fresh)["info"]["open"] == 0, 5)
@@ -749,16 +796,20 @@ def test_driver_start_removes_crash_leftovers(fresh):
         osh.mkdir("/d")
         osh.save_tensor("/d/t", np.ones(3, np.int16))
     (tdir / "d" / ".llmos-tmp-deadbeef").write_bytes(b"torn")
+    (tdir / "d" / ".llmos-tmp-0123abcd-4567").write_bytes(b"an earlier instance's")
     (tdir / ".llmos-tmp-dir").mkdir()
     (tdir / ".llmos-tmp-dir" / "x").write_bytes(b"")
     from drivers.tensorfs import shm_prefix
     stray = f"/dev/shm/{shm_prefix(fresh.root)}x-stray"
     open(stray, "wb").close()
+    long_ago = time.time() - 60  # a recent one is spared a while: a reply may name it
+    os.utime(stray, (long_ago, long_ago))
     old = fresh.driver_pid("tensorfs")
     os.kill(old, signal.SIGKILL)
     assert wait_until(lambda: restarted(fresh, old), 15)
-    assert not list(tdir.rglob(".llmos-tmp-*"))
-    assert not os.path.exists(stray)
+    assert not os.path.exists(stray)  # swept before the driver is ready
+    # the scan, after the driver is ready
+    assert wait_until(lambda: not list(tdir.rglob(".llmos-tmp-*")), 10)
     with fresh.connect() as osh:
         assert osh.load_tensor("/d/t").tolist() == [1, 1, 1]
 
@@ -811,7 +862,7 @@ def run_fault(b: Booted, kills: int, seed: int) -> None:
             assert (got == got[0]).all(), f"{path} is torn"
             assert v <= int(got[0]) <= attempted[path], (path, v, int(got[0]))
             assert got.size in (10, 70_000)
-    assert not list((b.root / "tensors").rglob(".llmos-tmp-*"))
+    assert wait_until(lambda: not list((b.root / "tensors").rglob(".llmos-tmp-*")), 10)
 
 
 def test_driver_sigkilled_during_writes(fresh):

@@ -7,7 +7,6 @@ by a SIGKILLed kernel is never mistaken for one. It must never import the kernel
 """
 from __future__ import annotations
 
-import fcntl
 import os
 import sys
 import threading
@@ -17,6 +16,7 @@ from typing import IO, Any
 
 from syscalls import Home, SyscallError
 from syscalls.client import alive, connect, stop_kernel
+from syscalls.client import lock_held as client_lock_held
 
 from ._base import CliError, call_timeout
 
@@ -39,30 +39,18 @@ def running_kernel(home: Home) -> int | None:
     return pid if lock_held(home, unknown=True) else None
 
 
-def require_running(home: Home) -> int:
-    pid = running_kernel(home)
-    if pid is None:
+def require_running(home: Home) -> None:
+    """CliError unless a kernel runs on home, or is starting there (connect() waits
+    for one that is)."""
+    if running_kernel(home) is None and not lock_held(home):
         raise CliError(f"llmos is not running on {home.root} (start it with: llmos start)")
-    return pid
 
 
 def lock_held(home: Home, unknown: bool = False) -> bool:
     """Some kernel holds home's lock (it takes it before it writes its pidfile);
     unknown when the lock file cannot be opened for another reason than its absence
     (another user's home)."""
-    try:
-        fd = os.open(home.lockfile, os.O_RDONLY)
-    except FileNotFoundError:
-        return False
-    except OSError:
-        return unknown
-    try:
-        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-    except BlockingIOError:
-        return True
-    finally:
-        os.close(fd)  # also drops the shared lock if we got it
-    return False
+    return client_lock_held(home.lockfile, unknown)
 
 
 def kernel_argv(home: Home, verbose: bool = False, sim_gpus: str | None = None) -> list[str]:

@@ -30,7 +30,7 @@ from syscalls import (BY_NAME, MAX_HEADER, Errno, Home, SyscallError, check_args
                       encode, send_frames, wire)
 
 from ._gpu import gpu_env
-from ._proc import alive
+from ._proc import alive, lock_held
 from ._stubs import SyscallMethods
 from ._tensors import TensorMethods
 
@@ -48,13 +48,14 @@ class Llmos(TensorMethods, SyscallMethods):
 
     def __init__(self, home: str | os.PathLike | None = None, uid: int | None = None,
                  heartbeat: bool = True, timeout: float | None = None,
-                 argv: list[str] | None = None) -> None:
+                 argv: list[str] | None = None, wait: float = 5.0) -> None:
         self.home = Home.resolve(home)
         self.timeout = timeout
-        self.kernel_pid = self.home.kernel_pid()
-        if self.kernel_pid is None:
-            raise SyscallError(Errno.ENOENT, f"llmos is not running on {self.home.root} "
-                               "(start it with: llmos start)")
+        try:
+            self.home.kernel_endpoint  # a home too deep for its socket holds no kernel
+        except ValueError as e:
+            raise SyscallError(Errno.ENAMETOOLONG, str(e)) from None
+        self.kernel_pid = _serving_kernel(self.home, wait)
         self.ctx = zmq.Context.instance()
         self._seq = itertools.count(1)
         # one call at a time on the socket (a DEALER is not thread-safe, and replies
@@ -314,6 +315,24 @@ class Llmos(TensorMethods, SyscallMethods):
                f"on {self.home.root}>"
 
 
+def _serving_kernel(home: Home, wait: float) -> int:
+    """The pid of the kernel serving home, once it does: a kernel that is starting
+    (it holds the home's lock but has not yet written its pid and secret) is waited
+    for, up to wait seconds (then EAGAIN); none at all is ENOENT at once."""
+    deadline = time.monotonic() + wait
+    while True:
+        pid = home.kernel_pid()
+        if pid is not None and home.secretfile.exists():
+            return pid
+        if not lock_held(home.lockfile):
+            raise SyscallError(Errno.ENOENT, f"llmos is not running on {home.root} "
+                               "(start it with: llmos start)")
+        if time.monotonic() >= deadline:
+            raise SyscallError(Errno.EAGAIN, f"llmos is starting on {home.root} and not "
+                               f"ready after {wait:g} s; try again")
+        time.sleep(0.05)
+
+
 def signal_name(sig: str | int) -> str:
     """The name the kernel takes ("TERM") for "TERM", "SIGTERM", "term",
     signal.SIGTERM or 15; EINVAL for a signal llmos does not send."""
@@ -362,7 +381,7 @@ def _unsendable(number: int, args: dict, e: Exception) -> SyscallError:
 
 def connect(home: str | os.PathLike | None = None, uid: int | None = None,
             heartbeat: bool = True, timeout: float | None = None,
-            argv: list[str] | None = None) -> Llmos:
+            argv: list[str] | None = None, wait: float = 5.0) -> Llmos:
     """Attach this Python process to llmos and return its handle.
 
     home defaults to $LLMOS_HOME, then ~/.llmos. uid (with the home's secret, which
@@ -370,6 +389,9 @@ def connect(home: str | os.PathLike | None = None, uid: int | None = None,
     configured default_uid. timeout bounds how long each call waits for its reply
     (ETIMEDOUT); by default a call waits as long as the kernel lives. A handle may be
     shared by threads: they take turns. argv is what ps shows when this process
-    attaches from the host (default: this interpreter's command line).
+    attaches from the host (default: this interpreter's command line). A kernel
+    that is starting is waited for, up to wait seconds (EAGAIN after); none running
+    is ENOENT at once, and one that restarted since a handle attached is
+    ConnectionLost (ECONNRESET) on that handle's calls.
     """
-    return Llmos(home, uid, heartbeat, timeout, argv)
+    return Llmos(home, uid, heartbeat, timeout, argv, wait)

@@ -47,6 +47,26 @@ def wait_gone(procs: list[Any], timeout: float) -> bool:
     return True
 
 
+def lock_held(lockfile: Any, unknown: bool = False) -> bool:
+    """Some kernel holds this home's lock (run/kernel.lock: it takes it first thing
+    and holds it for its whole life); unknown when the file cannot be opened for
+    another reason than its absence (another user's home)."""
+    import fcntl
+    try:
+        fd = os.open(lockfile, os.O_RDONLY)
+    except FileNotFoundError:
+        return False
+    except OSError:
+        return unknown
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)  # also drops the shared lock if we got it
+    return False
+
+
 def alive(pid: int) -> bool:
     """pid names a process that has not ended (a zombie has). Reads /proc (psutil
     costs an import of tens of ms that every llmos command would pay)."""

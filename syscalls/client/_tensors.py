@@ -13,9 +13,11 @@ but put, get and cat) does not pay for it.
 """
 from __future__ import annotations
 
+import contextlib
 import os
+import secrets
 import sys
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any, Callable, Iterator
 
 from syscalls import Errno, SyscallError
 
@@ -208,9 +210,9 @@ class TensorMethods:
         write and fsync) starts, the one step that reports nothing while it runs;
         "done": it returned, the tensor is durable. done == total in the last two."""
         name, shape, arr = as_raw(tensor, dtype)
-        info = self.open_tensor(path, "x" if exclusive else "w", name, shape,  # type: ignore[attr-defined]
-                                perm, True, True)
-        return self._fill_and_commit(info, [(0, arr.reshape(-1).view("u1"))], progress)
+        return self._save(path, exclusive, progress,
+                          dict(dtype=name, shape=shape, perm=perm),
+                          lambda info: [(0, arr.reshape(-1).view("u1"))])
 
     def save_tensors(self, path: str, tensors: dict[str, Any], perm: int = 0o644,
                      exclusive: bool = False, progress: Progress | None = None,
@@ -222,11 +224,33 @@ class TensorMethods:
         raws = {name: as_raw(t, dtype if floating(t) else None)
                 for name, t in tensors.items()}
         members = [[name, dtype, shape] for name, (dtype, shape, _) in raws.items()]
-        info = self.open_tensor(path, "x" if exclusive else "w", None, None,  # type: ignore[attr-defined]
-                                perm, True, True, members)
-        return self._fill_and_commit(info, [
-            (offset, raws[name][2].reshape(-1).view("u1"))
-            for name, _, _, offset in info["members"]], progress)
+        return self._save(path, exclusive, progress, dict(members=members, perm=perm),
+                          lambda info: [(offset, raws[name][2].reshape(-1).view("u1"))
+                                        for name, _, _, offset in info["members"]])
+
+    def _save(self, path: str, exclusive: bool, progress: Progress | None,
+              how: dict[str, Any],
+              pieces: Callable[[dict[str, Any]], list[tuple[int, Any]]]) -> dict[str, Any]:
+        """One save, exactly once across a tensorfs crash: open_tensor(path, w or x,
+        **how) under an idempotency key, staged through shared memory, then the
+        pieces (byte offset, flat uint8 array) of open's reply filled in. If the
+        driver dies under the save (EIO; or EBADF: a new instance that never saw
+        the descriptor), the key, which the commit writes into the file's header,
+        tells whether the commit happened: if stat shows it, the save is done;
+        if not, the whole save runs once more."""
+        key = secrets.token_hex(16)
+        for attempt in range(2):
+            try:
+                info = self.open_tensor(path, "x" if exclusive else "w",  # type: ignore[attr-defined]
+                                        shm=True, whole=True, key=key, **how)
+                return self._fill_and_commit(info, pieces(info), progress)
+            except SyscallError as e:
+                if e.errno not in (Errno.EIO, Errno.EBADF) or attempt:
+                    raise
+                done = self._committed(path, key)
+                if done is not None:
+                    return done
+        raise AssertionError("unreachable")
 
     def _fill_and_commit(self, info: dict[str, Any], pieces: list[tuple[int, Any]],
                          progress: Progress | None) -> dict[str, Any]:
@@ -256,26 +280,34 @@ class TensorMethods:
                     progress(size, size, "write")
                 progress(size, size, "commit")
         except BaseException:
-            self.close_tensor(fd, True)  # type: ignore[attr-defined]
+            try:  # discard; if the driver is gone, so is the staged write
+                self.close_tensor(fd, True)  # type: ignore[attr-defined]
+            except SyscallError:
+                pass
             raise
         r = self.close_tensor(fd)  # type: ignore[attr-defined]
         if progress is not None:
             progress(size, size, "done")
         return r
 
+    def _committed(self, path: str, key: str) -> dict[str, Any] | None:
+        """{size, checksum} as close_tensor gives them if the tensor at path is the
+        one committed under key; None if it is not (or there is none)."""
+        try:
+            st = self.stat(path)  # type: ignore[attr-defined]
+        except SyscallError as e:
+            if e.errno in (Errno.ENOENT, Errno.EISDIR, Errno.ENOTDIR):
+                return None
+            raise
+        if st.get("key") != key:
+            return None
+        return {"size": st["size"], "checksum": st["checksum"]}
+
     def load_tensors(self, path: str) -> dict[str, Any]:
         """A group's tensors, {name: tensor} in file order. One read of the group's
         data (a mapping of the driver's cache when large: no copy) and a view per
         member; the views share it, and writing to one never touches the file."""
-        info = self.open_tensor(path, "r")  # type: ignore[attr-defined]
-        try:
-            if info["members"] is None:
-                raise SyscallError(Errno.EINVAL, f"load_tensors: {path} is one tensor, "
-                                   "not a group: use load_tensor")
-            r = self.read_tensor(info["fd"], None, True)  # type: ignore[attr-defined]
-        finally:
-            self.close_tensor(info["fd"])  # type: ignore[attr-defined]
-        buf, _ = self._received(r)
+        info, _, buf, _ = self._read(path, None, None, "load_tensors", True)
         view = memoryview(buf).cast("B") if len(buf) else memoryview(bytearray())
         out = {}
         for name, dtype, shape, offset in info["members"]:
@@ -322,25 +354,62 @@ class TensorMethods:
         """As load_tensor, but always a numpy array (without importing torch); a
         bfloat16 tensor comes as float32, exactly (bfloat16 is float32's top half)."""
         np = _np()
-        r = self._read_whole(path, slice, member, "load_array")
-        buf, _ = self._received(r)
+        r, buf, _ = self._read_whole(path, slice, member, "load_array")
         if r["dtype"] == "bfloat16":
             bits = np.frombuffer(buf, dtype="<u2").astype(np.uint32) << 16
             return bits.view(np.float32).reshape(r["shape"])
         return from_raw(buf, r["dtype"], r["shape"], torch_ok=False)
 
     def _read_whole(self, path: str, slice: list[list[int]] | None, member: str | None,
-                    call: str) -> dict[str, Any]:
-        """One read_tensor of path (or its member), through shared memory when large."""
-        info = self.open_tensor(path, "r")  # type: ignore[attr-defined]
+                    call: str) -> tuple[dict[str, Any], Any, int]:
+        """One read_tensor of path (or its member), through shared memory when large:
+        the reply, its bytes and their size."""
+        return self._read(path, slice, member, call, False)[1:]
+
+    def _read(self, path: str, slice: list[list[int]] | None, member: str | None,
+              call: str, group: bool) -> tuple[dict[str, Any], dict[str, Any], Any, int]:
+        """Open path, read it whole (a group, or one tensor or member) and close it:
+        (open's reply, read's reply, the bytes, mapped before the close, and their
+        size). A read has no effect: if tensorfs dies under it (EIO; or EBADF, a
+        new instance that never saw the descriptor), it is done once more."""
+        for attempt in range(2):
+            try:
+                info = self.open_tensor(path, "r")  # type: ignore[attr-defined]
+                with self._reading(info["fd"]):
+                    if group and info["members"] is None:
+                        raise SyscallError(Errno.EINVAL, f"{call}: {path} is one tensor, "
+                                           "not a group: use load_tensor")
+                    if not group and info["members"] is not None and member is None:
+                        raise SyscallError(Errno.EINVAL, f"{call}: {path} is a group of "
+                                           f"{len(info['members'])} tensors: name a "
+                                           f"member ({path}[NAME]), or use load_tensors")
+                    r = self.read_tensor(info["fd"], slice, True, member)  # type: ignore[attr-defined]
+                    buf, size = self._received(r)
+                return info, r, buf, size
+            except SyscallError as e:
+                if e.errno not in (Errno.EIO, Errno.EBADF) or attempt:
+                    raise
+        raise AssertionError("unreachable")
+
+    @contextlib.contextmanager
+    def _reading(self, fd: str) -> Iterator[None]:
+        """Close read descriptor fd after the block. Once the data is here (mapped),
+        a close that fails because tensorfs restarted meanwhile (its new instance
+        knows no descriptor of ours: EBADF; or it died again: EIO) costs nothing:
+        a read has nothing to commit."""
         try:
-            if info["members"] is not None and member is None:
-                raise SyscallError(Errno.EINVAL, f"{call}: {path} is a group of "
-                                   f"{len(info['members'])} tensors: name a member "
-                                   f"({path}[NAME]), or use load_tensors")
-            return self.read_tensor(info["fd"], slice, True, member)  # type: ignore[attr-defined]
-        finally:
-            self.close_tensor(info["fd"])  # type: ignore[attr-defined]
+            yield
+        except BaseException:
+            try:
+                self.close_tensor(fd)  # type: ignore[attr-defined]
+            except SyscallError:
+                pass
+            raise
+        try:
+            self.close_tensor(fd)  # type: ignore[attr-defined]
+        except SyscallError as e:
+            if e.errno not in (Errno.EBADF, Errno.EIO):
+                raise
 
     def load_tensor(self, path: str, slice: list[list[int]] | None = None,
                     progress: Progress | None = None, member: str | None = None) -> Any:
@@ -351,8 +420,7 @@ class TensorMethods:
         here. A shared-memory read maps the driver's segment, no copy, so there is
         nothing to report along the way: the bytes move when the pages are first
         touched (a caller writing the tensor to a file reports that copy)."""
-        r = self._read_whole(path, slice, member, "load_tensor")
-        buf, size = self._received(r)
+        r, buf, size = self._read_whole(path, slice, member, "load_tensor")
         t = from_raw(buf, r["dtype"], r["shape"])
         if progress is not None:
             progress(size, size, "done")
