@@ -9,7 +9,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: install demo test explore bench gen clean
+.PHONY: install demo test explore bench chaos gen clean
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -31,8 +31,12 @@ explore: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python bench/syscall_latency.py
+	$(BIN)/python bench/tensorfs_bench.py
 	$(BIN)/python bench/executor_bench.py
 	$(BIN)/python bench/startup.py
+
+chaos: $(STAMP)
+	$(BIN)/python bench/chaos.py
 
 gen: $(STAMP)
 	$(BIN)/python -m syscalls.gen
