@@ -19,7 +19,8 @@ from syscalls import format_size
 
 from . import _views
 from ._cmd_procs import exit_status, program, wait_forwarding
-from ._command import Session, UsageError, arg, command, each, seconds, shows, sized
+from ._argtypes import seconds, sized
+from ._command import Session, UsageError, arg, command, each, shows
 from ._kernelctl import LogTail
 
 ALLOC_JSON = "{id, devices, bytes_each, count, exclusive, simulated, capacity}"

@@ -17,7 +17,8 @@ from syscalls import Errno, SyscallError, parse_sim_spec
 
 from . import _kernelctl as kctl
 from . import _views
-from ._command import CliError, Session, arg, command, count_arg, seconds, shows
+from ._argtypes import count_arg, seconds
+from ._command import CliError, Session, arg, command, shows
 
 NOT_RUNNING = 3  # status's exit status when no kernel runs (as systemctl's)
 

@@ -17,7 +17,8 @@ from syscalls import BY_NAME, Errno, SyscallError
 from . import _views
 from ._cmd_devices import alloc_id
 from ._cmd_procs import exit_status
-from ._command import Session, arg, command, key_values, shows, sized
+from ._argtypes import key_values, sized
+from ._command import Session, arg, command, shows
 from .corpus import read_corpus
 
 INFER = BY_NAME["infer"].by_name

@@ -11,7 +11,8 @@ from syscalls import Errno, SyscallError
 from syscalls.client import SIGNAL_NAMES, signal_name
 
 from . import _views
-from ._command import Session, UsageError, arg, command, each, key_values, seconds
+from ._argtypes import key_values, seconds
+from ._command import Session, UsageError, arg, command, each
 from ._kernelctl import LogTail
 
 PS_JSON = ("[{pid, ppid, uid, argv, state, start_time, end_time, os_pid, attached, "

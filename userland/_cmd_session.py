@@ -7,8 +7,9 @@ from typing import Any
 
 from syscalls import BY_NAME, Errno, SyscallError
 
+from ._argtypes import key_values
 from ._command import (ALIASES, FAMILIES, ExitShell, Session, UsageError, arg, command,
-                       commands, key_values, lookup, names, plain, unknown)
+                       commands, lookup, names, plain, unknown)
 
 
 @command("help", "session", "list the commands, or show how to use one",

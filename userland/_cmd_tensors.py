@@ -15,7 +15,8 @@ from syscalls import Errno, SyscallError
 from syscalls.client import DTYPES
 
 from . import _files, _views
-from ._command import Session, arg, command, count_arg, each
+from ._argtypes import count_arg
+from ._command import Session, arg, command, each
 
 FIRST_VALUES = 8
 STAT_JSON = ("stat()'s record: {path, type (dir, tensor, group, member), owner, mode, "

@@ -26,8 +26,9 @@ import posixpath
 import sys
 from typing import Any, Callable, Iterator
 
-from syscalls import Errno, Home, SyscallError
+from syscalls import Home, SyscallError
 
+from ._argtypes import home_arg, uid_arg
 from ._base import CliError, ExitShell, UsageError, call_timeout, os_error
 from ._kernelctl import require_running
 
@@ -259,34 +260,6 @@ def unknown(name: str, shell: bool) -> str:
     return f"{name}: unknown command{hint}"
 
 
-def uid_arg(text: str) -> int:
-    """An argparse type: a uid, 0 to 2**31 - 1."""
-    try:
-        uid = int(text)
-    except ValueError:
-        uid = -1
-    if not 0 <= uid < 2**31:
-        raise argparse.ArgumentTypeError(f"a uid from 0 to {2**31 - 1}, not {text!r}")
-    return uid
-
-
-def count_arg(text: str) -> int:
-    """An argparse type: a count, 0 or more."""
-    try:
-        n = int(text)
-    except ValueError:
-        n = -1
-    if n < 0:
-        raise argparse.ArgumentTypeError(f"a count of 0 or more, not {text!r}")
-    return n
-
-
-def home_arg(text: str) -> str:
-    if not text:
-        raise argparse.ArgumentTypeError("wants a path, not an empty string")
-    return text
-
-
 # -- where a command runs --------------------------------------------------------------
 
 class Session:
@@ -477,45 +450,6 @@ def each(session: Session, items: list[Any], fn: Callable[[Any], None]) -> None:
         except SyscallError as e:
             session.error(f"{e.errno.name}: {e.message}")
             session.status = 1
-
-
-def sized(value: str) -> int:
-    """An argparse type: bytes from "2GiB", "512MiB" or "4096"."""
-    from syscalls import parse_size
-    try:
-        return parse_size(int(value) if value.isdigit() else value)
-    except ValueError as e:
-        raise argparse.ArgumentTypeError(str(e)) from None
-
-
-def seconds(text: str) -> float:
-    """An argparse type: seconds >= 0."""
-    try:
-        value = float(text)
-    except ValueError:
-        value = float("nan")
-    if not value >= 0:  # NaN too
-        raise argparse.ArgumentTypeError(f"wants seconds >= 0, not {text!r}")
-    return value
-
-
-def key_values(items: list[str], what: str = "settings") -> dict[str, str]:
-    """KEY=VALUE words as a dict; UsageError for a word without '='."""
-    out = {}
-    for item in items:
-        key, sep, value = item.partition("=")
-        if not sep or not key:
-            raise UsageError(f"{what} are KEY=VALUE, not {item!r}")
-        out[key] = value
-    return out
-
-
-def errno_of(e: OSError) -> Errno:
-    """The llmos errno of a local OS error (EIO for one llmos has no name for)."""
-    try:
-        return Errno(e.errno)
-    except ValueError:
-        return Errno.EIO
 
 
 __all__ = ["Arg", "CliError", "Command", "ExitShell", "Session", "UsageError", "arg",

@@ -24,7 +24,8 @@ from typing import Sequence
 from syscalls import ABI_VERSION, Home
 
 from ._base import CliError
-from ._command import FAMILIES, Session, commands, home_arg, lookup, run, uid_arg, unknown
+from ._argtypes import home_arg, uid_arg
+from ._command import FAMILIES, Session, commands, lookup, run, unknown
 
 USAGE = "usage: llmos [--home PATH] [--uid N] [--version] COMMAND [ARGS...]"
 
