@@ -30,6 +30,7 @@ from syscalls import (BY_NAME, MAX_HEADER, Errno, Home, SyscallError, check_args
                       encode, send_frames, wire)
 
 from ._gpu import gpu_env
+from ._hf import ModelMethods
 from ._proc import alive, lock_held
 from ._stubs import SyscallMethods
 from ._tensors import TensorMethods
@@ -38,7 +39,7 @@ _POLL_MS = 1000
 SIGNAL_NAMES = ("TERM", "KILL", "INT")  # the signals the kernel sends (the table's)
 
 
-class Llmos(TensorMethods, SyscallMethods):
+class Llmos(ModelMethods, TensorMethods, SyscallMethods):
     """A handle on llmos, with one method per syscall (see docs/syscalls.md).
 
     Use it as a context manager: leaving the block ends the process (status 0, or 1
