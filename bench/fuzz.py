@@ -1136,6 +1136,10 @@ def edge_values(arg: Arg, g: Gen) -> list[Any]:
         out += [[], [[1, 2, 3]], [["a", "uint8"]], [["a", "uint8", [-1]]],
                 [["a", "uint8", [1] * 40]], [["a", "float32", [2**61, 2**61]]],
                 [["x" * 300, "uint8", [1]]], [["a", "uint8", [1]]] * 2, [None]]
+    if arg.type == "messages":
+        out += [[], [{"role": "user"}], [{"role": "robot", "content": "x"}],
+                [{"role": "user", "content": 1}], [{"role": "user", "content": "x", "n": 1}],
+                [{"role": "user", "content": "x"}] * (min(arg.max_len or 8, 5000) + 1)]
     if arg.type == "str":
         out += ["a\x00b", "\udcff".encode("utf-8", "surrogatepass").decode("utf-8", "replace")]
     return out

@@ -43,6 +43,9 @@ def _fail(call: Syscall, arg: Arg, why: str) -> SyscallError:
     return SyscallError(Errno.EINVAL, f"{call.name}: argument {arg.name!r} {why}")
 
 
+ROLES = ("system", "user", "assistant", "tool")  # of a chat's messages
+
+
 def _check_one(call: Syscall, arg: Arg, value: Any) -> Any:
     if value is None:
         if arg.nullable:
@@ -106,6 +109,16 @@ def _check_one(call: Syscall, arg: Arg, value: Any) -> Any:
                 or any(type(v) is not int or not 0 <= v < 2**62 for v in m[2])
                 for m in value):
             raise _fail(call, arg, "must be a list of [name, dtype, shape] triples")
+    elif t == "messages":
+        if type(value) is not list or any(
+                type(m) is not dict or set(m) != {"role", "content"}
+                or type(m["role"]) is not str or type(m["content"]) is not str
+                or "\x00" in m["content"] for m in value):
+            raise _fail(call, arg, "must be a list of {role, content} maps of str")
+        for m in value:
+            if m["role"] not in ROLES:
+                raise _fail(call, arg, f"has role {m['role'][:40]!r}; roles are "
+                            f"{', '.join(ROLES)}")
     elif t == "dict[str,str]":
         if type(value) is not dict or any(
                 type(k) is not str or type(v) is not str or "\x00" in k + v

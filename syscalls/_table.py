@@ -82,7 +82,7 @@ class Syscall:
 
 
 TYPES = ("int", "float", "str", "bytes", "bool", "list[str]", "dict[str,str]", "size",
-         "list[int]", "slice", "dict", "members")
+         "list[int]", "slice", "dict", "members", "messages")
 # "list[int]": ints from 0 to 2**62 (a tensor's shape); "slice": a list of [start, stop]
 # pairs of such ints, one per leading dimension (tensorfs, docs/tensorfs.md).
 # "size": a byte count, as an int or a string such as "2GiB", "512MiB" or "1.5GB"
@@ -91,6 +91,8 @@ TYPES = ("int", "float", "str", "bytes", "bool", "list[str]", "dict[str,str]", "
 # (at most MAX_STR, no NUL), bool or None; max_len bounds the number of keys.
 # "members": a list of [name, dtype, shape] triples, the tensors of a group
 # (tensorfs); the driver checks the names and dtypes.
+# "messages": a chat, a list of {role, content} maps of str (roles: system, user,
+# assistant, tool); max_len bounds the number of messages.
 
 _SIGNALS = ("TERM", "KILL", "INT")
 
@@ -550,7 +552,9 @@ TABLE += (
     Syscall(401, "infer", "executor", (
         Arg("model", "str", max_len=MAX_STR,
             doc="a tensorfs model directory (its latest checkpoint) or checkpoint"),
-        Arg("prompt", "str", max_len=MAX_PROMPT, doc="text; the model reads its UTF-8 bytes"),
+        Arg("prompt", "str", default=None, nullable=True, max_len=MAX_PROMPT,
+            doc="text (the byte-level GPT reads its UTF-8 bytes; a Hugging Face model, "
+                "its tokens); give it or messages"),
         Arg("max_tokens", "int", default=200, lo=1, hi=MAX_GEN,
             doc="new tokens at most"),
         Arg("temperature", "float", default=0.8, lo=0, hi=100,
@@ -561,15 +565,32 @@ TABLE += (
             doc="sampling seed; None: a random one, returned in the result"),
         Arg("stream", "bool", default=False,
             doc="send the text in partial replies as it is generated"),
+        Arg("messages", "messages", default=None, nullable=True, max_len=1024,
+            doc="a chat, [{role, content}...] (roles: system, user, assistant, tool), "
+                "rendered with the model's chat template; instead of prompt"),
+        Arg("stop", "list[str]", default=[], max_len=16,
+            doc="stop strings: generation ends before the first one the text holds "
+                "(finish_reason stop)"),
+        Arg("top_p", "float", default=1.0, lo=0, hi=1,
+            doc="sample among the likeliest tokens whose probabilities reach top_p; 1: "
+                "no nucleus filter"),
+        Arg("truncate", "bool", default=False,
+            doc="a prompt longer than a Hugging Face model's context keeps its last "
+                "tokens; False: EINVAL"),
     ), blocks=True, streams=True,
         returns="{text, tokens, prompt_tokens, finish_reason, seed, time_s}; "
                 "streaming: partials {text (new), tokens, finish_reason: None}, then the "
                 "final {text (the rest, often empty), tokens, prompt_tokens, "
                 "finish_reason, seed, time_s}",
         errors=(
-            ("EINVAL", "an empty prompt, a prompt over infer_max_prompt bytes, max_tokens "
-                       "over infer_max_tokens, a model whose vocabulary is not bytes (256), "
-                       "or a bad tensorfs path (the root included)"),
+            ("EINVAL", "neither or both of prompt and messages, an empty prompt, a prompt "
+                       "over infer_max_prompt bytes, max_tokens over infer_max_tokens, a "
+                       "byte-level GPT whose vocabulary is not bytes (256), messages to a "
+                       "model with no chat template (or a role outside the four), a prompt "
+                       "over a Hugging Face model's context without truncate, a Hugging Face "
+                       "model whose architecture transformers does not know, whose weights "
+                       "do not match its config (naming the first) or that has no "
+                       "tokenizer, or a bad tensorfs path (the root included)"),
             ("ENOENT", "no model at model: nothing there, a tensor, or a directory with no "
                        "config (in its latest checkpoint)"),
             ("EISDIR", "the checkpoint's config is a directory"),

@@ -94,7 +94,8 @@ REFERENCE = ROOT / "docs" / "syscalls.md"
 _PY = {"int": "int", "float": "float", "str": "str", "bytes": "bytes", "bool": "bool",
        "list[str]": "list[str]", "dict[str,str]": "dict[str, str]",
        "size": "int | str", "list[int]": "list[int]", "slice": "list[list[int]]",
-       "dict": "dict[str, Any]", "members": "list[list[Any]]"}
+       "dict": "dict[str, Any]", "members": "list[list[Any]]",
+       "messages": "list[dict[str, str]]"}
 
 
 def _annotation(arg: Arg) -> str:

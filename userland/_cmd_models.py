@@ -1,4 +1,5 @@
-"""The model commands: corpus, train, infer, chat, models (docs/executor.md).
+"""The model commands: corpus, train, infer, chat, models, import, export
+(docs/executor.md).
 
 infer's and chat's defaults are the syscall table's (syscalls/_table.py), so the
 command, the shell and the library generate alike when nothing is said.
@@ -17,6 +18,7 @@ from syscalls import BY_NAME, Errno, SyscallError
 from . import _views
 from ._cmd_devices import alloc_id
 from ._cmd_procs import exit_status
+from ._cmd_tensors import mode_arg
 from ._argtypes import key_values, sized
 from ._command import Session, arg, command, shows
 from .corpus import read_corpus
@@ -215,24 +217,36 @@ def _sampling(tokens: int) -> list[Any]:
             metavar="T", help="sampling temperature; 0 is greedy"),
         arg("-k", "--top-k", type=int, default=INFER["top_k"].default, metavar="K",
             help="sample among the K likeliest tokens; 0: all"),
-        arg("--seed", type=int, metavar="N", help="sampling seed (default: a random one)")]
+        arg("--seed", type=int, metavar="N", help="sampling seed (default: a random one)"),
+        arg("-p", "--top-p", type=float, default=INFER["top_p"].default, metavar="P",
+            help="sample among the likeliest tokens whose probabilities reach P; 1: all"),
+        arg("--stop", action="append", default=[], metavar="TEXT",
+            help="end before this text (repeatable)"),
+        arg("--truncate", action="store_true",
+            help="keep the last tokens of a prompt over a Hugging Face model's context")]
 
 
-def generate(s: Session, model: str, prompt: str, a: argparse.Namespace,
-             echo: str = "") -> dict[str, Any]:
-    """Generate after prompt, writing echo and then the text as it comes; the final
-    chunk. Nothing is written if the call fails before it generates; Ctrl-C stops
-    the generation too."""
+def _sampling_kw(a: argparse.Namespace) -> dict[str, Any]:
+    return {"max_tokens": a.max_tokens, "temperature": a.temperature, "top_k": a.top_k,
+            "seed": a.seed, "top_p": a.top_p, "stop": a.stop, "truncate": a.truncate}
+
+
+def generate(s: Session, model: str, prompt: str | None, a: argparse.Namespace,
+             echo: str = "", messages: list[dict[str, str]] | None = None) -> dict[str, Any]:
+    """Generate after prompt (or messages), writing echo and then the text as it
+    comes; the final chunk, with the whole text as "all". Nothing is written if the
+    call fails before it generates; Ctrl-C stops the generation too."""
     final: dict[str, Any] = {}
     wrote = False
+    text: list[str] = []
     with s.unbounded() as osh:
-        chunks = osh.infer(model, prompt, a.max_tokens, a.temperature, a.top_k, a.seed,
-                           stream=True)
+        chunks = osh.infer(model, prompt, messages=messages, stream=True, **_sampling_kw(a))
         try:
             for chunk in chunks:
                 if not wrote:
                     sys.stdout.write(echo)
                     wrote = True
+                text.append(chunk["text"])
                 sys.stdout.write(chunk["text"])
                 sys.stdout.flush()
                 if chunk.get("finish_reason"):
@@ -242,7 +256,7 @@ def generate(s: Session, model: str, prompt: str, a: argparse.Namespace,
             if wrote:
                 sys.stdout.write("\n")
                 sys.stdout.flush()
-    return final
+    return {**final, "all": "".join(text)}
 
 
 @command("infer", "models", "generate text after PROMPT with a model, streamed",
@@ -262,7 +276,7 @@ def infer(s: Session, a: argparse.Namespace) -> dict[str, Any] | None:
     model = s.resolve(a.model)
     if s.json:
         with s.unbounded() as osh:
-            return osh.infer(model, prompt, a.max_tokens, a.temperature, a.top_k, a.seed)
+            return osh.infer(model, prompt, **_sampling_kw(a))
     final = generate(s, model, prompt, a, echo="" if a.quiet else prompt)
     if a.verbose and final:
         rate = final["tokens"] / final["time_s"] if final.get("time_s") else 0.0
@@ -289,8 +303,10 @@ def read_line(s: Session, prompt: str) -> str | None:
          "continuation is streamed back",
          arg("model", metavar="MODEL", complete="tensor"), *_sampling(100),
          syscalls=("stat", "infer"),
-         details="The byte-level GPT continues text: each line is a fresh prompt (no "
-                 "memory of the earlier ones). An empty line or Ctrl-D leaves; Ctrl-C "
+         details="A model with a chat template (a Hugging Face model's) gets the "
+                 "conversation so far as messages, each line a user turn; the byte-level "
+                 "GPT continues text, each line a fresh prompt (no memory of the earlier "
+                 "ones). An empty line or Ctrl-D leaves; Ctrl-C "
                  "stops a generation. When stdin is not a terminal the lines come from "
                  "it, up to an empty line, each echoed before its continuation.")
 def chat(s: Session, a: argparse.Namespace) -> None:
@@ -299,17 +315,79 @@ def chat(s: Session, a: argparse.Namespace) -> None:
     typed = sys.stdin.isatty()  # else the lines come from a script: echo them
     if typed:
         s.note(f"chat with {model}: each line is a prompt; an empty line or Ctrl-D leaves")
+    history: list[dict[str, str]] | None = []  # None: the model has no chat template
     while True:
         line = read_line(s, "chat> ")
         if line is None or not line.strip():
             return
+        echo = "" if typed else line
         try:
-            generate(s, model, line, a, echo="" if typed else line)
+            if history is not None:
+                turn = history + [{"role": "user", "content": line}]
+                try:
+                    said = generate(s, model, None, a, echo, messages=turn)["all"]
+                    history = turn + [{"role": "assistant", "content": said}]
+                    continue
+                except SyscallError as e:
+                    if e.errno != Errno.EINVAL or "chat template" not in e.message:
+                        raise
+                    history = None
+            generate(s, model, line, a, echo=echo)
         except KeyboardInterrupt:  # it stopped that generation: the chat goes on
             pass
         except SyscallError as e:
             s.error(f"{e.errno.name}: {e.message}")
             s.status = 1
+
+
+def model_line(r: dict[str, Any], verb: str) -> list[str]:
+    """One summary line of an import or an export."""
+    where = f"{r['dir']} from {r['path']}" if verb == "exported" else r["path"]
+    lines = [f"{verb} {where}: {r['architecture']}, {r['files']} files, "
+             f"{r['tensors']:,} tensors, {_views.size(r['bytes'])}"]
+    if r.get("skipped"):
+        lines.append(f"skipped: {', '.join(r['skipped'])}")
+    return lines
+
+
+MODEL_JSON = "{path, files, tensors, bytes, architecture, skipped}"
+
+
+@command("import", "models", "store a Hugging Face model directory (config, safetensors "
+         "weights, tokenizer) in tensorfs",
+         arg("dir", metavar="DIR", complete="local",
+             help="what save_pretrained writes: config.json, *.safetensors, tokenizer"),
+         arg("path", metavar="PATH", complete="tensor", help="e.g. /models/NAME"),
+         arg("--force", action="store_true", help="replace a model already at PATH"),
+         arg("-m", "--mode", type=mode_arg, default="644", metavar="MODE",
+             help="mode bits of every tensor, octal"),
+         syscalls=("stat", "mkdir", "open_tensor", "write_tensor", "close_tensor",
+                   "rename", "listdir", "unlink"),
+         view=lambda r, s, a: model_line(r, "imported"), json_keys=MODEL_JSON,
+         details="Everything is checked before anything is written: config.json names "
+                 "a causal LM transformers knows, the weights are the ones it builds, "
+                 "every safetensors file reads, the tokenizer loads. The model is "
+                 "written as PATH.importing and renamed to PATH, so a failed or "
+                 "interrupted import leaves nothing. Makes PATH's missing parents.")
+def import_model(s: Session, a: argparse.Namespace) -> dict[str, Any]:
+    with s.unbounded() as osh:
+        return osh.import_model(a.dir, s.resolve(a.path), perm=a.mode, force=a.force)
+
+
+@command("export", "models", "write a model from tensorfs as a Hugging Face model "
+         "directory that from_pretrained loads",
+         arg("path", metavar="PATH", complete="tensor",
+             help="a model directory (its latest checkpoint) or a checkpoint"),
+         arg("dir", metavar="DIR", complete="local", help="the directory to write"),
+         arg("--force", action="store_true", help="replace DIR if it is not empty"),
+         syscalls=("stat", "listdir", "open_tensor", "read_tensor", "close_tensor"),
+         view=lambda r, s, a: model_line(r, "exported"),
+         json_keys="{path (the checkpoint read), dir, files, tensors, bytes, "
+                   "architecture, skipped}",
+         details="DIR is written as DIR.partial and renamed when complete.")
+def export_model(s: Session, a: argparse.Namespace) -> dict[str, Any]:
+    with s.unbounded() as osh:
+        return osh.export_model(s.resolve(a.path), a.dir, force=a.force)
 
 
 shows("models", "models", "the models the executor holds loaded, and its batching "

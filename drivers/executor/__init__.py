@@ -22,7 +22,6 @@ client library, syscalls.client, as a MINIX driver uses libc.
 """
 from __future__ import annotations
 
-import codecs
 import json
 import logging
 import os
@@ -50,11 +49,11 @@ class Pending:
     stream: bool
     seed: int
     prompt_tokens: int
+    detok: Any  # _text.Detokenizer: new text from new tokens
+    stops: Any  # _text.StopFilter: holds back what may begin a stop string
     t0: float = field(default_factory=time.monotonic)
     text: list[str] = field(default_factory=list)
     tokens: int = 0
-    decoder: Any = field(default_factory=lambda: codecs.getincrementaldecoder("utf-8")(
-        errors="replace"))
 
 
 class Executor(Service):
@@ -138,13 +137,20 @@ class Executor(Service):
 
     # -- infer -----------------------------------------------------------------------
 
-    def infer(self, req: Request, model: str, prompt: str, max_tokens: int,
-              temperature: float, top_k: int, seed: int | None, stream: bool) -> Any:
-        data = prompt.encode("utf-8", errors="surrogatepass")
-        if not data:
+    def infer(self, req: Request, model: str, prompt: str | None, max_tokens: int,
+              temperature: float, top_k: int, seed: int | None, stream: bool,
+              messages: list[dict] | None, stop: list[str], top_p: float,
+              truncate: bool) -> Any:
+        from ._text import Detokenizer, StopFilter, encode
+        if (prompt is None) == (messages is None):
+            raise SyscallError(Errno.EINVAL, "infer: give either prompt or messages")
+        size = len(prompt.encode("utf-8", errors="surrogatepass")) if prompt is not None \
+            else sum(len(m["content"].encode("utf-8", errors="surrogatepass"))
+                     for m in messages or ())
+        if prompt is not None and not size:
             raise SyscallError(Errno.EINVAL, "infer: the prompt is empty")
-        if len(data) > self.max_prompt:
-            raise SyscallError(Errno.EINVAL, f"infer: the prompt is {format_size(len(data))}, "
+        if size > self.max_prompt:
+            raise SyscallError(Errno.EINVAL, f"infer: the prompt is {format_size(size)}, "
                                f"over infer_max_prompt ({format_size(self.max_prompt)})")
         if max_tokens > self.max_tokens:
             raise SyscallError(Errno.EINVAL, f"infer: max_tokens {max_tokens} is over "
@@ -153,7 +159,13 @@ class Executor(Service):
         uid = req.uid
         self.loading[req.id] = req.pid
 
-        def start(m: Loaded) -> None:
+        def load() -> tuple[Loaded, list[int]]:
+            m = self.cache.load(uid, model)
+            return m, encode(m.tokenizer, prompt, messages, m.model.config.block_size,
+                             truncate, model)
+
+        def start(got: tuple[Loaded, list[int]]) -> None:
+            m, ids = got
             if self.loading.pop(req.id, None) is None:  # cancelled, or its caller ended
                 req.fail(Errno.ECANCELED, "infer: cancelled")
                 return
@@ -163,12 +175,13 @@ class Executor(Service):
                 from ._engine import Engine
                 self.engine = Engine(self.max_batch, self.device())
             m.requests += 1
-            self.pending[req.id] = Pending(req, stream, seed, len(data))
-            self.engine.submit(GenRequest(req.id, req.pid, m.key, m.model, list(data),
-                                          max_tokens, temperature, top_k, seed))
+            self.pending[req.id] = Pending(req, stream, seed, len(ids), Detokenizer(m.tokenizer),
+                                           StopFilter(stop))
+            self.engine.submit(GenRequest(req.id, req.pid, m.key, m.model, ids, max_tokens,
+                                          temperature, top_k, seed, top_p, m.eos))
             self.kick(self.window_s)
 
-        return self.background(lambda: self.cache.load(uid, model), start, req)
+        return self.background(load, start, req)
 
     def kick(self, delay: float = 0.0) -> None:
         if not self.stepping:
@@ -192,20 +205,23 @@ class Executor(Service):
             p = self.pending.get(ev.id)
             if p is None:
                 continue
-            chunk = p.decoder.decode(bytes(t & 0xFF for t in ev.tokens), final=ev.done)
             p.tokens += len(ev.tokens)
-            if p.stream and chunk and ev.reason != "cancelled":
+            chunk, stopped = p.stops.push(p.detok.feed(ev.tokens, final=ev.done), ev.done)
+            reason = "stop" if stopped else ev.reason
+            if stopped and not ev.done:  # a stop string: end it (its cancel event is ignored)
+                self.engine.cancel(ev.id)
+            if p.stream and chunk and reason != "cancelled":
                 p.req.partial({"text": chunk, "tokens": p.tokens, "finish_reason": None})
             else:  # what the final reply carries: all of it, or what no partial sent
                 p.text.append(chunk)
-            if ev.done:
+            if ev.done or stopped:
                 del self.pending[ev.id]
-                if ev.reason == "cancelled":
+                if reason == "cancelled":
                     if not p.req.done:
                         p.req.fail(Errno.ECANCELED, "infer: cancelled")
                     continue
                 p.req.reply({"text": "".join(p.text), "tokens": p.tokens,
-                             "prompt_tokens": p.prompt_tokens, "finish_reason": ev.reason,
+                             "prompt_tokens": p.prompt_tokens, "finish_reason": reason,
                              "seed": p.seed, "time_s": round(time.monotonic() - p.t0, 6)})
         if self.engine.busy:
             self.kick()
@@ -244,7 +260,8 @@ class Executor(Service):
         def answer(shown: list[Loaded]) -> None:
             req.reply({"models": [{"path": m.path, "bytes": m.nbytes,
                                    "requests": m.requests, "step": m.config.get("step"),
-                                   "loss": m.config.get("loss"), "loaded_at": m.loaded_at}
+                                   "loss": m.config.get("loss"), "loaded_at": m.loaded_at,
+                                   "architecture": m.architecture}
                                   for m in shown],
                        "engine": self.engine_stats(),
                        "budget": self.cache.budget, "max_batch": self.max_batch})

@@ -67,6 +67,8 @@ class GenRequest:
     temperature: float = 0.0
     top_k: int = 0
     seed: int = 0
+    top_p: float = 1.0
+    eos: frozenset[int] = frozenset()  # tokens that end the sequence (reason "stop")
 
 
 @dataclass
@@ -89,6 +91,7 @@ class _Sequence:
     generator: torch.Generator
     generated: int = 0
     reported: int = 0
+    stopped: bool = False  # it made one of its eos tokens
 
 
 @dataclass(eq=False)
@@ -134,17 +137,38 @@ def _sample_rows(logits: torch.Tensor, seqs: list[_Sequence]) -> list[int]:
         kth[torch.tensor([k == 0 for k in ks], device=logits.device)] = float("-inf")
         scaled = scaled.masked_fill(scaled < kth, float("-inf"))
     probs = torch.softmax(scaled, dim=-1)
+    ps = [seqs[i].req.top_p for i in hot]
+    if any(p < 1.0 for p in ps):
+        probs = _nucleus(probs, torch.tensor(ps, device=logits.device))
     for row, i in enumerate(hot):
         tokens[i] = int(torch.multinomial(probs[row], 1, generator=seqs[i].generator))
     return tokens
 
 
-def _prefill_next(model: GPT, cache: KVCache, seq: _Sequence) -> int:
-    """Prefill the whole context into the sequence's slot; sample and append the next token."""
-    tokens = torch.tensor(seq.context, dtype=torch.long, device=cache.k.device)
-    token = _sample_rows(model.prefill(tokens, cache, seq.slot)[None], [seq])[0]
+def _nucleus(probs: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
+    """Keep, per row, the likeliest tokens whose probabilities reach top_p (at least
+    one), as transformers' TopPLogitsWarper; renormalized."""
+    sorted_probs, order = probs.sort(dim=-1, descending=True)
+    before = sorted_probs.cumsum(dim=-1) - sorted_probs  # mass of the likelier tokens
+    drop = before >= top_p[:, None]
+    drop[:, 0] = False
+    kept = sorted_probs.masked_fill(drop, 0.0)
+    out = torch.zeros_like(probs).scatter(1, order, kept)
+    return out / out.sum(dim=-1, keepdim=True)
+
+
+def _append(seq: _Sequence, token: int) -> None:
     seq.context.append(token)
     seq.generated += 1
+    if token in seq.req.eos:
+        seq.stopped = True
+
+
+def _prefill_next(model: GPT, cache: KVCache, seq: _Sequence) -> int:
+    """Prefill the whole context into the sequence's slot; sample and append the next token."""
+    tokens = torch.tensor(seq.context, dtype=torch.long, device=cache.device)
+    token = _sample_rows(model.prefill(tokens, cache, seq.slot)[None], [seq])[0]
+    _append(seq, token)
     return token
 
 
@@ -166,11 +190,10 @@ def _advance(model: GPT, cache: KVCache, seqs: list[_Sequence]) -> int:
     if not rows:
         return 0
     columns = torch.tensor([[s.context[-1] for s in rows], [s.slot for s in rows],
-                            [len(s.context) - 1 for s in rows]], dtype=torch.long, device=cache.k.device)
+                            [len(s.context) - 1 for s in rows]], dtype=torch.long, device=cache.device)
     logits = model.decode(columns[0], columns[1], columns[2], cache)
     for seq, token in zip(rows, _sample_rows(logits, rows)):
-        seq.context.append(token)
-        seq.generated += 1
+        _append(seq, token)
     return len(rows)
 
 
@@ -186,21 +209,24 @@ def _check_request(req: GenRequest) -> None:
         raise ValueError(f"temperature must be >= 0, got {req.temperature}")
     if req.top_k < 0:
         raise ValueError(f"top_k must be >= 0, got {req.top_k}")
+    if not 0.0 <= req.top_p <= 1.0:
+        raise ValueError(f"top_p must be in [0, 1], got {req.top_p}")
 
 
 def generate_direct(model: GPT, prompt: list[int], max_tokens: int, temperature: float = 0.0,
-                    top_k: int = 0, seed: int = 0) -> list[int]:
+                    top_k: int = 0, seed: int = 0, top_p: float = 1.0,
+                    eos: frozenset[int] = frozenset()) -> list[int]:
     """Generate in-process, one sequence, no engine: the same tokens the Engine gives alone."""
-    req = GenRequest(0, 0, None, model, list(prompt), max_tokens, temperature, top_k, seed)
+    req = GenRequest(0, 0, None, model, list(prompt), max_tokens, temperature, top_k, seed,
+                     top_p, frozenset(eos))
     _check_request(req)
-    device = model.wte.weight.device
     cache = model.new_cache(1)
     seq = _Sequence(req, 0, _clip_prompt(req.prompt, model.config.block_size),
-                    _new_generator(seed, device))
+                    _new_generator(seed, cache.device))
     out = []
     with torch.inference_mode():
         out.append(_prefill_next(model, cache, seq))
-        while seq.generated < max_tokens:
+        while seq.generated < max_tokens and not seq.stopped:
             _advance(model, cache, [seq])
             out.append(seq.context[-1])
     return out
@@ -283,7 +309,8 @@ class Engine:
         with torch.inference_mode():
             self._admit()
             for state in self._models.values():
-                seqs = [s for s in state.running.values() if s.generated < s.req.max_tokens]
+                seqs = [s for s in state.running.values()
+                        if s.generated < s.req.max_tokens and not s.stopped]
                 if seqs:
                     rows = _advance(state.model, state.cache, seqs)
                     if rows:
@@ -351,7 +378,7 @@ class Engine:
         # At most two tokens per step (prefill, then decode) and a slide keeps at
         # least one old token, so the new ones are all still in the context.
         event = Event(seq.req.id, seq.context[-new:] if new else [])
-        if seq.generated >= seq.req.max_tokens:
-            event.done, event.reason = True, "length"
+        if seq.stopped or seq.generated >= seq.req.max_tokens:
+            event.done, event.reason = True, "stop" if seq.stopped else "length"
             self._retire(seq)
         return event

@@ -32,6 +32,9 @@ class Loaded:
     model_path: str = ""  # the path infer named: a model directory or a checkpoint
     loaded_at: float = field(default_factory=time.time)
     requests: int = 0
+    tokenizer: Any = None  # a Hugging Face model's; None: the byte-level GPT (bytes)
+    eos: frozenset[int] = frozenset()  # tokens that end generation (reason "stop")
+    architecture: str = "gpt"  # the byte GPT's, or config.json's first architecture
 
 
 def text_of(t: Any) -> str:
@@ -91,6 +94,16 @@ class ModelCache:
         except UnicodeDecodeError:
             raise SyscallError(Errno.EIO, f"infer: {path}/latest does not name a "
                                "checkpoint") from None
+        from ._hfload import CONFIG, is_hf
+        try:
+            listing = osh.listdir(ckpt)
+        except SyscallError as e:
+            if e.errno not in (Errno.ENOENT, Errno.ENOTDIR):
+                raise
+            listing = []
+        if is_hf(listing):
+            cst = osh.stat(f"{ckpt}/{CONFIG}")
+            return ckpt, {"hf": listing}, (ckpt, cst["mtime"], cst.get("checksum"))
         try:
             cst = osh.stat(f"{ckpt}/config")
             key = (ckpt, cst["mtime"], cst.get("checksum"))  # none: not a tensor
@@ -110,6 +123,8 @@ class ModelCache:
         """The model at path, from the cache or loaded now (background thread)."""
         ckpt, config, key = self.resolve(uid, path)
         self.check_access(uid, ckpt)  # on a cache hit too: the cache is everyone's
+        if "hf" in config:
+            return self.models.get(key) or self.load_hf(uid, path, ckpt, config["hf"], key)
         from ._gpt import GPT, GPTConfig, n_params
         try:
             cfg = GPTConfig.from_dict(dict(config["model"]))
@@ -138,6 +153,16 @@ class ModelCache:
         model.eval().to(self.device())
         log.info("loaded %s (%s with its KV cache)", ckpt, format_size(nbytes))
         return Loaded(key, ckpt, model, nbytes, config, path)
+
+    def load_hf(self, uid: int, path: str, ckpt: str, listing: list[dict], key: tuple
+                ) -> Loaded:
+        from . import _hfload
+        model, tok, parts, nbytes = _hfload.load(self.conn(uid), ckpt, listing, self.device(),
+                                                 self.budget, self.max_batch, path)
+        arch = (getattr(parts.config, "architectures", None) or [type(model.model).__name__])[0]
+        log.info("loaded %s (%s, %s with its KV cache)", ckpt, arch, format_size(nbytes))
+        return Loaded(key, ckpt, model, nbytes, {"architecture": arch}, path, tokenizer=tok,
+                      eos=parts.eos, architecture=arch)
 
     def check_access(self, uid: int, ckpt: str) -> None:
         """EACCES unless uid may list ckpt and read each of its tensors (background

@@ -123,11 +123,11 @@ class SyscallMethods:
         'Start a data-parallel training job as a child process of the caller. The config is checked, and its memory estimate against the allocation (ENOMEM), before anything starts; wait returns its final loss. SIGTERM stops it at the next step with a checkpoint of that step (status 143).'
         return self._call(400, {'config': config, 'alloc_id': alloc_id})
 
-    def infer(self, model: str, prompt: str, max_tokens: int = 200, temperature: float = 0.8, top_k: int = 40, seed: int | None = None, stream: bool = False) -> Any:
+    def infer(self, model: str, prompt: str | None = None, max_tokens: int = 200, temperature: float = 0.8, top_k: int = 40, seed: int | None = None, stream: bool = False, messages: list[dict[str, str]] | None = None, stop: list[str] = [], top_p: float = 1.0, truncate: bool = False) -> Any:
         "Generate text with a model, batched with other processes' requests (continuous batching, round robin across processes). With stream=True an iterator of chunks {text, tokens, finish_reason}: each chunk's text is new text only, and the last has finish_reason set and the totals."
         if stream:
-            return self._stream(401, {'model': model, 'prompt': prompt, 'max_tokens': max_tokens, 'temperature': temperature, 'top_k': top_k, 'seed': seed, 'stream': stream})
-        return self._call(401, {'model': model, 'prompt': prompt, 'max_tokens': max_tokens, 'temperature': temperature, 'top_k': top_k, 'seed': seed, 'stream': stream})
+            return self._stream(401, {'model': model, 'prompt': prompt, 'max_tokens': max_tokens, 'temperature': temperature, 'top_k': top_k, 'seed': seed, 'stream': stream, 'messages': messages, 'stop': stop, 'top_p': top_p, 'truncate': truncate})
+        return self._call(401, {'model': model, 'prompt': prompt, 'max_tokens': max_tokens, 'temperature': temperature, 'top_k': top_k, 'seed': seed, 'stream': stream, 'messages': messages, 'stop': stop, 'top_p': top_p, 'truncate': truncate})
 
     def models(self) -> Any:
         'The models the executor holds loaded that the caller may read (uid 0: all), and its batching statistics.'
