@@ -38,18 +38,10 @@ for i in range(10):
 
 
 def make_tokenizer(chat_template: bool = True, vocab: int = 384):
-    """A byte-level BPE tokenizer (PreTrainedTokenizerFast) trained on TEXT."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab, show_progress=False,
-                                  special_tokens=["<|pad|>", "<|bos|>", "<|eos|>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    tok.train_from_iterator(TEXT.splitlines(keepends=True), trainer)
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<|bos|>",
-                                   eos_token="<|eos|>", pad_token="<|pad|>")
+    """A byte-level BPE tokenizer (PreTrainedTokenizerFast) trained on TEXT, as
+    `llmos tokenizer train` trains one."""
+    from syscalls.client._hftok import bpe_tokenizer
+    fast = bpe_tokenizer(TEXT.splitlines(keepends=True), vocab, min_frequency=0)
     if chat_template:
         fast.chat_template = CHAT_TEMPLATE
     return fast

@@ -312,3 +312,49 @@ def test_the_import_and_export_commands(shared_kernel, made, tmp_path):
     assert r.stdout.startswith(f"exported {tmp_path / 'out'} from /models/cli: "
                                "GPT2LMHeadModel, 6 files, 28 tensors, "), r.stdout
     assert_same_weights(made["gpt2"], tmp_path / "out")
+
+
+# -- tokenizers ---------------------------------------------------------------------------
+
+def errno_of(fn, *args, **kw):
+    try:
+        fn(*args, **kw)
+    except userland.SyscallError as e:
+        return e.errno
+    return None
+
+
+def test_a_tokenizer_trained_from_a_dataset_loads_and_encodes_every_text(shared_kernel):
+    import numpy as np
+    from transformers import AutoTokenizer
+    from hf_models import TEXT
+    with shared_kernel.connect(uid=1000) as osh:
+        osh.save_tensor("/tok_text", np.frombuffer(TEXT.encode(), dtype=np.uint8))
+        r = osh.train_tokenizer("/tok_text", "/models/tok/sub", vocab=300, min_frequency=1)
+        assert r["vocab"] == 300 and r["files"] == ["tokenizer.json", "tokenizer_config.json"]
+        assert errno_of(osh.train_tokenizer, "/tok_text", "/models/tok/sub") == Errno.EEXIST
+        assert errno_of(osh.train_tokenizer, "/tok_text", "/models/t2", vocab=10) == Errno.EINVAL
+        osh.save_tensor("/floats", np.zeros(4, np.float32))
+        assert errno_of(osh.train_tokenizer, "/floats", "/models/t2") == Errno.EINVAL
+        assert errno_of(osh.train_tokenizer, "/nothing", "/models/t2") == Errno.ENOENT
+        files = {n: np.asarray(osh.load_tensor(f"/models/tok/sub/{n}")).tobytes()
+                 for n in r["files"]}
+    import tempfile
+    with tempfile.TemporaryDirectory() as d:
+        for n, data in files.items():
+            Path(d, n).write_bytes(data)
+        tok = AutoTokenizer.from_pretrained(d, local_files_only=True)
+    assert (tok.pad_token_id, tok.bos_token_id, tok.eos_token_id) == (0, 1, 2)
+    text = "def add(a, b):\n    return a + b  # ünïcode ✓"
+    ids = tok(text).input_ids
+    assert tok.decode(ids) == text and len(ids) < len(text.encode()) - 10  # merges learned
+
+
+def test_the_tokenizer_command(shared_kernel):
+    r = llmos(shared_kernel, "tokenizer", "train", "/tok_text", "/models/tokcli", "--vocab",
+              "290", "--min-frequency", "1", "--uid", "1000")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.startswith("/models/tokcli: a BPE tokenizer of 290 tokens from "), r.stdout
+    r = llmos(shared_kernel, "tokenizer", "train", "/tok_text", "/models/tokcli", "--uid",
+              "1000")
+    assert r.returncode == 1 and r.stderr.startswith("llmos: EEXIST: "), r.stderr

@@ -390,8 +390,34 @@ def export_model(s: Session, a: argparse.Namespace) -> dict[str, Any]:
         return osh.export_model(s.resolve(a.path), a.dir, force=a.force)
 
 
+@command("tokenizer", "models", "train a byte-level BPE tokenizer on a text dataset and "
+         "store it in a tensorfs model directory",
+         arg("action", metavar="ACTION", choices=["train"], help="train"),
+         arg("dataset", metavar="DATASET", complete="tensor",
+             help="a 1-D uint8 tensor of text (llmos corpus makes one)"),
+         arg("path", metavar="PATH", complete="tensor",
+             help="the directory to hold tokenizer.json (made when missing)"),
+         arg("--vocab", type=int, default=4096, metavar="N", help="tokens in the vocabulary"),
+         arg("--min-frequency", type=int, default=2, metavar="N",
+             help="a pair merges only if it occurs at least N times"),
+         arg("--force", action="store_true", help="replace a tokenizer PATH holds"),
+         syscalls=("stat", "listdir", "mkdir", "open_tensor", "read_tensor", "close_tensor"),
+         view=lambda r, s, a: [f"{r['path']}: a BPE tokenizer of {r['vocab']:,} tokens "
+                               f"from {_views.size(r['bytes'])} of {r['dataset']} in "
+                               f"{r['time_s']:.1f}s"],
+         json_keys="{path, vocab, asked, dataset, bytes, files, time_s}",
+         details="The tokenizer has <|pad|>, <|bos|> and <|eos|> (ids 0, 1, 2) and every "
+                 "byte, so it encodes any text. spawn_train's arch= with tokenizer=PATH "
+                 "trains a model that uses it.")
+def tokenizer(s: Session, a: argparse.Namespace) -> dict[str, Any]:
+    with s.unbounded() as osh:
+        return osh.train_tokenizer(s.resolve(a.dataset), s.resolve(a.path), vocab=a.vocab,
+                                   min_frequency=a.min_frequency, force=a.force)
+
+
 shows("models", "models", "the models the executor holds loaded, and its batching "
       "statistics", lambda m, s: _views.models_lines(m),
-      "models()'s record: {models: [{path, bytes, requests, step, loss, loaded_at}], "
+      "models()'s record: {models: [{path, bytes, requests, step, loss, loaded_at, "
+      "architecture}], "
       "engine: {...}, budget, max_batch}")
 

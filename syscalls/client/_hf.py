@@ -1,5 +1,5 @@
-"""The handle's Hugging Face model calls, import_model and export_model
-(docs/executor.md, "Hugging Face models: import and export").
+"""The handle's Hugging Face model calls, import_model, export_model and
+train_tokenizer (docs/executor.md, "Hugging Face models").
 
 Only the declarations live here: the work is in _hfio.py, loaded at the first
 call, so that importing the library (every llmos command does) costs nothing
@@ -43,3 +43,15 @@ class ModelMethods:
         force; it is written as dst_dir + ".partial" and renamed at the end."""
         from ._hfio import export_model
         return export_model(self, path, dst_dir, force)
+
+    def train_tokenizer(self, dataset: str, path: str, vocab: int = 4096,
+                        min_frequency: int = 2, force: bool = False) -> dict[str, Any]:
+        """Train a byte-level BPE tokenizer of vocab tokens (<|pad|>, <|bos|>,
+        <|eos|> first) on the text dataset (a 1-D uint8 tensor) and store it in
+        the tensorfs directory path (made when missing) as tokenizer.json and
+        tokenizer_config.json, as import_model stores a model's: a training job
+        with arch= and tokenizer=path uses it. {path, vocab, asked, dataset,
+        bytes, files, time_s}. EEXIST when path has a tokenizer.json, unless
+        force; EINVAL for a vocab outside 260..2**20 or a dataset not text."""
+        from ._hftok import train_tokenizer
+        return train_tokenizer(self, dataset, path, vocab, min_frequency, force)
