@@ -121,18 +121,63 @@ class HFCausalLM:
 
     def decode(self, tokens: torch.Tensor, slots: torch.Tensor, positions: torch.Tensor,
                cache: SlotCache) -> torch.Tensor:
-        """Feed tokens[i] at positions[i] of slots[i] -> logits [B, vocab]."""
+        """Feed tokens[i] at positions[i] of slots[i] -> logits [B, vocab].
+
+        The model's attention writes each row's new keys and values straight into
+        its slot (_SlotLayer) and reads the rows' first `longest + 1` positions:
+        views of the slots when they are consecutive (no copy), else gathered."""
         past = int(positions.max())
         b = tokens.shape[0]
         if past + 1 > cache.length:
             cache.reserve([(k[:1], v[:1]) for k, v in zip(cache.k, cache.v)], past + 1)
-        gathered = [(k[slots, :, :past], v[slots, :, :past]) for k, v in zip(cache.k, cache.v)]
-        mask = torch.ones((b, past + 1), dtype=torch.long, device=tokens.device)
-        mask[:, :past] = torch.arange(past, device=tokens.device) < positions[:, None]
-        logits, made = self._forward(input_ids=tokens[:, None], attention_mask=mask,
-                                     position_ids=positions[:, None],
-                                     cache=self._dynamic(gathered))
-        for i, (k, v) in enumerate(_layers(made)):
-            cache.k[i][slots, :, positions] = k[:, :, -1]
-            cache.v[i][slots, :, positions] = v[:, :, -1]
+        rows = slots.tolist()
+        first = rows[0]
+        pick: Any = slice(first, first + b) if rows == list(range(first, first + b)) else slots
+        mask = (torch.arange(past + 1, device=tokens.device) <= positions[:, None]).long()
+        view = self._dynamic()
+        view.layers = [_SlotLayer(k, v, slots, positions, pick, past)
+                       for k, v in zip(cache.k, cache.v)]
+        logits, _ = self._forward(input_ids=tokens[:, None], attention_mask=mask,
+                                  position_ids=positions[:, None], cache=view)
         return logits[:, -1]
+
+
+def _slot_layer() -> type:
+    """A transformers cache layer over the engine's slots (made on first use: the
+    class derives from transformers', loaded lazily)."""
+    from transformers.cache_utils import DynamicLayer
+
+    class SlotLayer(DynamicLayer):
+        def __init__(self, k: torch.Tensor, v: torch.Tensor, slots: torch.Tensor,
+                     positions: torch.Tensor, pick: Any, past: int) -> None:
+            super().__init__()
+            self.store = (k, v)
+            self.slots, self.positions, self.pick, self.past = slots, positions, pick, past
+            self.is_initialized = True
+            self.device = k.device
+
+        def get_seq_length(self) -> int:
+            return self.past
+
+        def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any,
+                   **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:
+            k, v = self.store
+            k[self.slots, :, self.positions] = key_states[:, :, -1]
+            v[self.slots, :, self.positions] = value_states[:, :, -1]
+            self.keys = k[self.pick, :, :self.past + 1]
+            self.values = v[self.pick, :, :self.past + 1]
+            return self.keys, self.values
+
+    return SlotLayer
+
+
+class _LazySlotLayer:
+    cls: type | None = None
+
+    def __call__(self, *args: Any) -> Any:
+        if self.cls is None:
+            self.cls = _slot_layer()
+        return self.cls(*args)
+
+
+_SlotLayer = _LazySlotLayer()
