@@ -40,7 +40,7 @@ for i in range(10):
 def make_tokenizer(chat_template: bool = True, vocab: int = 384):
     """A byte-level BPE tokenizer (PreTrainedTokenizerFast) trained on TEXT, as
     `llmos tokenizer train` trains one."""
-    from syscalls.client._hftok import bpe_tokenizer
+    from syscalls.client import bpe_tokenizer
     fast = bpe_tokenizer(TEXT.splitlines(keepends=True), vocab, min_frequency=0)
     if chat_template:
         fast.chat_template = CHAT_TEMPLATE

@@ -74,18 +74,26 @@ TRAIN_FLAGS = (("--steps", "steps", int), ("--workers", "workers", int),
                ("--batch", "batch_size", int), ("--lr", "lr", float),
                ("--checkpoint-every", "checkpoint_every", int),
                ("--restarts", "restarts", int), ("--gpus", "gpus", int),
-               ("--seed", "seed", int))
+               ("--seed", "seed", int), ("--ffn", "ffn", int), ("--arch", "arch", str))
+PATH_KEYS = ("out", "dataset", "base", "tokenizer")  # resolved against the cwd
 
 
-@command("train", "models", "train a byte-level GPT (spawn_train) and follow its "
-         "progress until it ends",
+@command("train", "models", "train a model (spawn_train: the byte-level GPT, or a Hugging "
+         "Face architecture) and follow its progress until it ends",
          arg("name", metavar="NAME", help="the model's name: it goes to /models/NAME"),
          arg("settings", nargs="*", metavar="KEY=VALUE",
              help="any training config key (docs/executor.md), e.g. steps=300 lr=2e-3"),
          arg("--data", required=True, metavar="PATH", complete="tensor",
-             help="a 1-D uint8 tensor of text (llmos corpus makes one)"),
-         *(arg(flag, dest=key, type=kind, metavar="N" if kind is int else "X",
+             help="a 1-D tensor of text, uint8 (llmos corpus makes one), or of token ids "
+                  "(int32, int64) for a Hugging Face model"),
+         *(arg(flag, dest=key, type=kind,
+               metavar={int: "N", float: "X"}.get(kind, "NAME"),
                help=f"the config's {key}") for flag, key, kind in TRAIN_FLAGS),
+         arg("--base", metavar="PATH", complete="tensor",
+             help="fine-tune this Hugging Face model (llmos import stores one)"),
+         arg("--tokenizer", metavar="PATH", complete="tensor",
+             help="with --arch: the directory of the new model's tokenizer.json (llmos "
+                  "tokenizer train makes one)"),
          arg("--out", metavar="PATH", complete="tensor",
              help="where checkpoints go (default: /models/NAME)"),
          arg("--resume", action="store_true", help="go on from the last checkpoint"),
@@ -95,7 +103,9 @@ TRAIN_FLAGS = (("--steps", "steps", int), ("--workers", "workers", int),
              help="print the job's pid and return (jobs shows it, wait reaps it)"),
          syscalls=("spawn_train", "wait", "ps", "kill"),
          json_keys="the job's wait record {pid, status, reason, info}; with -d, its pid",
-         details="Ctrl-C asks the job to stop: it writes a checkpoint and ends (resume "
+         details="--base fine-tunes an imported model; --arch llama --tokenizer PATH "
+                 "trains a new one (docs/executor.md, Training Hugging Face models). "
+                 "Ctrl-C asks the job to stop: it writes a checkpoint and ends (resume "
                  "it with --resume); a second Ctrl-C kills it. The exit status is the "
                  "job's (130 after Ctrl-C).")
 def train(s: Session, a: argparse.Namespace) -> Any:
@@ -103,12 +113,13 @@ def train(s: Session, a: argparse.Namespace) -> Any:
     for _, key, _ in TRAIN_FLAGS:
         if getattr(a, key) is not None:
             config[key] = getattr(a, key)
-    if a.out:
-        config["out"] = s.resolve(a.out)
+    for key in ("out", "base", "tokenizer"):
+        if getattr(a, key):
+            config[key] = s.resolve(getattr(a, key))
     if a.resume:
         config["resume"] = True
     for key, value in key_values(a.settings).items():
-        config[key] = s.resolve(value) if key in ("out", "dataset") else scalar(value)
+        config[key] = s.resolve(value) if key in PATH_KEYS else scalar(value)
     with s.unbounded():
         pid = s.osh.spawn_train(config, alloc_id(s, a.alloc) if a.alloc else None)
     if a.detach:

@@ -281,7 +281,7 @@ class Executor(Service):
         uid, pid = req.uid, req.pid
 
         def check() -> dict:
-            from ._config import INTERNAL, memory_bytes, normalize
+            from ._config import INTERNAL, hf_job, memory_bytes, normalize
             inner = sorted(set(config) & set(INTERNAL))
             if inner:  # the executor sets these from an allocation it checked
                 raise SyscallError(Errno.EINVAL, f"spawn_train: {', '.join(inner)} cannot be "
@@ -290,7 +290,11 @@ class Executor(Service):
                 cfg = normalize(config)
             except ValueError as e:
                 raise SyscallError(Errno.EINVAL, f"spawn_train: {e}") from None
-            need = memory_bytes(cfg)
+            if hf_job(cfg):
+                from ._hftrain import train_memory
+                need = train_memory(self.conn(uid), cfg)
+            else:
+                need = memory_bytes(cfg)
             if alloc_id is not None:
                 cfg.update(self.check_alloc(alloc_id, pid, need))
             elif cfg["gpus"]:
@@ -395,16 +399,10 @@ class Executor(Service):
         osh = self.conn(uid)
         info = osh.open_tensor(cfg["dataset"], "r")  # ENOENT, EACCES, EISDIR as they come
         osh.close_tensor(info["fd"])
-        if info["dtype"] != "uint8" or len(info["shape"]) != 1:
-            raise SyscallError(Errno.EINVAL, f"spawn_train: dataset {cfg['dataset']} must be "
-                               f"a 1-D uint8 tensor (bytes), not {info['dtype']} "
-                               f"{info['shape']}")
-        least = cfg["workers"] * (cfg["block_size"] + 1)
-        if info["shape"][0] < least:
-            raise SyscallError(Errno.EINVAL, f"spawn_train: dataset {cfg['dataset']} has "
-                               f"{format_size(info['shape'][0])}; {cfg['workers']} workers "
-                               f"of block_size {cfg['block_size']} need at least "
-                               f"{format_size(least)}")
+        from ._config import dataset_error
+        why = dataset_error(cfg, info)
+        if why:
+            raise SyscallError(Errno.EINVAL, f"spawn_train: {why}")
 
     # -- status ----------------------------------------------------------------------
 

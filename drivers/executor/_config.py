@@ -6,7 +6,15 @@ type and in its range, or a ValueError that names the key. The job and its worke
 read only normalized configs, so they never re-check.
 
 It must never import anything heavier than the model's config class: the executor
-driver calls it on every spawn_train.
+driver calls it on every spawn_train. (A Hugging Face `arch` is checked against
+the installed transformers, imported then: only such a job pays for it.)
+
+A job trains one of two families: the byte-level GPT (no `base`, `arch` absent or
+"gpt") or a Hugging Face causal LM (`base`, or `arch` a transformers model_type
+with a `tokenizer`); hf_job() says which. A base model's shape comes from its
+config.json, so n_layer, n_head, n_embd and ffn are neither defaulted nor
+allowed with base; block_size (the training window) is, and the executor checks
+it against the model's context (_hftrain.py).
 """
 from __future__ import annotations
 
@@ -59,6 +67,12 @@ def _name(v: str) -> str | None:
     return None
 
 
+def _arch(v: str) -> str | None:
+    if re.fullmatch(r"[a-z0-9_]{1,64}", v) is None:
+        return "must be gpt or a Hugging Face model_type such as llama, gpt2, qwen2"
+    return None
+
+
 def _devices(v: list) -> str | None:
     if not all(isinstance(d, (int, str)) and not isinstance(d, bool) for d in v):
         return "must be a list of GPU indexes (int) or ids (str)"
@@ -88,6 +102,11 @@ SPEC: dict[str, tuple[type, Any, _Check | None]] = {
     "log_every": (int, 10, _in(1, _MAX_INT)),
     "timeout_s": (float, 3600.0, _over_at_most(0.0, 1e7)),
     "gpus": (int, 0, _in(0, 16)),
+    # Hugging Face models (docs/executor.md, "Training Hugging Face models")
+    "base": (str, None, _path),
+    "arch": (str, None, _arch),
+    "tokenizer": (str, None, _path),
+    "ffn": (int, None, _in(1, 1 << 20)),
     # added by the executor (or the job) once GPUs are allocated
     "alloc_id": (str, None, None),
     "devices": (list, None, _devices),
@@ -96,6 +115,13 @@ SPEC: dict[str, tuple[type, Any, _Check | None]] = {
 }
 INTERNAL = ("alloc_id", "devices", "simulated", "gpu_bytes")
 MODEL_KEYS = ("n_layer", "n_head", "n_embd", "block_size", "dropout")
+SHAPE_KEYS = ("n_layer", "n_head", "n_embd", "ffn")  # a base model's config.json decides
+GPT_ONLY = ("dropout",)  # the byte-level GPT's (a Hugging Face config has its own)
+
+
+def hf_job(cfg: dict) -> bool:
+    """Whether a (normalized) config trains a Hugging Face model, not the byte GPT."""
+    return bool(cfg.get("base")) or cfg.get("arch", "gpt") != "gpt"
 
 
 def normalize(config: dict) -> dict:
@@ -110,10 +136,13 @@ def normalize(config: dict) -> dict:
     for key in ("name", "dataset"):
         if key not in config:
             raise ValueError(f"training config: {key} is required")
+    hf = hf_job(config)
+    unset = (*SHAPE_KEYS, *GPT_ONLY) if "base" in config else \
+        GPT_ONLY if hf else ()
     out: dict[str, Any] = {}
     for key, (kind, default, check) in SPEC.items():
         if key not in config:
-            if default is not None:
+            if default is not None and key not in unset:
                 out[key] = default
             continue
         value = _typed(key, config[key], kind)
@@ -122,6 +151,7 @@ def normalize(config: dict) -> dict:
             raise ValueError(f"training config: {key} = {value!r} {why}")
         out[key] = value
     out.setdefault("out", f"/models/{out['name']}")
+    _check_family(out)
     _check_together(out)
     return out
 
@@ -141,8 +171,46 @@ def _typed(key: str, value: Any, kind: type) -> Any:
     return value
 
 
+def _check_family(cfg: dict) -> None:
+    """The keys of one family only: base brings its shape and tokenizer; arch other
+    than gpt needs a tokenizer that transformers knows; the GPT has neither."""
+    def refuse(key: str, why: str) -> ValueError:
+        return ValueError(f"training config: {key} = {cfg[key]!r} {why}")
+    arch = cfg.get("arch")
+    if "base" in cfg:
+        if arch is not None:
+            raise refuse("arch", f"cannot be set with base = {cfg['base']!r} (base brings "
+                         "its own config.json; arch trains a new model from scratch)")
+        for key in (*SHAPE_KEYS, "tokenizer"):
+            if key in cfg:
+                raise refuse(key, f"cannot be set with base (its config.json and tokenizer "
+                             "decide)")
+    elif arch not in (None, "gpt"):
+        _check_arch(arch)
+        if "tokenizer" not in cfg:
+            raise ValueError(f"training config: tokenizer is required with arch = {arch!r} "
+                             "(a tensorfs directory of tokenizer.json ...)")
+    else:
+        for key in ("tokenizer", "ffn"):
+            if key in cfg:
+                raise refuse(key, "is for Hugging Face models (base, or arch other than "
+                             "gpt); the byte-level GPT has neither")
+    if hf_job(cfg) and cfg.get("dropout", 0.0) != 0.0:
+        raise refuse("dropout", "is the byte-level GPT's; a Hugging Face model's config "
+                     "has its own")
+
+
+def _check_arch(arch: str) -> None:
+    """arch is a model_type the installed transformers builds as a causal LM."""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+    if arch not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
+        raise ValueError(f"training config: arch = {arch!r} is not a model_type the "
+                         "installed transformers builds as a causal LM (gpt, or e.g. "
+                         "llama, gpt2, qwen2)")
+
+
 def _check_together(cfg: dict) -> None:
-    if cfg["n_embd"] % cfg["n_head"]:
+    if "n_embd" in cfg and cfg["n_embd"] % cfg["n_head"]:
         raise ValueError(f"training config: n_embd = {cfg['n_embd']} must be a multiple "
                          f"of n_head = {cfg['n_head']}")
     if cfg["min_lr"] > cfg["lr"]:
@@ -159,7 +227,37 @@ def model_config(cfg: dict) -> GPTConfig:
     return GPTConfig(**{k: cfg[k] for k in MODEL_KEYS})
 
 
+def dataset_error(cfg: dict, st: dict) -> str | None:
+    """Why the dataset st (a stat or open_tensor record) cannot train cfg's model,
+    or None: the byte GPT reads a 1-D uint8 tensor of bytes; a Hugging Face model
+    one of text (uint8) or of token ids (int32, int64); each of the workers'
+    shards holds at least block_size + 1 of them."""
+    hf = hf_job(cfg)
+    dtypes = ("uint8", "int32", "int64") if hf else ("uint8",)
+    shape = st.get("shape") or []
+    if st.get("type", "tensor") != "tensor" or st.get("dtype") not in dtypes or \
+            len(shape) != 1:
+        want = "text (uint8) or token ids (int32, int64)" if hf else "bytes (uint8)"
+        return (f"dataset {cfg['dataset']} must be a 1-D tensor of {want}, not "
+                f"{st.get('type', 'tensor')} {st.get('dtype')} {shape}")
+    least = cfg["workers"] * (cfg["block_size"] + 1)
+    if shape[0] < least:
+        return (f"dataset {cfg['dataset']} has {shape[0]:,} elements; {cfg['workers']} "
+                f"workers of block_size {cfg['block_size']} need at least {least:,}")
+    return None
+
+
 def memory_bytes(cfg: dict) -> int:
-    """Training memory of one worker (model, gradients, AdamW, activations at
-    batch_size): what the job asks alloc_gpu for on each GPU."""
+    """Training memory of one byte-GPT worker (model, gradients, AdamW, activations
+    at batch_size): what the job asks alloc_gpu for on each GPU. (A Hugging Face
+    model's: _hftrain.check, which reads its config from tensorfs.)"""
     return train_bytes(model_config(cfg), cfg["batch_size"])
+
+
+def model_identity(cfg: dict) -> dict:
+    """What a checkpoint's model must match for a job to resume it: the GPT's
+    shape, or a Hugging Face model's source and (from scratch) shape."""
+    if not hf_job(cfg):
+        return model_config(cfg).to_dict()
+    keys = ("base",) if cfg.get("base") else ("arch", "tokenizer", *SHAPE_KEYS, "block_size")
+    return {"family": "hf", **{k: cfg.get(k) for k in keys}}

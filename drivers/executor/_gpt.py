@@ -96,11 +96,15 @@ def train_bytes(cfg: GPTConfig, batch_size: int) -> int:
     + logits: batch * block_size * vocab_size * 4 B, three times (logits, their
       softmax in the loss, and their gradient).
     """
-    tokens = batch_size * cfg.block_size
-    params = 16 * n_params(cfg)
-    activations = tokens * cfg.n_embd * cfg.n_layer * 34 * 4
-    logits = tokens * cfg.vocab_size * 4 * 3
-    return params + activations + logits
+    return estimate_train_bytes(n_params(cfg), batch_size * cfg.block_size, cfg.n_embd,
+                                cfg.n_layer, cfg.vocab_size)
+
+
+def estimate_train_bytes(params: int, tokens: int, width: int, layers: int,
+                         vocab: int) -> int:
+    """train_bytes for any decoder of params parameters, width channels and layers
+    layers over a vocabulary of vocab, for tokens tokens a step."""
+    return 16 * params + tokens * width * layers * 34 * 4 + tokens * vocab * 4 * 3
 
 
 @dataclass

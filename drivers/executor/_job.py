@@ -29,7 +29,7 @@ from typing import Any
 
 from syscalls import Errno, SyscallError
 
-from ._config import memory_bytes, model_config, normalize
+from ._config import hf_job, memory_bytes, model_identity, normalize
 from ._worker import CONFIG_ENV, JOB_ENV, RESUME_ENV, check_dataset, report
 from .checkpoint import (exists, history_len, is_step_dir, read_meta, remove_tree,
                          resolve_checkpoint)
@@ -64,8 +64,7 @@ class Job:
             self.say({"state": "starting", "steps": self.cfg["steps"],
                       "workers": self.cfg["workers"]})
             self.allocate()
-            check_dataset(self.osh, self.cfg["dataset"], self.cfg["workers"],
-                          self.cfg["block_size"])
+            check_dataset(self.osh, self.cfg)
             return self.attempts(self.prepare_out())
         except (JobFailed, SyscallError, ValueError) as e:
             terminated = self.stop.is_set()
@@ -101,7 +100,12 @@ class Job:
         """GPUs of the job's own, when it wants some and the executor gave none."""
         if self.cfg["gpus"] == 0 or "alloc_id" in self.cfg:
             return
-        alloc = self.osh.alloc_gpu(memory_bytes(self.cfg), count=self.cfg["gpus"])
+        if hf_job(self.cfg):
+            from ._hftrain import train_memory
+            need = train_memory(self.osh, self.cfg)
+        else:
+            need = memory_bytes(self.cfg)
+        alloc = self.osh.alloc_gpu(need, count=self.cfg["gpus"])
         self.own_alloc = alloc["id"]
         self.cfg.update(alloc_id=alloc["id"], devices=list(alloc["devices"]),
                         simulated=bool(alloc["simulated"]), gpu_bytes=int(alloc["bytes_each"]))
@@ -124,7 +128,7 @@ class Job:
         existing = resolve_checkpoint(self.osh, out) if exists(self.osh, out) else None
         if existing is not None and self.cfg["resume"]:
             saved = read_meta(self.osh, existing)[1]["model"]
-            want = model_config(self.cfg).to_dict()
+            want = model_identity(self.cfg)
             if saved != want:
                 raise JobFailed(f"cannot resume {existing}: its model {saved} is not the "
                                 f"configured {want}")

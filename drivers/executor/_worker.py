@@ -22,10 +22,10 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from syscalls import Errno, SyscallError, format_size
+from syscalls import Errno, SyscallError
 
-from ._config import normalize
-from .checkpoint import read_checkpoint, write_checkpoint
+from ._config import dataset_error, hf_job, normalize
+from .checkpoint import read_checkpoint
 from .trainer import DIST_TIMEOUT, Progress, Trainer, set_threads, shard_bounds, train_loop
 
 CONFIG_ENV = "LLMOS_TRAIN_CONFIG"
@@ -78,30 +78,26 @@ class LlmosHooks:
 
     def checkpoint(self, trainer: Trainer, progress: Progress) -> None:
         if trainer.rank == 0:
-            write_checkpoint(self.osh, trainer.cfg["out"], trainer.model, trainer.optimizer,
-                             checkpoint_meta(trainer, progress), trainer.history_tensor())
+            trainer.family.write_checkpoint(self.osh, trainer.cfg["out"], trainer.model,
+                                            trainer.optimizer, checkpoint_meta(trainer, progress),
+                                            trainer.history_tensor())
 
 
-def check_dataset(osh: Any, dataset: str, world: int, block_size: int) -> int:
-    """The dataset's length; ENOENT if missing, EINVAL unless a uint8 1-D tensor
-    whose every shard holds at least block_size + 1 bytes."""
-    st = osh.stat(dataset)
-    if st.get("type") != "tensor" or st.get("dtype") != "uint8" or len(st.get("shape", [])) != 1:
-        raise SyscallError(Errno.EINVAL, f"dataset {dataset} must be a uint8 1-D tensor of "
-                           f"bytes, not {st.get('type')} {st.get('dtype')} {st.get('shape')}")
-    n = int(st["shape"][0])
-    if n // world < block_size + 1:
-        raise SyscallError(Errno.EINVAL, f"dataset {dataset} has {format_size(n)}: too few "
-                           f"for {world} worker(s) of block_size {block_size} (each needs "
-                           f"{format_size(block_size + 1)})")
-    return n
+def check_dataset(osh: Any, cfg: dict) -> int:
+    """The dataset's length; ENOENT if missing, EINVAL when it cannot train cfg's
+    model (_config.dataset_error)."""
+    st = osh.stat(cfg["dataset"])
+    why = dataset_error(cfg, st)
+    if why:
+        raise SyscallError(Errno.EINVAL, why)
+    return int(st["shape"][0])
 
 
-def read_shard(osh: Any, dataset: str, rank: int, world: int, block_size: int) -> torch.Tensor:
+def read_shard(osh: Any, cfg: dict, rank: int, world: int) -> torch.Tensor:
     """This rank's contiguous share of the dataset: [r*N//W, (r+1)*N//W)."""
-    n = check_dataset(osh, dataset, world, block_size)
+    n = check_dataset(osh, cfg)
     a, b = shard_bounds(n, rank, world)
-    return torch.as_tensor(osh.load_tensor(dataset, slice=[[a, b]])).clone()
+    return torch.as_tensor(osh.load_tensor(cfg["dataset"], slice=[[a, b]])).clone()
 
 
 def pick_device(cfg: dict, rank: int) -> tuple[torch.device, str]:
@@ -165,9 +161,14 @@ def run_worker(osh: Any, cfg: dict, rank: int, world: int, resume: str,
     device, backend = pick_device(cfg, rank)
     dist.init_process_group(backend, rank=rank, world_size=world, timeout=DIST_TIMEOUT)
     try:
-        shard = read_shard(osh, cfg["dataset"], rank, world, cfg["block_size"])
+        shard = read_shard(osh, cfg, rank, world)
+        family = None
+        if hf_job(cfg):
+            from ._hftrain import HFFamily
+            family = HFFamily(osh, cfg)
+            shard = family.tokens(shard)
         start = read_checkpoint(osh, resume) if resume else None
-        trainer = Trainer(cfg, shard, rank, world, device, start)
+        trainer = Trainer(cfg, shard, rank, world, device, start, family)
         result = train_loop(trainer, LlmosHooks(osh, job_pid, stop), cfg["steps"])
         if result.stopped and rank == 0:
             print(f"stopped at step {trainer.step} on request", flush=True)

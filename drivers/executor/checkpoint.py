@@ -7,6 +7,10 @@ state_dict's tensors without tied duplicates; AdamW's moments); history is a
 float32 [n, 2] tensor of (step, loss averaged over workers), one row per step
 since the job's first run. Older layouts still read: one tensor per state_dict
 entry in the step directory (before groups), no history (before histories).
+A Hugging Face model's checkpoint is a model directory as `llmos import` stores
+one, with the job's own state in a subdirectory that export and infer skip:
+    <out>/step-NNNNNN/{config.json, model.safetensors, tokenizer.json, ...,
+                       llmos/{config, optim, history}}
 
 Shared by the executor driver (infer reads checkpoints) and the training job
 (writes them, resumes from them). It must never leave `latest` naming a
@@ -29,6 +33,8 @@ KEEP_CHECKPOINTS = 2
 OPTIM_TENSORS = ("optim.exp_avg", "optim.exp_avg_sq")
 MODEL_GROUP, OPTIM_GROUP = "model", "optim"  # a checkpoint's two groups (tensorfs)
 HISTORY = "history"  # the loss history tensor of a checkpoint
+JOB_STATE = "llmos"  # a Hugging Face checkpoint's subdirectory of the job's own state
+HF_WEIGHTS = "model.safetensors"  # a Hugging Face checkpoint's weights (a group)
 
 
 @dataclass
@@ -119,24 +125,65 @@ def write_checkpoint(osh: Any, out: str, model: nn.Module,
     naming a complete checkpoint: every tensor of out/step-N (each durable when its
     save returns), then out/latest replaced (atomic), then every other step dir but
     the previous checkpoint removed."""
-    name = step_dir_name(int(meta["step"]))
+    name, path = _begin(osh, out, int(meta["step"]))
+    osh.save_tensors(f"{path}/{MODEL_GROUP}", state_without_aliases(model))
+    _save_job_state(osh, path, model, optimizer, {"model": model.config.to_dict(), **meta},
+                    history)
+    return _commit(osh, out, name, path)
+
+
+def write_hf_checkpoint(osh: Any, out: str, model: nn.Module,
+                        optimizer: torch.optim.Optimizer | None, meta: dict[str, Any],
+                        history: torch.Tensor | None, files: dict[str, bytes]) -> str:
+    """write_checkpoint for a Hugging Face model, in the layout `llmos import`
+    writes: model.safetensors (a group of the state_dict without tied duplicates,
+    named as save_pretrained names them) and files (config.json, the tokenizer's
+    ...: name -> bytes, each a uint8 tensor), with the job's config, moments and
+    history in the subdirectory llmos/. The same order and guarantee."""
+    name, path = _begin(osh, out, int(meta["step"]))
+    osh.save_tensors(f"{path}/{HF_WEIGHTS}", {
+        key: value.contiguous() for key, value in state_without_aliases(model).items()})
+    for file, data in files.items():
+        osh.save_tensor(f"{path}/{file}", _bytes_tensor(data))
+    osh.mkdir(f"{path}/{JOB_STATE}")
+    _save_job_state(osh, f"{path}/{JOB_STATE}", model, optimizer, dict(meta), history)
+    return _commit(osh, out, name, path)
+
+
+def state_without_aliases(model: nn.Module) -> dict[str, torch.Tensor]:
+    """model's state_dict without tied duplicates (the first name of each tensor)."""
+    aliases = _aliases(model)
+    return {key: value for key, value in model.state_dict().items() if key not in aliases}
+
+
+def _begin(osh: Any, out: str, step: int) -> tuple[str, str]:
+    """(name, path) of a new, empty step directory under out (a half-written one a
+    killed attempt left there goes first)."""
+    name = step_dir_name(step)
     path = f"{out}/{name}"
     makedirs(osh, out)
-    if exists(osh, path):  # left half-written by an attempt that was killed
+    if exists(osh, path):
         remove_tree(osh, path)
     osh.mkdir(path)
-    config = {"model": model.config.to_dict(), **meta}
-    aliases = _aliases(model)
-    osh.save_tensors(f"{path}/{MODEL_GROUP}", {
-        key: value for key, value in model.state_dict().items() if key not in aliases})
+    return name, path
+
+
+def _save_job_state(osh: Any, where: str, model: nn.Module,
+                    optimizer: torch.optim.Optimizer | None, config: dict[str, Any],
+                    history: torch.Tensor | None) -> None:
+    """The optimizer's moments, the loss history and the config JSON, into where."""
     if optimizer is not None:
         moments, step = optimizer_moments(model, optimizer)
         if moments:
-            osh.save_tensors(f"{path}/{OPTIM_GROUP}", moments)
+            osh.save_tensors(f"{where}/{OPTIM_GROUP}", moments)
         config["optim_step"] = step
     if history is not None:
-        osh.save_tensor(f"{path}/{HISTORY}", history)
-    osh.save_tensor(f"{path}/config", _bytes_tensor(json.dumps(config).encode()))
+        osh.save_tensor(f"{where}/{HISTORY}", history)
+    osh.save_tensor(f"{where}/config", _bytes_tensor(json.dumps(config).encode()))
+
+
+def _commit(osh: Any, out: str, name: str, path: str) -> str:
+    """Point out/latest at the complete checkpoint name, then prune; its path."""
     osh.save_tensor(f"{out}/latest", _bytes_tensor(name.encode()))
     prune_checkpoints(osh, out, name)
     return path
@@ -174,7 +221,14 @@ def resolve_checkpoint(osh: Any, path: str) -> str | None:
     except SyscallError as e:
         if e.errno not in (Errno.ENOENT, Errno.ENOTDIR):
             raise
-    return path if exists(osh, f"{path}/config") else None
+    return path if exists(osh, f"{path}/config") or \
+        exists(osh, f"{path}/{JOB_STATE}/config") else None
+
+
+def job_state_dir(osh: Any, where: str) -> str:
+    """Where the checkpoint directory where keeps the job's config, moments and
+    history: its llmos/ subdirectory (a Hugging Face model's), or itself."""
+    return f"{where}/{JOB_STATE}" if exists(osh, f"{where}/{JOB_STATE}/config") else where
 
 
 def read_meta(osh: Any, path: str) -> tuple[str, dict[str, Any]]:
@@ -182,14 +236,15 @@ def read_meta(osh: Any, path: str) -> tuple[str, dict[str, Any]]:
     where = resolve_checkpoint(osh, path)
     if where is None:
         raise SyscallError(Errno.ENOENT, f"{path}: no checkpoint (neither latest nor config)")
-    return where, json.loads(_text(osh.load_tensor(f"{where}/config")))
+    state = job_state_dir(osh, where)
+    return where, json.loads(_text(osh.load_tensor(f"{state}/config")))
 
 
 def history_len(osh: Any, where: str) -> int:
     """How many steps the checkpoint directory where has in its loss history (0 for
     one written before histories)."""
     try:
-        return int(osh.stat(f"{where}/{HISTORY}")["shape"][0])
+        return int(osh.stat(f"{job_state_dir(osh, where)}/{HISTORY}")["shape"][0])
     except SyscallError as e:
         if e.errno == Errno.ENOENT:
             return 0
@@ -200,10 +255,16 @@ def read_checkpoint(osh: Any, path: str, for_resume: bool = True) -> Checkpoint:
     """Read the checkpoint path names (see resolve_checkpoint); ENOENT if none. The
     weights are the `model` group; for_resume also reads what only resuming needs:
     the moments (the `optim` group) and the loss history. A checkpoint of one
-    tensor per entry (the layout before groups) reads the same."""
+    tensor per entry (the layout before groups) reads the same, and so does a
+    Hugging Face model's (its *.safetensors groups; the rest in llmos/)."""
     where, meta = read_meta(osh, path)
     state, optim, history = {}, {}, None
-    for entry in osh.listdir(where):
+    job = job_state_dir(osh, where)
+    if job != where:
+        for entry in osh.listdir(where):
+            if entry["type"] == "group" and entry["name"].endswith(".safetensors"):
+                state.update(osh.load_tensors(entry["path"]))
+    for entry in osh.listdir(job):
         name = entry["name"]
         if entry["type"] == "group" and name == MODEL_GROUP:
             state.update(osh.load_tensors(entry["path"]))

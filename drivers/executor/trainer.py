@@ -25,11 +25,9 @@ import torch.distributed as dist
 import torch.nn as nn
 from torch.nn.parallel import DistributedDataParallel
 
-from syscalls import format_size
-
 from ._config import model_config
 from ._gpt import GPT
-from .checkpoint import Checkpoint, load_state
+from .checkpoint import Checkpoint, load_state, write_checkpoint
 
 DIST_TIMEOUT = datetime.timedelta(seconds=60)  # rendezvous and every collective
 
@@ -92,16 +90,52 @@ class Hooks(Protocol):
     def checkpoint(self, trainer: Trainer, progress: Progress) -> None: ...
 
 
+class Family(Protocol):
+    """What a Trainer needs of a model family (the byte GPT here; a Hugging Face
+    causal LM in _hftrain.py): its model, a batch's loss, and its checkpoints."""
+
+    def build(self) -> nn.Module: ...
+
+    def loss(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor: ...
+
+    def write_checkpoint(self, osh: Any, out: str, model: nn.Module,
+                         optimizer: torch.optim.Optimizer, meta: dict[str, Any],
+                         history: torch.Tensor) -> str: ...
+
+
+class GPTFamily:
+    """The byte-level GPT (_gpt.py): bytes in, the model's own loss, checkpoints in
+    checkpoint.py's layout."""
+
+    def __init__(self, cfg: dict) -> None:
+        self.config = model_config(cfg)
+
+    def build(self) -> nn.Module:
+        return GPT(self.config)
+
+    def loss(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return model(x, y)[1]
+
+    def write_checkpoint(self, osh: Any, out: str, model: nn.Module,
+                         optimizer: torch.optim.Optimizer, meta: dict[str, Any],
+                         history: torch.Tensor) -> str:
+        return write_checkpoint(osh, out, model, optimizer, meta, history)
+
+
 class Trainer:
-    """One worker's model (wrapped in DDP), optimizer, data shard and loss history."""
+    """One worker's model (wrapped in DDP), optimizer, data shard and loss history.
+    family builds the model (default: the byte GPT of cfg); shard holds its tokens
+    (uint8 bytes for the GPT, int32 ids for a Hugging Face model)."""
 
     def __init__(self, cfg: dict, shard: torch.Tensor, rank: int, world: int,
-                 device: torch.device, start: Checkpoint | None = None) -> None:
+                 device: torch.device, start: Checkpoint | None = None,
+                 family: Family | None = None) -> None:
         self.cfg, self.rank, self.world, self.device = cfg, rank, world, device
-        self.model_cfg = model_config(cfg)
-        if shard.dim() != 1 or shard.numel() < self.model_cfg.block_size + 1:
-            raise ValueError(f"rank {rank}: a shard of {format_size(shard.numel())} is "
-                             f"shorter than block_size + 1 = {self.model_cfg.block_size + 1}")
+        self.family = GPTFamily(cfg) if family is None else family
+        self.block_size = cfg["block_size"]
+        if shard.dim() != 1 or shard.numel() < self.block_size + 1:
+            raise ValueError(f"rank {rank}: a shard of {shard.numel()} tokens is "
+                             f"shorter than block_size + 1 = {self.block_size + 1}")
         self.step = 0 if start is None else int(start.meta["step"])
         # the untrained model's loss, measured once per model, carried by checkpoints
         self.loss0: float | None = None if start is None else \
@@ -115,23 +149,23 @@ class Trainer:
             self.history.frombytes(rows[rows[:, 0] <= self.step].numpy().tobytes())
         # distinct batches per rank, and after a resume not the ones already seen
         torch.manual_seed(cfg["seed"] + rank + 16 * self.step)
-        self.shard = shard.to(device=device, dtype=torch.uint8)  # 1 B a token, not 8
-        self.model = GPT(self.model_cfg).to(device)
+        self.shard = shard.to(device)  # 1 B (bytes) or 4 B (ids) a token, not 8
+        self.model = self.family.build().to(device)
         self.optimizer = make_optimizer(self.model, cfg)
         if start is not None:
             load_state(self.model, self.optimizer, start)
         ids = [device.index] if device.type == "cuda" else None
         self.ddp = DistributedDataParallel(self.model, device_ids=ids)
-        self.offsets = torch.arange(self.model_cfg.block_size + 1, device=device)
+        self.offsets = torch.arange(self.block_size + 1, device=device)
 
     @property
     def batch_tokens(self) -> int:
         """Tokens one step trains on, over all workers."""
-        return self.cfg["batch_size"] * self.model_cfg.block_size * self.world
+        return self.cfg["batch_size"] * self.block_size * self.world
 
     def batch(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """batch_size random windows of block_size + 1 bytes of this rank's shard."""
-        t = self.model_cfg.block_size
+        """batch_size random windows of block_size + 1 tokens of this rank's shard."""
+        t = self.block_size
         starts = torch.randint(self.shard.numel() - t, (self.cfg["batch_size"],))
         chunk = self.shard[starts.to(self.device)[:, None] + self.offsets].long()
         return chunk[:, :-1], chunk[:, 1:]
@@ -141,7 +175,7 @@ class Trainer:
         for group in self.optimizer.param_groups:
             group["lr"] = lr_at(self.step, self.cfg)
         x, y = self.batch()
-        _, loss = self.ddp(x, y)
+        loss = self.family.loss(self.ddp, x, y)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if self.cfg["grad_clip"] > 0:
@@ -156,8 +190,7 @@ class Trainer:
         """This rank's loss on a batch before any training (through the bare model:
         a forward without gradients needs nothing from the other ranks)."""
         x, y = self.batch()
-        _, loss = self.model(x, y)
-        return loss
+        return self.family.loss(self.model, x, y)
 
     def mean_over_workers(self, value: torch.Tensor) -> float:
         """value averaged over all ranks (a collective: every rank calls it)."""

@@ -17,9 +17,11 @@ from syscalls import Errno, SyscallError
 
 from ._client import SIGNAL_NAMES, Llmos, connect, signal_name
 from ._gpu import apply_gpu_limits, gpu_env
+from ._hftok import bpe_tokenizer, text_pieces
 from ._proc import alive, lock_held, stop_kernel, wait_gone
 from ._tensors import DTYPES, PROGRESS_CHUNK, Progress, as_raw, floating
 
 __all__ = ["DTYPES", "Errno", "Llmos", "PROGRESS_CHUNK", "Progress", "SIGNAL_NAMES",
-           "SyscallError", "alive", "apply_gpu_limits", "as_raw", "connect", "floating",
-           "gpu_env", "lock_held", "signal_name", "stop_kernel", "wait_gone"]
+           "SyscallError", "alive", "apply_gpu_limits", "as_raw", "bpe_tokenizer", "connect",
+           "floating", "gpu_env", "lock_held", "signal_name", "stop_kernel", "text_pieces",
+           "wait_gone"]

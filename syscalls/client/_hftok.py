@@ -1,6 +1,7 @@
 """Training a byte-level BPE tokenizer from a tensorfs text dataset, with the
-`tokenizers` library (docs/executor.md, "Tokenizers"). Loaded at the first call
-of train_tokenizer; tokenizers and transformers load inside it.
+`tokenizers` library (docs/executor.md, "Tokenizers"). Importing it costs only
+the standard library: tokenizers and transformers load inside the calls. The
+executor's training workers use text_pieces and the tests bpe_tokenizer.
 """
 from __future__ import annotations
 
@@ -35,7 +36,7 @@ def bpe_tokenizer(texts: Iterable[str], vocab: int, min_frequency: int = 2) -> A
                                    bos_token=SPECIALS[1], eos_token=SPECIALS[2])
 
 
-def _lines(text: str, chunk: int = 1 << 16) -> Iterable[str]:
+def text_pieces(text: str, chunk: int = 1 << 16) -> Iterable[str]:
     """text in pieces of about chunk characters, cut after a newline."""
     start = 0
     while start < len(text):
@@ -75,7 +76,7 @@ def train_tokenizer(osh: Any, dataset: str, path: str, vocab: int = 4096,
         "utf-8", errors="replace")
     if not text.strip():
         raise SyscallError(Errno.EINVAL, f"tokenizer: {dataset} holds no text")
-    tok = bpe_tokenizer(_lines(text), vocab, min_frequency)
+    tok = bpe_tokenizer(text_pieces(text), vocab, min_frequency)
     from ._hfio import _makedirs
     _makedirs(osh, path)
     with tempfile.TemporaryDirectory(prefix="llmos-tok-") as tmp:
