@@ -90,7 +90,8 @@ def batching(b: Any, d: Path, tokens: int) -> dict[str, Any]:
     want = []
     for p in PROMPTS:
         ids = tok(p, return_tensors="pt").input_ids
-        want.append(tok.decode(_generate(model, ids, tokens)[0, ids.shape[1]:]))
+        want.append(tok.decode(_generate(model, ids, tokens)[0, ids.shape[1]:],
+                               skip_special_tokens=True))  # as infer's text
     sequential = len(PROMPTS) * tokens / (time.perf_counter() - t0)
     tok.padding_side = "left"
     batch = tok(PROMPTS, return_tensors="pt", padding=True)
