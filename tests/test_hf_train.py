@@ -79,6 +79,9 @@ def test_finetune_a_base_on_token_ids_checkpoints_serve_and_export(
         # infer serves the latest checkpoint, in the base's tokens
         out = osh.infer("/models/ft", "def add(a, b):", 12, temperature=0)
         assert out["tokens"] == 12 and out["prompt_tokens"] < len("def add(a, b):")
+        held = next(m for m in osh.models()["models"] if m["path"].startswith("/models/ft"))
+        assert (held["step"], held["architecture"]) == (20, "LlamaForCausalLM")
+        assert held["loss"] == pytest.approx(info["loss"], rel=1e-6)
         # export writes what transformers loads, bit for bit the checkpoint's weights
         r = osh.export_model("/models/ft", tmp_path / "ft")
         assert r["path"] == "/models/ft/step-000020" and "llmos" in r["skipped"]

@@ -161,8 +161,19 @@ class ModelCache:
                                                  self.budget, self.max_batch, path)
         arch = (getattr(parts.config, "architectures", None) or [type(model.model).__name__])[0]
         log.info("loaded %s (%s, %s with its KV cache)", ckpt, arch, format_size(nbytes))
-        return Loaded(key, ckpt, model, nbytes, {"architecture": arch}, path, tokenizer=tok,
-                      eos=parts.eos, architecture=arch)
+        config = {"architecture": arch, **self.trained(uid, ckpt)}
+        return Loaded(key, ckpt, model, nbytes, config, path, tokenizer=tok, eos=parts.eos,
+                      architecture=arch)
+
+    def trained(self, uid: int, ckpt: str) -> dict[str, Any]:
+        """{step, loss} of a training job's Hugging Face checkpoint (its llmos/config),
+        {} for an imported model."""
+        from .checkpoint import JOB_STATE
+        try:
+            meta = json.loads(text_of(self.conn(uid).load_tensor(f"{ckpt}/{JOB_STATE}/config")))
+        except (SyscallError, ValueError, UnicodeDecodeError):
+            return {}
+        return {k: meta.get(k) for k in ("step", "loss")}
 
     def check_access(self, uid: int, ckpt: str) -> None:
         """EACCES unless uid may list ckpt and read each of its tensors (background

@@ -1,5 +1,6 @@
 """`make demo`: boot llmos on a temporary home, run the example program, train a
-small GPT on the standard library's sources, generate from it, shut it down.
+BPE tokenizer and a small Llama on the standard library's sources, generate from
+it, export it and load the export with transformers, shut it down.
 
 Uses the same `llmos` command a person would, so what it prints is what they see.
 """
@@ -12,6 +13,24 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 LLMOS = [sys.executable, "-m", "userland.cli"]
+# a Llama of 3.9M parameters: 4 layers, width 192, 4 heads, a 4096-token BPE
+# vocabulary, 128-token windows; 250 steps of 2 workers x 12 windows (about two
+# minutes on 2 cores, docs/executor.md)
+LLAMA = ["--arch", "llama", "--tokenizer", "/models/pyllama", "--layers", "4",
+         "--heads", "4", "--width", "192", "--steps", "250"]
+CHECK = """
+import sys
+from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers.utils import logging
+logging.disable_progress_bar()
+model = AutoModelForCausalLM.from_pretrained(sys.argv[1], local_files_only=True)
+tok = AutoTokenizer.from_pretrained(sys.argv[1], local_files_only=True)
+ids = tok("def main(", return_tensors="pt").input_ids
+out = model.generate(ids, do_sample=False, max_new_tokens=40, pad_token_id=tok.pad_token_id)
+n = sum(p.numel() for p in model.parameters())
+print(f"transformers loads it: {type(model).__name__}, {n / 1e6:.1f}M parameters; greedy:")
+print(tok.decode(out[0], skip_special_tokens=True))
+"""
 
 
 def llmos(*args: str) -> None:
@@ -22,13 +41,20 @@ def llmos(*args: str) -> None:
 def main() -> int:
     home = tempfile.mkdtemp(prefix="llmos-demo-", dir="/tmp")
     os.environ["LLMOS_HOME"] = home
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    export = os.path.join(home, "export", "pyllama")
     try:
         llmos("start")
         try:
             llmos("run", "python", str(HERE / "hello.py"))
             llmos("corpus", "/datasets/pystdlib")       # the stdlib's sources, as bytes
-            llmos("train", "demo", "--data", "/datasets/pystdlib")  # 300 steps, 2 workers
-            llmos("infer", "/models/demo", "def main(", "-n", "300", "-v", "--seed", "1")
+            llmos("tokenizer", "train", "/datasets/pystdlib", "/models/pyllama",
+                  "--vocab", "4096")
+            llmos("train", "pyllama", "--data", "/datasets/pystdlib", *LLAMA)
+            llmos("infer", "/models/pyllama", "def main(", "-n", "120", "-v", "--seed", "1")
+            llmos("export", "/models/pyllama", export)
+            print(f"\n$ python -c '...from_pretrained({export!r})...'", flush=True)
+            subprocess.run([sys.executable, "-c", CHECK, export], check=True)
             llmos("jobs", "-a")                              # the job, ended: its loss, checkpoint
             llmos("models")
             llmos("ps")
