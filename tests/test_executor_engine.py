@@ -293,8 +293,8 @@ def test_cancel_queued_and_running(model: GPT) -> None:
     engine.submit(req(model, 1, [1], 50))
     engine.submit(req(model, 2, [2], 50))
     engine.submit(req(model, 3, [3], 4))
-    first = engine.step()
-    assert [ev.id for ev in first] == [1] and len(first[0].tokens) == 2
+    first = engine.step()  # an admitting step: the prefill's token at once, no decode
+    assert [ev.id for ev in first] == [1] and len(first[0].tokens) == 1
     assert engine.cancel(2) and engine.cancel(1)
     assert not engine.cancel(1) and not engine.cancel(99)
     events = run(engine, first)
@@ -302,6 +302,34 @@ def test_cancel_queued_and_running(model: GPT) -> None:
     assert events[2] == [Event(2, [], True, "cancelled")]
     assert tokens_of(events[3]) == generate_direct(model, [3], 4)
     assert engine.stats()["running"] == 0 and engine.stats()["queued"] == 0
+
+
+def test_a_joining_request_gets_its_first_token_from_the_step_that_admits_it(
+        model: GPT) -> None:
+    engine = Engine(max_batch=8)
+    seen: list[Event] = []
+
+    def step() -> dict[int, Event]:
+        events = engine.step()
+        seen.extend(events)
+        return {e.id: e for e in events}
+
+    engine.submit(req(model, 1, [1], 60))
+    step()
+    step()
+    engine.submit(req(model, 2, [2], 60))
+    ev = step()
+    assert ev[2].tokens == generate_direct(model, [2], 1) and ev[1].tokens == []
+    assert all(len(e.tokens) == 1 for e in step().values())  # then both decode
+    # a request admitted at every step: the running ones still decode every other step
+    decoded = []
+    for i in range(3, 9):
+        engine.submit(req(model, i, [i], 60))
+        decoded.append(len(step()[1].tokens))
+    assert decoded == [0, 1, 0, 1, 0, 1]
+    events = run(engine, seen)
+    for i in range(1, 9):  # and each makes what it makes alone
+        assert tokens_of(events[i]) == generate_direct(model, [i], 60)
 
 
 def test_cancel_owner_cancels_only_that_owner(model: GPT) -> None:
@@ -371,8 +399,10 @@ def test_a_failed_forward_leaves_the_engine_consistent(method: str) -> None:
     engine.submit(req(flaky, 1, [3, 1, 4], 12))
     engine.submit(req(flaky, 2, [1, 5], 5))
     engine.cancel(2)
+    # an admitting step only prefills (its first token at once); decode comes next
+    first = engine.step() if method == "decode" else []
     with pytest.raises(RuntimeError, match="injected"):
         engine.step()
-    events = run(engine)
+    events = run(engine, first)
     assert events[2] == [Event(2, [], True, "cancelled")]
     assert tokens_of(events[1]) == generate_direct(tiny_model(4), [3, 1, 4], 12)

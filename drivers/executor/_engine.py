@@ -13,7 +13,11 @@ One step:
    sequences run at once, all models together (``max_batch=1`` is batching off).
 2. **Prefill** each admitted prompt into its slot of its model's KV cache; the
    prefill's logits give the first new token.
-3. **Decode** one token for every running sequence: one batched forward per
+3. **Decode** one token for every running sequence (but in a step that admitted
+   a request, unless the step before also did: that step returns the new
+   sequences' first tokens at once, so a request joining a running batch waits
+   for its prefill, not for a decode step more; the running sequences still
+   decode at least every other step): one batched forward per
    model, each row at its own position (see _gpt.py), then sampling per
    sequence with its own ``torch.Generator`` seeded from ``req.seed``
    (temperature under 0.001 is argmax; else logits / temperature, the top_k filter when
@@ -248,6 +252,7 @@ class Engine:
         self._pending: list[Event] = []
         self._steps = 0
         self._tokens = 0
+        self._admitted_last = False  # the previous step admitted and did not decode
         self._batch_sizes: Counter[int] = Counter()
 
     @property
@@ -307,8 +312,9 @@ class Engine:
         consistent: the caller may cancel the affected requests and step again.
         """
         with torch.inference_mode():
-            self._admit()
-            for state in self._models.values():
+            admitted = self._admit() and not self._admitted_last
+            self._admitted_last = admitted
+            for state in self._models.values() if not admitted else ():
                 seqs = [s for s in state.running.values()
                         if s.generated < s.req.max_tokens and not s.stopped]
                 if seqs:
@@ -337,8 +343,10 @@ class Engine:
             "max_batch": self.max_batch,
         }
 
-    def _admit(self) -> None:
-        """Start and prefill queued requests, round robin across owners, while slots are free."""
+    def _admit(self) -> int:
+        """Start and prefill queued requests, round robin across owners, while slots
+        are free; how many."""
+        admitted = 0
         while len(self._running) < self.max_batch and self._owner_ring:
             owner = self._owner_ring.popleft()
             queue = self._queues[owner]
@@ -350,6 +358,8 @@ class Engine:
             del self._queued[req.id]
             state, seq = self._start(req)
             _prefill_next(state.model, state.cache, seq)
+            admitted += 1
+        return admitted
 
     def _start(self, req: GenRequest) -> tuple[_ModelState, _Sequence]:
         state = self._models.get(req.model_key)
