@@ -33,6 +33,7 @@ bench: $(STAMP)
 	$(BIN)/python bench/syscall_latency.py
 	$(BIN)/python bench/tensorfs_bench.py
 	$(BIN)/python bench/executor_bench.py
+	$(BIN)/python bench/hf_bench.py
 	$(BIN)/python bench/startup.py
 
 chaos: $(STAMP)
