@@ -77,6 +77,15 @@ def shared_kernel() -> Iterator[Booted]:
         yield b
 
 
+def errno_of(fn: Any, *args: Any, **kw: Any) -> Any:
+    """Call fn: None when it succeeds, else the Errno of the SyscallError it raised."""
+    try:
+        fn(*args, **kw)
+    except userland.SyscallError as e:
+        return e.errno
+    return None
+
+
 def wait_until(cond, timeout: float = 5.0, interval: float = 0.02) -> bool:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:

@@ -13,19 +13,12 @@ from typing import Any, Iterator
 import pytest
 import torch
 
-from conftest import Booted, wait_until
+from conftest import Booted, errno_of, wait_until
 from drivers.executor._gpt import GPT, GPTConfig
 from syscalls import Errno, SyscallError
 
 TINY = GPTConfig(n_layer=2, n_head=2, n_embd=32, block_size=32)
 
-
-def errno_of(fn, *args: Any, **kw: Any) -> Errno | None:
-    try:
-        fn(*args, **kw)
-    except SyscallError as e:
-        return e.errno
-    return None
 
 
 def as_bytes(data: bytes) -> torch.Tensor:

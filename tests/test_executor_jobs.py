@@ -13,8 +13,8 @@ import psutil
 import pytest
 import torch
 
-from conftest import Booted, wait_until
-from syscalls import Errno, SyscallError
+from conftest import Booted, errno_of, wait_until
+from syscalls import Errno
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY = {"n_layer": 1, "n_head": 2, "n_embd": 32, "block_size": 16, "batch_size": 8,
@@ -30,13 +30,6 @@ def kernel() -> Iterator[Booted]:
             osh.save_tensor("/datasets/fox", torch.frombuffer(bytearray(TEXT), dtype=torch.uint8))
         yield b
 
-
-def errno_of(fn: Any, *args: Any) -> Errno | None:
-    try:
-        fn(*args)
-    except SyscallError as e:
-        return e.errno
-    return None
 
 
 def workers_of(osh: Any, job: int) -> list[dict]:

@@ -3,7 +3,6 @@
 batch), eos, top_p, and the text side (incremental detokenizing, stop strings)."""
 from __future__ import annotations
 
-from pathlib import Path
 
 import pytest
 import torch

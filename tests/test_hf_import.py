@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import errno_of
 from hf_models import make_hf_dir
 
 import userland
@@ -315,13 +316,6 @@ def test_the_import_and_export_commands(shared_kernel, made, tmp_path):
 
 
 # -- tokenizers ---------------------------------------------------------------------------
-
-def errno_of(fn, *args, **kw):
-    try:
-        fn(*args, **kw)
-    except userland.SyscallError as e:
-        return e.errno
-    return None
 
 
 def test_a_tokenizer_trained_from_a_dataset_loads_and_encodes_every_text(shared_kernel):

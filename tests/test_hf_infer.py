@@ -11,20 +11,13 @@ from typing import Any, Iterator
 import pytest
 import torch
 
-from conftest import Booted
+from conftest import Booted, errno_of
 from hf_models import make_hf_dir
 from syscalls import Errno, SyscallError
 
 PROMPTS = ["def add(a, b):", "class Point:\n    def __init__(self, x, y):", "for",
            "print(i, add(i, i))\n"]
 
-
-def errno_of(fn, *args: Any, **kw: Any) -> Errno | None:
-    try:
-        fn(*args, **kw)
-    except SyscallError as e:
-        return e.errno
-    return None
 
 
 @pytest.fixture(scope="module")

@@ -8,25 +8,18 @@ from __future__ import annotations
 import os
 import signal
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Iterator
 
 import pytest
 import torch
 
-from conftest import Booted, wait_until
+from conftest import Booted, errno_of, wait_until
 from hf_models import TEXT, make_hf_dir
 from syscalls import Errno, SyscallError
 
 SMALL = {"block_size": 32, "batch_size": 8, "workers": 2, "log_every": 5,
          "checkpoint_every": 10, "warmup": 2, "lr": 3e-3}
 
-
-def errno_of(fn, *args: Any, **kw: Any) -> Errno | None:
-    try:
-        fn(*args, **kw)
-    except SyscallError as e:
-        return e.errno
-    return None
 
 
 def text_tensor(text: str) -> torch.Tensor:

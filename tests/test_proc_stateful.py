@@ -29,7 +29,7 @@ from hypothesis.stateful import (Bundle, RuleBasedStateMachine, initialize, inva
                                  rule, run_state_machine_as_test)
 
 import userland
-from conftest import Booted, examples, wait_until
+from conftest import Booted, errno_of, examples, wait_until
 from userland import Errno, SyscallError
 
 WAIT_S = 20.0            # liveness bound for a child that is ending (python start-up)
@@ -61,14 +61,6 @@ def forker(status: int) -> list[str]:
 def gc_tag(pid: int) -> str:
     return f"gc-of-{pid}"
 
-
-def errno_of(fn, *args, **kw) -> Errno | None:
-    """Run a syscall: None if it succeeded, else its errno."""
-    try:
-        fn(*args, **kw)
-    except SyscallError as e:
-        return Errno(e.errno)
-    return None
 
 
 @pytest.fixture(scope="module")

@@ -183,7 +183,7 @@ def _check_family(cfg: dict) -> None:
                          "its own config.json; arch trains a new model from scratch)")
         for key in (*SHAPE_KEYS, "tokenizer"):
             if key in cfg:
-                raise refuse(key, f"cannot be set with base (its config.json and tokenizer "
+                raise refuse(key, "cannot be set with base (its config.json and tokenizer "
                              "decide)")
     elif arch not in (None, "gpt"):
         _check_arch(arch)
