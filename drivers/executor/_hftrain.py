@@ -32,7 +32,6 @@ CONFIG, GENERATION = "config.json", "generation_config.json"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
                    "added_tokens.json", "vocab.json", "merges.txt", "tokenizer.model",
                    "chat_template.jinja")
-ID_DTYPES = ("int32", "int64")  # a dataset of token ids; uint8 is text
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
@@ -44,8 +43,8 @@ def _fail(errno: Errno, why: str) -> SyscallError:
 
 
 def model_dir(osh: Any, path: str, what: str) -> str:
-    """path, or the checkpoint its `latest` names: the directory holding config.json
-    (ENOENT: nothing there; EINVAL: not a Hugging Face model)."""
+    """path, or the checkpoint its `latest` names: where a model's config.json
+    should be (errors as the caller meets them; EINVAL for a tensor)."""
     try:
         st = osh.stat(path)
     except SyscallError as e:
@@ -288,4 +287,4 @@ def _tied_keys(model: Any) -> set[str]:
     return tied
 
 
-__all__ = ["HFFamily", "ID_DTYPES", "train_memory"]
+__all__ = ["HFFamily", "train_memory"]
