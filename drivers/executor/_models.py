@@ -101,8 +101,10 @@ class ModelCache:
             if e.errno not in (Errno.ENOENT, Errno.ENOTDIR):
                 raise
             listing = []
-        if is_hf(listing):
-            cst = osh.stat(f"{ckpt}/{CONFIG}")
+        if is_hf(listing):  # its listing has config.json's stat record: no stat more
+            cst = next(e for e in listing if e["name"] == CONFIG)
+            if "mtime" not in cst:  # listed with "error": its header is damaged
+                raise SyscallError(Errno.EIO, f"infer: {ckpt}/{CONFIG}: unreadable")
             return ckpt, {"hf": listing}, (ckpt, cst["mtime"], cst.get("checksum"))
         try:
             cst = osh.stat(f"{ckpt}/config")
@@ -122,7 +124,9 @@ class ModelCache:
     def load(self, uid: int, path: str) -> Loaded:
         """The model at path, from the cache or loaded now (background thread)."""
         ckpt, config, key = self.resolve(uid, path)
-        self.check_access(uid, ckpt)  # on a cache hit too: the cache is everyone's
+        # on a cache hit too: the cache is everyone's (a Hugging Face model's listing,
+        # just read as uid, serves for it)
+        self.check_access(uid, ckpt, config.get("hf"))
         if "hf" in config:
             return self.models.get(key) or self.load_hf(uid, path, ckpt, config["hf"], key)
         from ._gpt import GPT, GPTConfig, n_params
@@ -175,12 +179,14 @@ class ModelCache:
             return {}
         return {k: meta.get(k) for k in ("step", "loss")}
 
-    def check_access(self, uid: int, ckpt: str) -> None:
+    def check_access(self, uid: int, ckpt: str, listing: list[dict] | None = None) -> None:
         """EACCES unless uid may list ckpt and read each of its tensors (background
-        thread)."""
+        thread); listing: ckpt's, when the caller has just read it as uid."""
         if uid == 0:
             return
-        for e in self.conn(uid).listdir(ckpt):  # the directory's own r bit: tensorfs
+        if listing is None:
+            listing = self.conn(uid).listdir(ckpt)  # the directory's own r bit: tensorfs
+        for e in listing:
             if e["type"] in ("tensor", "group") and e.get("owner") != uid \
                     and not e.get("mode", 0) & 0o4:
                 raise SyscallError(Errno.EACCES, f"infer: uid {uid} may not read "
