@@ -326,11 +326,16 @@ def test_a_tokenizer_trained_from_a_dataset_loads_and_encodes_every_text(shared_
         osh.save_tensor("/tok_text", np.frombuffer(TEXT.encode(), dtype=np.uint8))
         r = osh.train_tokenizer("/tok_text", "/models/tok/sub", vocab=300, min_frequency=1)
         assert r["vocab"] == 300 and r["files"] == ["tokenizer.json", "tokenizer_config.json"]
+        assert r["bytes"] == len(TEXT.encode())
         assert errno_of(osh.train_tokenizer, "/tok_text", "/models/tok/sub") == Errno.EEXIST
         assert errno_of(osh.train_tokenizer, "/tok_text", "/models/t2", vocab=10) == Errno.EINVAL
         osh.save_tensor("/floats", np.zeros(4, np.float32))
         assert errno_of(osh.train_tokenizer, "/floats", "/models/t2") == Errno.EINVAL
         assert errno_of(osh.train_tokenizer, "/nothing", "/models/t2") == Errno.ENOENT
+        noise = np.random.default_rng(0).integers(0, 256, 50_000, dtype=np.uint8)
+        osh.save_tensor("/noise", noise)  # bytes, not text
+        assert errno_of(osh.train_tokenizer, "/noise", "/models/t2") == Errno.EINVAL
+        assert errno_of(osh.stat, "/models/t2") == Errno.ENOENT
         files = {n: np.asarray(osh.load_tensor(f"/models/tok/sub/{n}")).tobytes()
                  for n in r["files"]}
     import tempfile

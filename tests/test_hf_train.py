@@ -5,6 +5,7 @@ and that transformers loads, resume after a killed worker, and the configs
 refused before anything starts."""
 from __future__ import annotations
 
+import json
 import os
 import signal
 from pathlib import Path
@@ -83,6 +84,8 @@ def test_finetune_a_base_on_token_ids_checkpoints_serve_and_export(
         assert all(torch.equal(got[k], v) for k, v in stored.items())
         assert not torch.equal(got["model.embed_tokens.weight"],
                                base["model.embed_tokens.weight"])  # it trained
+        exported = json.loads((tmp_path / "ft" / "config.json").read_text())
+        assert exported["use_cache"] is True  # generate() of the export keeps its cache
         # and goes on from there, its history from the first step
         job = osh.spawn_train({**SMALL, "name": "ft", "base": "/models/llama",
                                "dataset": "/datasets/ids", "steps": 30, "resume": True})
@@ -122,6 +125,31 @@ def test_a_new_model_from_a_trained_tokenizer_on_text(kernel: Booted, tmp_path: 
     gen = model.generate(ids, do_sample=False, max_new_tokens=16, min_new_tokens=16,
                          pad_token_id=0)
     assert out["text"] == tok.decode(gen[0, ids.shape[1]:], skip_special_tokens=True)
+    # a tokenizer trained again into the directory wins over its checkpoints' copy
+    from drivers.executor._hftrain import read_source
+    with kernel.connect() as osh:
+        osh.train_tokenizer("/datasets/py", "/models/scratch", vocab=300, min_frequency=1,
+                            force=True)
+        src = read_source(osh, {"arch": "llama", "tokenizer": "/models/scratch",
+                                **normalize_shape()}, str(tmp_path))
+        assert src.config.vocab_size == 300
+
+
+def normalize_shape() -> dict:
+    from drivers.executor._config import normalize
+    cfg = normalize({"name": "x", "dataset": "/d", "arch": "llama", "tokenizer": "/t"})
+    return {k: cfg[k] for k in ("n_layer", "n_head", "n_embd", "block_size")}
+
+
+def test_a_worker_s_reason_is_the_job_s_error(kernel: Booted) -> None:
+    with kernel.connect() as osh:
+        osh.save_tensor("/datasets/badids", torch.arange(5000, dtype=torch.int32) % 4000)
+        job = osh.spawn_train({**SMALL, "name": "badids", "base": "/models/llama",
+                               "dataset": "/datasets/badids", "steps": 5})
+        end = osh.wait(job, timeout=300)
+        assert end["status"] == 1, end
+        assert "token ids must be in [0, " in end["info"]["error"], end["info"]
+        assert "found 0..3999" in end["info"]["error"]
 
 
 @pytest.mark.slow
@@ -140,6 +168,7 @@ def test_a_killed_worker_resumes_from_the_hf_checkpoint(kernel: Booted) -> None:
 
 @pytest.mark.parametrize("change, errno, words", [
     ({"arch": "nosuch"}, Errno.EINVAL, "not a model_type"),
+    ({"arch": "bert", "tokenizer": "/models/llama"}, Errno.EINVAL, "an encoder"),
     ({"arch": "llama"}, Errno.EINVAL, "tokenizer is required"),
     ({"arch": "llama", "tokenizer": "/datasets"}, Errno.EINVAL, "no tokenizer.json"),
     ({"base": "/models/llama", "n_layer": 2}, Errno.EINVAL, "cannot be set with base"),

@@ -201,12 +201,18 @@ def _check_family(cfg: dict) -> None:
 
 
 def _check_arch(arch: str) -> None:
-    """arch is a model_type the installed transformers builds as a causal LM."""
-    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+    """arch is a model_type the installed transformers builds as a causal LM, and not
+    an encoder that it also builds so (bert, roberta, bart ...: a masked LM too)."""
+    from transformers.models.auto.modeling_auto import (MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
+                                                        MODEL_FOR_MASKED_LM_MAPPING_NAMES)
     if arch not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
         raise ValueError(f"training config: arch = {arch!r} is not a model_type the "
                          "installed transformers builds as a causal LM (gpt, or e.g. "
                          "llama, gpt2, qwen2)")
+    if arch in MODEL_FOR_MASKED_LM_MAPPING_NAMES:
+        raise ValueError(f"training config: arch = {arch!r} is an encoder (a masked LM); "
+                         "spawn_train trains decoder-only causal LMs (e.g. llama, gpt2, "
+                         "qwen2)")
 
 
 def _check_together(cfg: dict) -> None:

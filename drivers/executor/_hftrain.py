@@ -63,6 +63,16 @@ def model_dir(osh: Any, path: str, what: str) -> str:
     return where
 
 
+def tokenizer_dir(osh: Any, path: str) -> str:
+    """Where a job's tokenizer= is read: path, when it holds a tokenizer.json (so
+    one `llmos tokenizer train --force` replaced wins), else the checkpoint its
+    `latest` names (a trained model's own copy)."""
+    where = model_dir(osh, path, "tokenizer")
+    if where != path and any(e["name"] == "tokenizer.json" for e in osh.listdir(path)):
+        return path
+    return where
+
+
 def small_files(osh: Any, where: str, names: tuple[str, ...] | None = None) -> dict[str, bytes]:
     """The 1-D uint8 tensors of the directory where (only names, when given), as
     name -> bytes: a model directory's files other than its weights."""
@@ -110,7 +120,7 @@ def read_source(osh: Any, cfg: dict, tmp: str) -> Source:
         files.pop("model.safetensors.index.json", None)  # the job writes one file
         tokenizer_of(tmp, cfg["base"])
         return Source(config, files, where, groups)
-    where = model_dir(osh, cfg["tokenizer"], "tokenizer")
+    where = tokenizer_dir(osh, cfg["tokenizer"])
     files = small_files(osh, where, TOKENIZER_FILES)
     if "tokenizer.json" not in files and "tokenizer.model" not in files:
         raise _fail(Errno.EINVAL, f"tokenizer {cfg['tokenizer']}: no tokenizer.json there "
@@ -239,7 +249,6 @@ class HFFamily:
                                  f"config: missing {sorted(set(missing) - tied)[:3]}, "
                                  f"unexpected {sorted(unexpected)[:3]}")
             model.tie_weights()
-        model.config.use_cache = False
         model.config.architectures = [type(model).__name__]  # as save_pretrained says
         return model.train()
 

@@ -218,9 +218,19 @@ class Job:
                 if other["status"] < 0:
                     break
         rank, ended = min(failed, key=lambda f: f[1]["status"] >= 0)  # a signal first
+        why = self.worker_error()
         return (f"worker rank {rank} (pid {ended['pid']}) ended with status "
-                f"{ended['status']} ({ended.get('reason', '?')}); its log: "
+                f"{ended['status']} ({ended.get('reason', '?')}){why}; its log: "
                 f"log/proc/{ended['pid']}.log")
+
+    def worker_error(self) -> str:
+        """": <why>" when a worker said why it failed (_worker.tell_job), else ""."""
+        try:
+            me = next((p for p in self.osh.ps() if p["pid"] == self.osh.pid), None)
+        except SyscallError:
+            return ""
+        why = ((me or {}).get("info") or {}).get("worker_error")
+        return f": {why}" if why else ""
 
     def signal_all(self, pids: dict[int, int], sig: str) -> None:
         for pid in list(pids):
@@ -256,7 +266,8 @@ class Job:
                   "step_ms": stats.get("step_ms"), "checkpoint": where,
                   "history_len": history_len(self.osh, where),
                   "elapsed_s": time.monotonic() - self.started, "attempts": attempts,
-                  "attempt": None, "error": None})  # None: drop a restart's keys
+                  "attempt": None, "error": None,
+                  "worker_error": None})  # None: drop a restart's keys
         return EXIT_TERMINATED if stopped else 0
 
 

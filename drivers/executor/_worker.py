@@ -124,11 +124,23 @@ def worker_main(stop: threading.Event) -> int:
     try:
         run_worker(osh, cfg, rank, world, os.environ.get(RESUME_ENV, ""), stop)
         status = 0
-    except BaseException:  # noqa: B902 - whatever it was, the job must see a failure
+    except BaseException as e:  # noqa: B902 - whatever it was, the job must see a failure
         traceback.print_exc()
         status = 1
+        tell_job(osh, f"rank {rank}: {type(e).__name__}: {e}")
     osh.exit(status)
     return status
+
+
+def tell_job(osh: Any, why: str) -> None:
+    """Put why a worker failed into its job's info (worker_error), for the job's
+    final error: the first line, at most 300 characters."""
+    job = os.environ.get(JOB_ENV)
+    try:
+        if job:
+            report(osh, {"worker_error": why.strip().splitlines()[0][:300]}, pid=int(job))
+    except (SyscallError, ValueError, IndexError):
+        pass  # the job is gone, or this llmos cannot say: the worker's log has it
 
 
 def watch_job(osh: Any, job_pid: int, period: float = 1.0) -> None:

@@ -16,6 +16,7 @@ from syscalls import Errno, SyscallError
 SPECIALS = ("<|pad|>", "<|bos|>", "<|eos|>")  # ids 0, 1, 2
 MIN_VOCAB, MAX_VOCAB = 256 + len(SPECIALS) + 1, 1 << 20
 FILES = ("tokenizer.json", "tokenizer_config.json")
+MAX_INVALID = 0.01  # more bytes than this share that are not UTF-8: not text
 
 
 def bpe_tokenizer(texts: Iterable[str], vocab: int, min_frequency: int = 2) -> Any:
@@ -72,10 +73,14 @@ def train_tokenizer(osh: Any, dataset: str, path: str, vocab: int = 4096,
                            "(force=True, --force, replaces it)")
     import numpy as np
     t0 = time.monotonic()
-    text = np.asarray(osh.load_tensor(dataset), dtype=np.uint8).tobytes().decode(
-        "utf-8", errors="replace")
+    raw = np.asarray(osh.load_tensor(dataset), dtype=np.uint8).tobytes()
+    text = raw.decode("utf-8", errors="replace")
     if not text.strip():
         raise SyscallError(Errno.EINVAL, f"tokenizer: {dataset} holds no text")
+    bad = text.count("\ufffd") - raw.decode("utf-8", errors="ignore").count("\ufffd")
+    if bad > MAX_INVALID * len(raw):
+        raise SyscallError(Errno.EINVAL, f"tokenizer: {dataset} is not text: {bad:,} of its "
+                           f"{len(raw):,} bytes are not UTF-8")
     tok = bpe_tokenizer(text_pieces(text), vocab, min_frequency)
     from ._hfio import _makedirs
     _makedirs(osh, path)
@@ -86,5 +91,5 @@ def train_tokenizer(osh: Any, dataset: str, path: str, vocab: int = 4096,
                 data = f.read()
             osh.save_tensor(f"{path}/{name}", np.frombuffer(data, dtype=np.uint8))
     return {"path": path, "vocab": len(tok), "asked": vocab, "dataset": dataset,
-            "bytes": len(text.encode("utf-8", errors="replace")), "files": list(FILES),
+            "bytes": len(raw), "files": list(FILES),
             "time_s": round(time.monotonic() - t0, 3)}
