@@ -159,6 +159,10 @@ def test_a_killed_worker_resumes_from_the_hf_checkpoint(kernel: Booted) -> None:
                                "dataset": "/datasets/py", "steps": 40, "restarts": 1})
         assert wait_until(lambda: next(p for p in osh.ps() if p["pid"] == job)["info"].get(
             "step", 0) >= 15, timeout=120)
+        running = next(p for p in osh.ps() if p["pid"] == job)["info"]
+        n = int(running["checkpoint"].rsplit("-", 1)[1])  # shown while it runs
+        assert running["checkpoint"].startswith("/models/phoenix/step-")
+        assert n % 10 == 0 and 10 <= n <= running["step"]
         workers = [p for p in osh.ps() if p["ppid"] == job and p["state"] == "running"]
         os.kill(workers[0]["os_pid"], signal.SIGKILL)
         end = osh.wait(job, timeout=300)

@@ -78,9 +78,11 @@ class LlmosHooks:
 
     def checkpoint(self, trainer: Trainer, progress: Progress) -> None:
         if trainer.rank == 0:
-            trainer.family.write_checkpoint(self.osh, trainer.cfg["out"], trainer.model,
-                                            trainer.optimizer, checkpoint_meta(trainer, progress),
-                                            trainer.history_tensor())
+            path = trainer.family.write_checkpoint(
+                self.osh, trainer.cfg["out"], trainer.model, trainer.optimizer,
+                checkpoint_meta(trainer, progress), trainer.history_tensor())
+            if self.reporting:  # jobs shows a running job's last checkpoint too
+                self.reporting = report(self.osh, {"checkpoint": path}, pid=self.job_pid)
 
 
 def check_dataset(osh: Any, cfg: dict) -> int:
