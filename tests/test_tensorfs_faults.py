@@ -14,6 +14,7 @@ import glob
 import json
 import os
 import random
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -227,6 +228,13 @@ def test_a_big_store_is_served_at_once(tmp_path):
     ready, the scan counts them all (a write over the quota of what it found is
     EDQUOT, whenever it comes) and removes an earlier instance's leftovers."""
     root = Path(tempfile.mkdtemp(prefix="llmos-", dir="/tmp"))
+    try:
+        serve_a_big_store(root)
+    finally:  # a home the test made, not Booted: it is the test's to remove
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def serve_a_big_store(root: Path) -> None:
     tdir = root / "tensors"
     write_tiny_tensors(tdir, 2000, QUOTA_UID)                  # 200,000 bytes
     (tdir / "d1" / ".llmos-tmp-0badc0de-1").write_bytes(b"torn")
