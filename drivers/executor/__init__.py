@@ -281,7 +281,7 @@ class Executor(Service):
         uid, pid = req.uid, req.pid
 
         def check() -> dict:
-            from ._config import INTERNAL, hf_job, memory_bytes, normalize
+            from ._config import INTERNAL, memory_bytes, normalize
             inner = sorted(set(config) & set(INTERNAL))
             if inner:  # the executor sets these from an allocation it checked
                 raise SyscallError(Errno.EINVAL, f"spawn_train: {', '.join(inner)} cannot be "
@@ -290,11 +290,7 @@ class Executor(Service):
                 cfg = normalize(config)
             except ValueError as e:
                 raise SyscallError(Errno.EINVAL, f"spawn_train: {e}") from None
-            if hf_job(cfg):
-                from ._hftrain import train_memory
-                need = train_memory(self.conn(uid), cfg)
-            else:
-                need = memory_bytes(cfg)
+            need = memory_bytes(cfg, self.conn(uid))
             if alloc_id is not None:
                 cfg.update(self.check_alloc(alloc_id, pid, need))
             elif cfg["gpus"]:

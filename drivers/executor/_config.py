@@ -253,10 +253,14 @@ def dataset_error(cfg: dict, st: dict) -> str | None:
     return None
 
 
-def memory_bytes(cfg: dict) -> int:
-    """Training memory of one byte-GPT worker (model, gradients, AdamW, activations
-    at batch_size): what the job asks alloc_gpu for on each GPU. (A Hugging Face
-    model's: _hftrain.check, which reads its config from tensorfs.)"""
+def memory_bytes(cfg: dict, osh: Any = None) -> int:
+    """Training memory of one worker (model, gradients, AdamW, activations at
+    batch_size): what the job asks alloc_gpu for on each GPU. A Hugging Face
+    model's is _hftrain.train_memory's, which checks the job and reads its config
+    from tensorfs through osh, as the caller."""
+    if hf_job(cfg):
+        from ._hftrain import train_memory
+        return train_memory(osh, cfg)
     return train_bytes(model_config(cfg), cfg["batch_size"])
 
 

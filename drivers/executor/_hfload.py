@@ -102,13 +102,15 @@ def kv_bytes_per_token(config: Any, element_size: int) -> int:
     return 2 * layers * kv_heads * head_dim * element_size
 
 
-def context_of(config: Any) -> int:
+def context_of(config: Any, cap: int | None = MAX_CONTEXT) -> int | None:
+    """The model's context in tokens, at most cap (None: as the config says; None
+    when it says nothing and there is no cap)."""
     cfg = config.get_text_config() if hasattr(config, "get_text_config") else config
     for name in ("max_position_embeddings", "n_positions", "seq_length"):
         value = getattr(cfg, name, None)
         if isinstance(value, int) and value > 0:
-            return min(value, MAX_CONTEXT)
-    return MAX_CONTEXT
+            return value if cap is None else min(value, cap)
+    return cap
 
 
 def build(osh: Any, ckpt: str, parts: HFParts, device: str) -> Any:

@@ -24,8 +24,9 @@ import numpy as np
 from syscalls import Errno, SyscallError
 from syscalls.client import text_pieces
 
-from ._config import model_identity
 from ._gpt import estimate_train_bytes
+from ._hfload import context_of
+from .checkpoint import _aliases
 
 CONFIG, GENERATION = "config.json", "generation_config.json"
 # what a checkpoint takes from a tokenizer directory: the tokenizer's own files
@@ -176,14 +177,6 @@ def tokenizer_of(tmp: str, path: str) -> Any:
                     f"{str(e).splitlines()[0][:200] if str(e) else type(e).__name__}") from None
 
 
-def context_of(config: Any) -> int | None:
-    for name in ("max_position_embeddings", "n_positions", "seq_length"):
-        value = getattr(config, name, None)
-        if isinstance(value, int) and value > 0:
-            return value
-    return None
-
-
 def n_params(config: Any) -> int:
     """Parameters of the model config builds (on the meta device: no memory)."""
     import torch
@@ -208,7 +201,7 @@ def train_memory(osh: Any, cfg: dict) -> int:
     the bytes one worker needs."""
     with tempfile.TemporaryDirectory(prefix="llmos-hftrain-") as tmp:
         src = read_source(osh, cfg, tmp)
-    context = context_of(src.config)
+    context = context_of(src.config, cap=None)
     if context is not None and cfg["block_size"] > context:
         raise _fail(Errno.EINVAL, f"block_size = {cfg['block_size']} is over the model's "
                     f"context of {context} tokens")
@@ -243,7 +236,7 @@ class HFFamily:
             for g in self.source.groups:
                 state.update(self.osh.load_tensors(g))
             missing, unexpected = model.load_state_dict(state, strict=False)
-            tied = {k for k in missing if k in _tied_keys(model)}
+            tied = set(missing) & set(_aliases(model))
             if unexpected or set(missing) - tied:
                 raise ValueError(f"base {self.cfg['base']}: weights do not match its "
                                  f"config: missing {sorted(set(missing) - tied)[:3]}, "
@@ -281,19 +274,7 @@ class HFFamily:
             from transformers import GenerationConfig
             files[GENERATION] = GenerationConfig.from_model_config(
                 model.config).to_json_string().encode()
-        return write_hf_checkpoint(osh, out, model, optimizer,
-                                   {"model": model_identity(self.cfg), **meta}, history, files)
-
-
-def _tied_keys(model: Any) -> set[str]:
-    """state_dict keys that are another tensor (tied output embedding)."""
-    seen: dict[int, str] = {}
-    tied = set()
-    for key, value in model.state_dict(keep_vars=True).items():
-        if id(value) in seen:
-            tied.add(key)
-        seen.setdefault(id(value), key)
-    return tied
+        return write_hf_checkpoint(osh, out, model, optimizer, meta, history, files)
 
 
 __all__ = ["HFFamily", "train_memory"]

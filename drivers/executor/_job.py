@@ -29,7 +29,7 @@ from typing import Any
 
 from syscalls import Errno, SyscallError
 
-from ._config import hf_job, memory_bytes, model_identity, normalize
+from ._config import memory_bytes, model_identity, normalize
 from ._worker import CONFIG_ENV, JOB_ENV, RESUME_ENV, check_dataset, report
 from .checkpoint import (exists, history_len, is_step_dir, read_meta, remove_tree,
                          resolve_checkpoint)
@@ -100,12 +100,7 @@ class Job:
         """GPUs of the job's own, when it wants some and the executor gave none."""
         if self.cfg["gpus"] == 0 or "alloc_id" in self.cfg:
             return
-        if hf_job(self.cfg):
-            from ._hftrain import train_memory
-            need = train_memory(self.osh, self.cfg)
-        else:
-            need = memory_bytes(self.cfg)
-        alloc = self.osh.alloc_gpu(need, count=self.cfg["gpus"])
+        alloc = self.osh.alloc_gpu(memory_bytes(self.cfg, self.osh), count=self.cfg["gpus"])
         self.own_alloc = alloc["id"]
         self.cfg.update(alloc_id=alloc["id"], devices=list(alloc["devices"]),
                         simulated=bool(alloc["simulated"]), gpu_bytes=int(alloc["bytes_each"]))

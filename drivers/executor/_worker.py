@@ -24,7 +24,7 @@ import torch.distributed as dist
 
 from syscalls import Errno, SyscallError
 
-from ._config import dataset_error, hf_job, normalize
+from ._config import dataset_error, hf_job, model_identity, normalize
 from .checkpoint import read_checkpoint
 from .trainer import DIST_TIMEOUT, Progress, Trainer, set_threads, shard_bounds, train_loop
 
@@ -47,10 +47,10 @@ def report(osh: Any, info: dict[str, Any], pid: int | None = None) -> bool:
 
 
 def checkpoint_meta(trainer: Trainer, progress: Progress) -> dict[str, Any]:
-    """The config JSON of a checkpoint (model config aside); `stats` carries what the
-    job's final report needs."""
-    return {"step": trainer.step, "loss": progress.loss, "tokens": trainer.tokens,
-            "dataset": trainer.cfg["dataset"], "train": trainer.cfg,
+    """The config JSON of a checkpoint: `model` is what a resume must match
+    (_config.model_identity); `stats` carries what the job's final report needs."""
+    return {"model": model_identity(trainer.cfg), "step": trainer.step,
+            "loss": progress.loss, "tokens": trainer.tokens, "dataset": trainer.cfg["dataset"], "train": trainer.cfg,
             "stats": {"loss0": progress.loss0, "tokens_per_s": progress.tokens_per_s,
                       "step_ms": progress.step_ms, "elapsed_s": progress.elapsed_s}}
 
