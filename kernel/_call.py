@@ -84,7 +84,7 @@ class Call:
     def reply(self, result: Any = None, bulk: list | tuple = ()) -> None:
         """The final answer."""
         self.outbox.reply(self.conn, wire.reply(self.seq, result), bulk)
-        self._account(False)
+        self._account(None)
 
     def partial(self, result: Any, bulk: list | tuple = ()) -> None:
         """An answer with more to follow (a streamed token, progress)."""
@@ -95,8 +95,15 @@ class Call:
         if not isinstance(error, SyscallError):
             error = SyscallError(error, message)
         self.outbox.send(self.conn, encode(wire.error(self.seq, error.errno, error.message)))
-        self._account(True)
+        self._account(_errno_name(error.errno))
 
-    def _account(self, failed: bool) -> None:
+    def _account(self, errno: str | None) -> None:
         self.done = True
-        self.outbox.stats.record(self.syscall.name, time.perf_counter() - self.t0, failed)
+        self.outbox.stats.record(self.syscall.name, time.perf_counter() - self.t0, errno)
+
+
+def _errno_name(errno: int) -> str:
+    try:
+        return Errno(errno).name
+    except ValueError:
+        return str(errno)

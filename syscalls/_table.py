@@ -198,8 +198,9 @@ TABLE: tuple[Syscall, ...] = (
             "driver's own connection."),
     Syscall(9, "sysinfo", "kernel", returns="dict", idempotent=True,
             doc="Uptime, processes, drivers (state, restarts, the last restart's "
-                "delay), the kernel's own stalls, per-syscall counts and latency "
-                "percentiles, dropped messages."),
+                "delay), the kernel's own stalls, per-syscall counts, latency "
+                "percentiles and histogram (cumulative counts per latency_buckets_s "
+                "bound) and errors by errno, dropped messages."),
     Syscall(10, "report", "kernel", (
         Arg("info", "dict", max_len=32,
             doc="fields to publish, e.g. {step, loss, tokens_per_s}; merged into the "

@@ -44,7 +44,7 @@ class SyscallMethods:
         return self._call(8, {'all': all})
 
     def sysinfo(self) -> Any:
-        "Uptime, processes, drivers (state, restarts, the last restart's delay), the kernel's own stalls, per-syscall counts and latency percentiles, dropped messages."
+        "Uptime, processes, drivers (state, restarts, the last restart's delay), the kernel's own stalls, per-syscall counts, latency percentiles and histogram (cumulative counts per latency_buckets_s bound) and errors by errno, dropped messages."
         return self._call(9, {})
 
     def report(self, info: dict[str, Any], pid: int | None = None) -> Any:
