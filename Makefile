@@ -1,6 +1,7 @@
 # Two commands on a fresh machine:
 #   make demo   create .venv, boot llmos on a temporary home, run the example, shut down
-#   make test   create .venv, run the whole test suite (what .ci/run does)
+#   make test   create .venv (and install Debian's chromium when missing), run the whole
+#               test suite (what .ci/run does)
 # and for us:
 #   make explore  the property-based tests with fresh random examples, 5x as many
 #                 (CI runs them derandomized: the same examples every run)
@@ -9,7 +10,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: install demo test explore bench chaos gen clean
+.PHONY: install browser demo test explore bench serve-load chaos gen clean
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -21,7 +22,17 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/python userland/examples/demo.py
 
-test: $(STAMP)
+# Debian's Chromium, for the status-page test (tests/test_serve_browser.py skips,
+# saying why, where it cannot be installed: no root, no package source)
+browser:
+	@command -v chromium >/dev/null 2>&1 || \
+	  (DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends chromium \
+	     >/dev/null 2>&1 || \
+	   (apt-get update -q >/dev/null 2>&1 && DEBIAN_FRONTEND=noninteractive \
+	     apt-get install -y -q --no-install-recommends chromium >/dev/null 2>&1) || \
+	   echo "make browser: could not install chromium; the browser test will skip")
+
+test: $(STAMP) browser
 	$(BIN)/python -m pytest -q
 
 explore: $(STAMP)
@@ -34,7 +45,13 @@ bench: $(STAMP)
 	$(BIN)/python bench/tensorfs_bench.py
 	$(BIN)/python bench/executor_bench.py
 	$(BIN)/python bench/hf_bench.py
+	$(BIN)/python bench/serve_bench.py
 	$(BIN)/python bench/startup.py
+
+# 1 to 32 streaming clients through llmos serve and back; the plot goes to docs/
+serve-load: $(STAMP)
+	$(BIN)/pip install -q -c constraints.txt -e ".[bench]"
+	$(BIN)/python bench/serve_load.py --png docs/serve_load.png
 
 chaos: $(STAMP)
 	$(BIN)/python bench/chaos.py

@@ -39,6 +39,7 @@ FAMILIES = {
     "tensors": "userland._cmd_tensors",
     "devices": "userland._cmd_devices",
     "models": "userland._cmd_models",
+    "serving": "userland._cmd_serve",
     "session": "userland._cmd_session",
 }
 # where a command exists: both the CLI and the shell, or one of them (with why)

@@ -1,0 +1,126 @@
+"""API keys: each one acts as an llmos uid over HTTP.
+
+A key is printed once, when it is made (`llmos keys create --uid N`); the home keeps
+only its SHA-256 (keys/api.json, mode 0600), its name, uid and a short prefix to
+recognise it by. A key has 256 random bits, so a plain hash is as good as a slow one
+(GitHub's tokens are stored the same way). `llmos serve` reads the file again when it
+changes, so a revoked key stops working at once.
+"""
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import hmac
+import json
+import os
+import secrets
+import time
+from pathlib import Path
+from typing import Any
+
+from syscalls import Errno, Home, SyscallError
+
+PREFIX = "llmos-"
+
+
+def keys_file(home: Home) -> Path:
+    return home.root / "keys" / "api.json"
+
+
+def _digest(key: str) -> str:
+    return hashlib.sha256(key.encode()).hexdigest()
+
+
+def read_keys(home: Home) -> list[dict[str, Any]]:
+    """Every key's record (never the key itself); [] when none was made."""
+    try:
+        data = json.loads(keys_file(home).read_text())
+    except FileNotFoundError:
+        return []
+    except (OSError, ValueError) as e:
+        raise SyscallError(Errno.EIO, f"keys: {keys_file(home)} is unreadable: {e}") from None
+    return list(data.get("keys", []))
+
+
+def _rewrite(home: Home, change: Any) -> Any:
+    """Apply change(records) -> result under an exclusive lock, written atomically."""
+    path = keys_file(home)
+    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    with open(path.parent / ".lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        records = read_keys(home)
+        result = change(records)
+        tmp = path.with_suffix(".tmp")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as f:
+            json.dump({"keys": records}, f, indent=1)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+        return result
+
+
+def create_key(home: Home, uid: int, name: str = "") -> tuple[str, dict[str, Any]]:
+    """A new key for uid: (the key, printed once; its record)."""
+    if not isinstance(uid, int) or isinstance(uid, bool) or not 0 <= uid < 2**31:
+        raise SyscallError(Errno.EINVAL, f"keys: uid must be 0..2^31-1, not {uid!r}")
+    key = PREFIX + secrets.token_urlsafe(32)
+    record = {"id": secrets.token_hex(4), "name": name or f"uid{uid}", "uid": uid,
+              "prefix": key[:len(PREFIX) + 4], "sha256": _digest(key),
+              "created": round(time.time(), 3)}
+
+    def add(records: list) -> None:
+        if name and any(r["name"] == name for r in records):
+            raise SyscallError(Errno.EEXIST, f"keys: a key named {name!r} exists; revoke "
+                               "it first or choose another name")
+        records.append(record)
+    _rewrite(home, add)
+    return key, record
+
+
+def revoke_key(home: Home, which: str) -> dict[str, Any]:
+    """Remove the key whose id or name is which; its record."""
+    def drop(records: list) -> dict:
+        for i, r in enumerate(records):
+            if which in (r["id"], r["name"]):
+                return records.pop(i)
+        raise SyscallError(Errno.ENOENT, f"keys: no key with id or name {which!r}")
+    return _rewrite(home, drop)
+
+
+class KeyRing:
+    """The keys as serve sees them: re-read when the file changes (checked at most
+    every `every` seconds)."""
+
+    def __init__(self, home: Home, every: float = 0.5) -> None:
+        self.home, self.every = home, every
+        self._seen: tuple | None = None
+        self._checked = 0.0
+        self._by_digest: dict[str, dict] = {}
+
+    def refresh(self) -> None:
+        now = time.monotonic()
+        if now - self._checked < self.every:
+            return
+        self._checked = now
+        try:
+            st = keys_file(self.home).stat()
+            sig: tuple | None = (st.st_mtime_ns, st.st_size, st.st_ino)
+        except FileNotFoundError:
+            sig = None
+        if sig != self._seen:
+            self._seen = sig
+            self._by_digest = {r["sha256"]: r for r in read_keys(self.home)} if sig else {}
+
+    @property
+    def configured(self) -> bool:
+        self.refresh()
+        return bool(self._by_digest)
+
+    def lookup(self, key: str) -> dict[str, Any] | None:
+        self.refresh()
+        digest = _digest(key)
+        for d, record in self._by_digest.items():
+            if hmac.compare_digest(d, digest):
+                return record
+        return None
