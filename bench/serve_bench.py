@@ -105,12 +105,7 @@ def main(argv: list[str] | None = None) -> int:
                 deploy(osh, "/models/llama", "llama", min=1, max=1, gpu_mem=256 << 20)
             with ServeProcess(b.root, ("--uid", "0", "--replica-threads", str(threads))) as s:
                 client = openai.OpenAI(base_url=s.url + "/v1", api_key="none", max_retries=0)
-                deadline = time.monotonic() + 120
-                while time.monotonic() < deadline:
-                    live = json.loads((b.root / "run" / "serve.json").read_text())
-                    if live["deployments"] and live["deployments"][0]["running"]:
-                        break
-                    time.sleep(0.2)
+                s.wait_running("llama")
                 with userland.connect(b.root, uid=0) as osh:
                     out["completion"] = [completion(osh, client, m, a.tokens, a.rounds)
                                          for m in ("/models/llama", "llama")]

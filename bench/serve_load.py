@@ -182,12 +182,7 @@ def main(argv: list[str] | None = None) -> int:
                        max_ongoing=8, max_queued=16, upscale_delay_s=3,
                        downscale_delay_s=10, look_back_s=3)
             with ServeProcess(b.root, ("--uid", "0")) as s:
-                deadline = time.monotonic() + 120
-                while time.monotonic() < deadline:
-                    live = json.loads((b.root / "run" / "serve.json").read_text())
-                    if live["deployments"] and live["deployments"][0]["running"]:
-                        break
-                    time.sleep(0.2)
+                s.wait_running("loadtest")
                 result = asyncio.run(ramp(s.url, b.root, a.stage_s, a.tokens))
         finally:
             b.stop()

@@ -5,6 +5,7 @@ Used by bench/serve_bench.py, bench/serve_load.py and tests/test_serve*.py.
 """
 from __future__ import annotations
 
+import json
 import os
 import selectors
 import subprocess
@@ -41,6 +42,23 @@ class ServeProcess:
                 break
         self.stop()
         raise RuntimeError(f"serve did not start: {self.tail()}")
+
+    def deployment(self, name: str) -> dict[str, Any]:
+        """What serve last said of deployment name ({} before it knows it)."""
+        try:
+            live = json.loads((self.root / "run" / "serve.json").read_text())
+        except (OSError, ValueError):
+            return {}
+        return next((d for d in live["deployments"] if d["name"] == name), {})
+
+    def wait_running(self, name: str, replicas: int = 1, timeout: float = 120.0) -> None:
+        """Until deployment name has this many replicas ready (RuntimeError after timeout)."""
+        deadline = time.monotonic() + timeout
+        while self.deployment(name).get("running", 0) < replicas:
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"deployment {name}: {replicas} replicas not ready in "
+                                   f"{timeout:g} s: {self.deployment(name)}")
+            time.sleep(0.2)
 
     def tail(self) -> str:
         try:

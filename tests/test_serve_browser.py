@@ -2,7 +2,6 @@
 Makefile's `browser` step installs): it loads, and shows the running deployment."""
 from __future__ import annotations
 
-import json
 import shutil
 import subprocess
 import sys
@@ -10,7 +9,7 @@ import tempfile
 
 import pytest
 
-from conftest import ROOT, Booted, wait_until
+from conftest import ROOT, Booted
 from hf_models import make_hf_dir
 
 sys.path.insert(0, str(ROOT / "bench"))
@@ -33,10 +32,7 @@ def test_status_page_in_chromium(tmp_path):
             osh.import_model(src, "/models/tiny")
             deploy(osh, "/models/tiny", "pagedemo", min=1, max=2, gpu_mem=4 << 20)
         with ServeProcess(b.root, ("--uid", "0")) as s:
-            def running() -> bool:
-                live = json.loads((b.root / "run" / "serve.json").read_text())
-                return any(d["running"] for d in live["deployments"])
-            assert wait_until(running, 60)
+            s.wait_running("pagedemo", timeout=60)
             with tempfile.TemporaryDirectory(prefix="llmos-chromium-") as profile:
                 out = subprocess.run([CHROMIUM, *FLAGS, f"--user-data-dir={profile}",
                                       "--dump-dom", s.url + "/"],

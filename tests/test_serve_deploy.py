@@ -10,7 +10,6 @@ seconds.
 """
 from __future__ import annotations
 
-import json
 import os
 import signal
 import sys
@@ -119,11 +118,7 @@ class Cluster:
             deploy(osh, "/models/tiny", "tinyd", **kw)
 
     def state(self) -> dict:
-        try:
-            live = json.loads((self.b.root / "run" / "serve.json").read_text())
-        except (OSError, ValueError):
-            return {}
-        return next((d for d in live["deployments"] if d["name"] == "tinyd"), {})
+        return self.serve.deployment("tinyd")
 
     def running(self) -> int:
         return self.state().get("running", 0)

@@ -18,16 +18,15 @@ judged on the clock the caller passes, so tests drive it.
 from __future__ import annotations
 
 import collections
-import fcntl
-import json
 import math
-import os
 import re
 import time
 from pathlib import Path
 from typing import Any
 
 from syscalls import Errno, Home, SyscallError
+
+from ._store import read_json, rewrite_json
 
 NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,62}")
 
@@ -53,29 +52,13 @@ def status_file(home: Home) -> Path:
 
 
 def read_specs(home: Home) -> dict[str, dict[str, Any]]:
-    try:
-        data = json.loads(specs_file(home).read_text())
-    except FileNotFoundError:
-        return {}
-    except (OSError, ValueError) as e:
-        raise SyscallError(Errno.EIO, f"deploy: {specs_file(home)} is unreadable: {e}") from None
+    data = read_json(specs_file(home), "deploy") or {}
     return {d["name"]: d for d in data.get("deployments", [])}
 
 
 def _rewrite(home: Home, change: Any) -> Any:
-    path = specs_file(home)
-    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-    with open(path.parent / ".lock", "a") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        specs = read_specs(home)
-        result = change(specs)
-        tmp = path.with_suffix(".tmp")
-        with open(tmp, "w") as f:
-            json.dump({"deployments": list(specs.values())}, f, indent=1)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-        return result
+    return rewrite_json(specs_file(home), lambda: read_specs(home), change,
+                        lambda specs: {"deployments": list(specs.values())})
 
 
 def check_spec(spec: dict[str, Any]) -> dict[str, Any]:

@@ -8,17 +8,16 @@ changes, so a revoked key stops working at once.
 """
 from __future__ import annotations
 
-import fcntl
 import hashlib
 import hmac
-import json
-import os
 import secrets
 import time
 from pathlib import Path
 from typing import Any
 
 from syscalls import Errno, Home, SyscallError
+
+from ._store import read_json, rewrite_json
 
 PREFIX = "llmos-"
 
@@ -33,31 +32,12 @@ def _digest(key: str) -> str:
 
 def read_keys(home: Home) -> list[dict[str, Any]]:
     """Every key's record (never the key itself); [] when none was made."""
-    try:
-        data = json.loads(keys_file(home).read_text())
-    except FileNotFoundError:
-        return []
-    except (OSError, ValueError) as e:
-        raise SyscallError(Errno.EIO, f"keys: {keys_file(home)} is unreadable: {e}") from None
-    return list(data.get("keys", []))
+    return list((read_json(keys_file(home), "keys") or {}).get("keys", []))
 
 
 def _rewrite(home: Home, change: Any) -> Any:
-    """Apply change(records) -> result under an exclusive lock, written atomically."""
-    path = keys_file(home)
-    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-    with open(path.parent / ".lock", "a") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        records = read_keys(home)
-        result = change(records)
-        tmp = path.with_suffix(".tmp")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "w") as f:
-            json.dump({"keys": records}, f, indent=1)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-        return result
+    return rewrite_json(keys_file(home), lambda: read_keys(home), change,
+                        lambda records: {"keys": records})
 
 
 def create_key(home: Home, uid: int, name: str = "") -> tuple[str, dict[str, Any]]:
