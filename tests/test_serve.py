@@ -284,6 +284,11 @@ def test_serve_without_keys_binds_loopback_only(booted):
                          capture_output=True, text=True, timeout=60, cwd=ROOT)
     assert out.returncode == 1
     assert "needs API keys" in out.stderr
+    out = subprocess.run([sys.executable, "-m", "userland.cli", "serve", "-d", "--host",
+                          "0.0.0.0", "--port", "0"], env={"LLMOS_HOME": str(booted.root),
+                                                          "PATH": "/usr/bin:/bin"},
+                         capture_output=True, text=True, timeout=20, cwd=ROOT)
+    assert out.returncode == 1 and "needs API keys" in out.stderr  # at once, not spawned
 
 
 JSON = st.recursive(st.none() | st.booleans() | st.integers(-2**70, 2**70) |

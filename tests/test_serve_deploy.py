@@ -306,3 +306,17 @@ def test_replicas_of_a_dead_serve_leave_when_a_new_one_starts(cluster):
     assert wait_until(lambda: cluster.running() == 1, 60)  # the new serve's own
     with cluster.b.connect(uid=0) as osh:
         assert wait_until(lambda: len(osh.devices()["gpus"][0]["allocations"]) == 1, 10)
+
+
+def test_a_failed_choice_stops_the_others_and_limits_hold(cluster):
+    cluster.deploy(min=1, max=1, max_ongoing=2, max_queued=8, queue_timeout_s=1,
+                   gpu_mem=4 << 20)
+    assert wait_until(lambda: cluster.running() == 1, 60)
+    with pytest.raises(openai.BadRequestError) as e:  # infer_max_tokens, as infer says
+        cluster.client.completions.create(model="tinyd", prompt=PROMPT, max_tokens=5000)
+    assert "infer_max_tokens" in str(e.value)
+    # 8 choices, 2 run, 6 wait: those time out (503), and the 2 running are stopped
+    with pytest.raises(openai.InternalServerError) as e:
+        cluster.client.completions.create(model="tinyd", prompt=PROMPT, max_tokens=4000, n=8)
+    assert e.value.status_code == 503
+    assert wait_until(lambda: cluster.state()["ongoing"] == 0, 3)  # not 8 s of 4000 tokens

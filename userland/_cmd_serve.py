@@ -35,7 +35,8 @@ SERVE_ARGV = ["python", "-m", "userland.serve"]
 def serve(s: Session, a: argparse.Namespace) -> None:
     if not 0 <= a.port <= 65535:
         raise UsageError("PORT is 0 to 65535")
-    from .serve import run, serving
+    from .serve import check_bind, run, serving
+    check_bind(s.home, a.host)
     other = serving(s.home)
     if other is not None:
         raise SyscallError(Errno.EBUSY, f"serve: already serving {s.home.root} at "
@@ -51,14 +52,17 @@ def serve(s: Session, a: argparse.Namespace) -> None:
         finally:
             root.close()
         deadline = time.monotonic() + 30
-        while time.monotonic() < deadline:
-            up = serving(s.home)
-            if up is not None and up.get("url"):
-                s.line(f"llmos serve: pid {pid}, listening on {up['url']}")
-                return
-            time.sleep(0.1)
-        s.note(f"llmos serve: pid {pid} started but not listening after 30 s; see "
-               f"{s.home.proc_log(pid)}")
+        with s.connect(uid=0) as root:
+            while time.monotonic() < deadline:
+                up = serving(s.home)
+                if up is not None and up.get("url"):
+                    s.line(f"llmos serve: pid {pid}, listening on {up['url']}")
+                    return
+                if not any(p["pid"] == pid and p["state"] == "running" for p in root.ps()):
+                    break  # it ended: its log says why
+                time.sleep(0.1)
+        s.note(f"llmos serve: pid {pid} is not listening; see {s.home.proc_log(pid)}:\n"
+               + _tail(s.home.proc_log(pid)))
         s.status = 1
         return
     s.detach()  # serve attaches on its own, as uid 0
@@ -197,16 +201,21 @@ def metrics(s: Session, a: argparse.Namespace) -> None:
     up = serving(s.home)
     if up is not None and up.get("url"):
         import urllib.request
-        from .serve import read_keys
         try:
             with urllib.request.urlopen(up["url"] + "/metrics", timeout=10) as r:
                 sys.stdout.write(r.read().decode())
                 return
         except OSError as e:
-            if read_keys(s.home):  # keys: scraping needs one; print the system's
-                s.note(f"llmos metrics: serve's /metrics needs an API key ({e}); "
-                       "the system's alone follow")
-            else:
+            if getattr(e, "code", None) != 401:
                 raise SyscallError(Errno.EIO, f"metrics: {up['url']}/metrics: {e}")
+            s.note(f"llmos metrics: serve's /metrics needs an API key ({e}); the "
+                   "system's alone follow")
     from .serve import system_text
     sys.stdout.write(system_text(s.osh).decode())
+
+
+def _tail(path: Any, lines: int = 5) -> str:
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+    except OSError:
+        return "(no log)"

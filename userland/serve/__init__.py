@@ -34,7 +34,7 @@ def system_text(osh: Any) -> bytes:
 
 log = logging.getLogger("llmos.serve")
 
-__all__ = ["DEFAULTS", "create_key", "deploy", "deployments", "read_keys", "revoke_key",
+__all__ = ["DEFAULTS", "check_bind", "create_key", "deploy", "deployments", "read_keys", "revoke_key",
            "run", "serving", "system_text", "undeploy"]
 
 
@@ -45,6 +45,14 @@ def _loopback(host: str) -> bool:
         return ipaddress.ip_address(host).is_loopback
     except ValueError:
         return False
+
+
+def check_bind(home: Home, host: str) -> None:
+    """EACCES for an address other than loopback while no API key exists."""
+    if not _loopback(host) and not read_keys(home):
+        raise SyscallError(Errno.EACCES, f"serve: binding {host} needs API keys (llmos "
+                           "keys create --uid N); without keys serve binds to 127.0.0.1 "
+                           "only")
 
 
 def deploy(osh: Any, model: str, name: str, replace: bool = False, **settings: Any
@@ -116,10 +124,7 @@ def run(home: Home, host: str = "127.0.0.1", port: int = 8000, uid: int | None =
     from ._page import render
 
     keys = KeyRing(home)
-    if not _loopback(host) and not keys.configured:
-        raise SyscallError(Errno.EACCES, f"serve: binding {host} needs API keys (llmos "
-                           "keys create --uid N); without keys serve binds to 127.0.0.1 "
-                           "only")
+    check_bind(home, host)
     spawned = "LLMOS_SPAWN_TOKEN" in os.environ
     admin = connect(home.root, uid=None if spawned else 0,
                     argv=["llmos", "serve", "--host", host, "--port", str(port)])

@@ -230,7 +230,8 @@ class Gateway:
         self._access: dict[tuple[int, str], tuple[float, SyscallError | None]] = {}
         self._ps_at = 0.0
         self.started = time.time()
-        self.stats = collections.Counter()  # requests, tokens by path
+        cfg = home.config()
+        self.limits = {"max_tokens": cfg.infer_max_tokens, "max_prompt": cfg.infer_max_prompt}
 
     # -- lifetime -------------------------------------------------------------------
 
@@ -309,7 +310,7 @@ class Gateway:
     async def visible(self, uid: int) -> list[dict[str, Any]]:
         """The models (under /models) and deployments uid may read."""
         out: list[dict[str, Any]] = []
-        for d in self.deployments.values():
+        for d in list(self.deployments.values()):
             try:
                 await self.check_read(uid, d.spec["model"])
             except SyscallError:
@@ -340,11 +341,27 @@ class Gateway:
         if kind == "deployment":
             d = self.deployments[name]
             await self.check_read(uid, d.spec["model"])
+            if self.deployments.get(name) is not d:  # undeployed while we looked
+                raise SyscallError(Errno.ENOENT, f"deployment {name} was removed")
+            self._check_limits(args)
             gen = self._via_replica(d, uid, args, stream)
         else:
             gen = self._via_executor(uid, name, args)
         async for ev in gen:
             yield ev
+
+    def _check_limits(self, args: dict) -> None:
+        """infer's own limits (infer_max_tokens, infer_max_prompt), for a replica's
+        request as the executor applies them to infer's."""
+        if args["max_tokens"] > self.limits["max_tokens"]:
+            raise SyscallError(Errno.EINVAL, f"max_tokens {args['max_tokens']} is over "
+                               f"infer_max_tokens ({self.limits['max_tokens']})")
+        size = len((args.get("prompt") or "").encode("utf-8", "surrogatepass")) + sum(
+            len(m["content"].encode("utf-8", "surrogatepass"))
+            for m in args.get("messages") or ())
+        if size > self.limits["max_prompt"]:
+            raise SyscallError(Errno.EINVAL, f"the prompt is {size} bytes, over "
+                               f"infer_max_prompt ({self.limits['max_prompt']})")
 
     async def _via_executor(self, uid: int, path: str, args: dict) -> AsyncIterator[tuple]:
         loop = asyncio.get_running_loop()
@@ -386,7 +403,7 @@ class Gateway:
                     return
         finally:
             stop.set()
-            del fut
+            fut.cancel()  # still waiting for a thread: it never starts
 
     async def _via_replica(self, d: Deployment, uid: int, args: dict, stream: bool
                            ) -> AsyncIterator[tuple]:
@@ -415,7 +432,8 @@ class Gateway:
                     d.queue.remove(job)
                 r = job.replica
                 if r is not None and r.jobs.pop(job.id, None) is not None:
-                    await self._send(r, {"t": "cancel", "id": job.id})
+                    # after its "req", which _dispatch sent the same way
+                    asyncio.ensure_future(self._send(r, {"t": "cancel", "id": job.id}))
                     self._dispatch(d)
 
     def _free_replica(self, d: Deployment) -> Replica | None:

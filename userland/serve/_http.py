@@ -337,10 +337,11 @@ class App:
                          started),
                 media_type="text/event-stream",
                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        tasks = [asyncio.ensure_future(self.collect(g, f, started))
+                 for g, f in zip(gens, firsts)]
         try:
-            results = await _unless_gone(request, asyncio.gather(
-                *(self.collect(g, f, started) for g, f in zip(gens, firsts))))
-        finally:  # a failed choice, or the client gone: stop the others
+            results = await _unless_gone(request, _all_or_none(tasks))
+        finally:  # a failed choice, or the client gone: the others stopped, then closed
             await asyncio.gather(*(g.aclose() for g in gens), return_exceptions=True)
         if results is None:  # the client left: nobody to answer
             return Response(status_code=499)
@@ -364,10 +365,10 @@ class App:
         while True:
             if ev[0] == "restart":  # its replica died: it starts again elsewhere
                 parts.clear()
-            elif ev[0] == "chunk":
-                if first:
-                    first = False
-                    self.metrics.first_token(time.perf_counter() - started)
+            elif ev[0] in ("chunk", "done") and first:
+                first = False  # its first text (with one token, all of it is in done)
+                self.metrics.first_token(time.perf_counter() - started)
+            if ev[0] == "chunk":
                 parts.append(ev[1])
             elif ev[0] == "done":
                 parts.append(ev[1]["text"])
@@ -433,6 +434,8 @@ class App:
                     continue
                 left -= 1
                 if ev[0] == "done":
+                    if i not in last_t:  # all of its text came in the final record
+                        self.metrics.first_token(now - started)
                     rec = ev[1]
                     usage[0] = rec["prompt_tokens"]
                     usage[1] += rec["tokens"]
@@ -467,6 +470,17 @@ async def _body(request: Request) -> bytes:
     return b"".join(chunks)
 
 
+async def _all_or_none(tasks: list[asyncio.Future]) -> list[Any]:
+    """Every task's result; when one fails (or this is cancelled), the others are
+    cancelled and awaited before the failure goes on."""
+    try:
+        return list(await asyncio.gather(*tasks))
+    finally:
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+
 async def _unless_gone(request: Request, work: Any) -> Any:
     """work's result, or None (work cancelled) when the client disconnects first: a
     request that is not streamed is stopped too when nobody waits for it."""
@@ -477,9 +491,8 @@ async def _unless_gone(request: Request, work: Any) -> Any:
             if done:
                 return task.result()
             if await request.is_disconnected():
-                task.cancel()
-                await asyncio.gather(task, return_exceptions=True)
                 return None
-    finally:
+    finally:  # done, the client gone, or this handler cancelled (serve stopping)
         if not task.done():
             task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
