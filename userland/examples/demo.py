@@ -1,14 +1,17 @@
 """`make demo`: boot llmos on a temporary home, run the example program, train a
 BPE tokenizer and a small Llama on the standard library's sources, generate from
-it, export it and load the export with transformers, shut it down.
+it, export it and load the export with transformers, deploy it behind `llmos serve`
+and ask it through the OpenAI API with the official client, shut it down.
 
 Uses the same `llmos` command a person would, so what it prints is what they see.
 """
+import json
 import os
 import shutil
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
@@ -33,9 +36,38 @@ print(tok.decode(out[0], skip_special_tokens=True))
 """
 
 
-def llmos(*args: str) -> None:
+def llmos(*args: str) -> str:
     print(f"\n$ llmos {' '.join(args)}", flush=True)
-    subprocess.run([*LLMOS, *args], check=True)
+    out = subprocess.run([*LLMOS, *args], check=True, stdout=subprocess.PIPE, text=True).stdout
+    print(out, end="", flush=True)
+    return out
+
+
+ASK = """
+import sys, openai
+client = openai.OpenAI(base_url=sys.argv[1] + "/v1", api_key="none")
+for chunk in client.completions.create(model="pyllama", prompt="def main(", max_tokens=60,
+                                       temperature=0, stream=True):
+    print(chunk.choices[0].text if chunk.choices else "", end="", flush=True)
+print()
+"""
+
+
+def serve_demo() -> None:
+    """Deploy the model, serve it, ask it as any OpenAI client would."""
+    llmos("deploy", "/models/pyllama", "--name", "pyllama", "--max", "2")
+    url = llmos("serve", "-d", "--port", "0").split()[-1]
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        got = subprocess.run([*LLMOS, "deployments", "--json"], check=True, text=True,
+                             stdout=subprocess.PIPE).stdout
+        if json.loads(got)[0]["running"]:
+            break
+        time.sleep(0.5)
+    print(f"\n$ python -c 'openai.OpenAI(base_url=\"{url}/v1\").completions.create("
+          f"model=\"pyllama\", stream=True, ...)'", flush=True)
+    subprocess.run([sys.executable, "-c", ASK, url], check=True)
+    llmos("deployments")
 
 
 def main() -> int:
@@ -55,6 +87,7 @@ def main() -> int:
             llmos("export", "/models/pyllama", export)
             print(f"\n$ python -c '...from_pretrained({export!r})...'", flush=True)
             subprocess.run([sys.executable, "-c", CHECK, export], check=True)
+            serve_demo()
             llmos("jobs", "-a")                              # the job, ended: its loss, checkpoint
             llmos("models")
             llmos("ps")
