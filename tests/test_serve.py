@@ -46,7 +46,7 @@ def served(tmp_path_factory):
         alice, _ = create_key(b.home, 1000, "alice")
         seven, _ = create_key(b.home, 7, "seven")
         with ServeProcess(b.root) as s:
-            s.alice, s.seven, s.booted, s.clients = alice, seven, b, {}
+            s.alice, s.seven, s.booted, s.clients, s.src = alice, seven, b, {}, src
             yield s
             for c in s.clients.values():
                 c.close()
@@ -330,3 +330,23 @@ def test_revoking_the_last_key_locks_serve_rather_than_opening_it(booted):
         assert wait_until(lambda: httpx.get(s.url + "/v1/models", headers={
             "Authorization": f"Bearer {key}"}).status_code == 401, 5)
         assert httpx.get(s.url + "/v1/models").status_code == 401
+
+
+def test_a_deployment_serves_only_whom_its_checkpoint_lets_read(served):
+    """A trained model's directory is listable by all, its latest checkpoint private
+    to uid 7: uid 1000 neither sees its deployment nor may use it (403)."""
+    import numpy as np
+    from userland.serve import deploy, undeploy
+    with served.booted.connect(uid=7) as osh:
+        osh.mkdir("/models/ck", 0o755)
+        osh.import_model(served.src, "/models/ck/step-000001", perm=0o600)
+        osh.save_tensor("/models/ck/latest", np.frombuffer(b"step-000001", dtype=np.uint8))
+        deploy(osh, "/models/ck", "private")
+    try:
+        assert wait_until(lambda: "private" in {m.id for m in client(
+            served, served.seven).models.list().data}, 10)
+        assert "private" not in {m.id for m in client(served).models.list().data}
+        with pytest.raises(openai.PermissionDeniedError):
+            client(served).completions.create(model="private", prompt="x", max_tokens=2)
+    finally:
+        undeploy(served.booted.home, "private", 7)

@@ -293,6 +293,13 @@ class Gateway:
         if hit is None or now - hit[0] > ACCESS_TTL_S:
             def check(osh: Any) -> None:
                 listing = osh.listdir(path)
+                if any(e["name"] == "latest" and e["type"] == "tensor" for e in listing):
+                    # a trained model: what it serves is its latest checkpoint's (as
+                    # the executor reads it: reading latest is checked here too)
+                    import numpy as np
+                    name = bytes(np.asarray(osh.load_tensor(f"{path}/latest"),
+                                            dtype=np.uint8)).decode("utf-8", "replace")
+                    listing = listing + osh.listdir(f"{path}/{name.strip()}")
                 for e in listing:
                     if e["type"] in ("tensor", "group") and e.get("owner") != uid \
                             and not e.get("mode", 0) & 0o4:
