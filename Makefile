@@ -10,7 +10,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: install browser demo test explore bench serve-load chaos gen clean
+.PHONY: install browser demo test explore bench serve-load compress-bench chaos gen clean
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -52,6 +52,10 @@ bench: $(STAMP)
 serve-load: $(STAMP)
 	$(BIN)/pip install -q -c constraints.txt -e ".[bench]"
 	$(BIN)/python bench/serve_load.py --png docs/serve_load.png
+
+# a 10M Llama trained for a few minutes, then int8, structured pruning, distillation
+compress-bench: $(STAMP)
+	$(BIN)/python bench/compress_bench.py
 
 chaos: $(STAMP)
 	$(BIN)/python bench/chaos.py

@@ -20,8 +20,8 @@ of that errno's family, so a program can catch a family:
      +-- ConnectionLost          ECONNRESET, ENOTCONN (the kernel restarted or
                                  does not know this connection)
 
-Any other errno (EIO, EBADF, ENOSYS, ENOTDIR, EISDIR, ENOTEMPTY, EPROTO) is a
-plain SyscallError.
+Any other errno (EIO, EBADF, ENOSYS, ENOTDIR, EISDIR, ENOTEMPTY, EPROTO, ENOTSUP)
+is a plain SyscallError.
 """
 from __future__ import annotations
 
@@ -52,6 +52,7 @@ class Errno(IntEnum):
     ENOSYS = 38
     ENOTEMPTY = 39
     EPROTO = 71
+    ENOTSUP = 95
     EMSGSIZE = 90
     ECONNRESET = 104
     ENOTCONN = 107

@@ -615,6 +615,33 @@ TABLE += (
             returns="{models: [...], engine: {...}, budget}",
             doc="The models the executor holds loaded that the caller may read (uid 0: "
                 "all), and its batching statistics."),
+    Syscall(403, "spawn_compress", "executor", (
+        Arg("config", "dict", max_len=64,
+            doc="the job: task (eval, quantize, prune), model, out, data and the "
+                "task's settings (docs/compression.md lists every key and default)"),
+    ), spawns=True, returns="int (the job's pid)",
+        errors=(
+            ("EINVAL", "the config: an unknown, missing, mistyped or out-of-range key, a "
+                       "key of another task, out equal to model, prune with both or "
+                       "neither of sparsity and heads/mlp, heads or mlp that would "
+                       "remove every head or neuron; a model already int8; data that is "
+                       "not a 1-D tensor of text or token ids"),
+            ("ENOENT", "no model at model (or no config in it), no data tensor"),
+            ("EISDIR", "data is a directory"),
+            ("ENOTDIR", "a tensor is in the way of out"),
+            ("EACCES", "the caller's uid may not read the model or the data, or make "
+                       "out"),
+            ("EEXIST", "out exists and force is false"),
+            ("EBUSY", "a running training or compression job writes into out"),
+            ("ENOTSUP", "a method the installed libraries cannot run on this machine "
+                        "(int4), or structured pruning of a model whose config cannot "
+                        "hold it (the byte-level GPT; GPT-2's heads)"),
+        ),
+        doc="Start a compression job as a child process of the caller: eval measures "
+            "a model (held-out perplexity, decode tokens/s at batch 1 and 8, bytes); "
+            "quantize and prune write a new model, with its manifest "
+            "(compression.json), into out atomically. Everything is checked before "
+            "the job starts; wait returns its final report."),
 )
 
 BY_NAME: dict[str, Syscall] = {s.name: s for s in TABLE}

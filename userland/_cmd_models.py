@@ -74,8 +74,10 @@ TRAIN_FLAGS = (("--steps", "steps", int), ("--workers", "workers", int),
                ("--batch", "batch_size", int), ("--lr", "lr", float),
                ("--checkpoint-every", "checkpoint_every", int),
                ("--restarts", "restarts", int), ("--gpus", "gpus", int),
-               ("--seed", "seed", int), ("--ffn", "ffn", int), ("--arch", "arch", str))
-PATH_KEYS = ("out", "dataset", "base", "tokenizer")  # resolved against the cwd
+               ("--seed", "seed", int), ("--ffn", "ffn", int), ("--arch", "arch", str),
+               ("--alpha", "distill_alpha", float),
+               ("--temperature", "distill_temperature", float))
+PATH_KEYS = ("out", "dataset", "base", "tokenizer", "teacher")  # resolved against the cwd
 
 
 @command("train", "models", "train a model (spawn_train: the byte-level GPT, or a Hugging "
@@ -96,6 +98,9 @@ PATH_KEYS = ("out", "dataset", "base", "tokenizer")  # resolved against the cwd
                   "tokenizer train makes one)"),
          arg("--out", metavar="PATH", complete="tensor",
              help="where checkpoints go (default: /models/NAME)"),
+         arg("--teacher", metavar="PATH", complete="tensor",
+             help="distill: the student also learns this Hugging Face model's softened "
+                  "distribution (--alpha, --temperature; docs/compression.md)"),
          arg("--resume", action="store_true", help="go on from the last checkpoint"),
          arg("--alloc", metavar="ID", complete="alloc",
              help="train on this session's GPU allocation (a prefix will do)"),
@@ -104,7 +109,8 @@ PATH_KEYS = ("out", "dataset", "base", "tokenizer")  # resolved against the cwd
          syscalls=("spawn_train", "wait", "ps", "kill"),
          json_keys="the job's wait record {pid, status, reason, info}; with -d, its pid",
          details="--base fine-tunes an imported model; --arch llama --tokenizer PATH "
-                 "trains a new one (docs/executor.md, Training Hugging Face models). "
+                 "trains a new one (docs/executor.md, Training Hugging Face models); "
+                 "--teacher distills a larger model into it (docs/compression.md). "
                  "Ctrl-C asks the job to stop: it writes a checkpoint and ends (resume "
                  "it with --resume); a second Ctrl-C kills it. The exit status is the "
                  "job's (130 after Ctrl-C).")
@@ -113,7 +119,7 @@ def train(s: Session, a: argparse.Namespace) -> Any:
     for _, key, _ in TRAIN_FLAGS:
         if getattr(a, key) is not None:
             config[key] = getattr(a, key)
-    for key in ("out", "base", "tokenizer"):
+    for key in ("out", "base", "tokenizer", "teacher"):
         if getattr(a, key):
             config[key] = s.resolve(getattr(a, key))
     if a.resume:
@@ -426,9 +432,150 @@ def tokenizer(s: Session, a: argparse.Namespace) -> dict[str, Any]:
                                    min_frequency=a.min_frequency, force=a.force)
 
 
+def run_compress(s: Session, a: argparse.Namespace, config: dict[str, Any]) -> Any:
+    """spawn_compress(config), then follow the job as train does; its final report
+    (with a new model's manifest), or its pid with -d."""
+    with s.unbounded():
+        pid = s.osh.spawn_compress(config)
+    if a.detach:
+        if not s.json:
+            s.line(str(pid))
+        return pid if s.json else None
+    if not s.json:
+        s.line(f"{config['task']} job {pid}: {config['model']}"
+               + (f" -> {config['out']}" if config.get("out") else ""))
+    record, interrupted = follow(s, pid)
+    info = dict(record.get("info") or {})
+    s.status = 130 if interrupted else exit_status(record)
+    if info.get("state") == "done" and info.get("checkpoint"):
+        import json
+        data = s.osh.load_array(f"{info['checkpoint']}/compression.json")
+        info["manifest"] = json.loads(data.tobytes())
+    if s.json:
+        return {**record, "info": info}
+    if info.get("state") != "done":
+        s.note(_views.wait_line(record))
+    elif info.get("manifest"):
+        s.line(f"{info['checkpoint']}: {_views.compression_summary(info['manifest'])}")
+        for line in _views.manifest_lines(info["manifest"]):
+            s.line(line)
+    else:
+        s.line(_views.eval_line(info))
+    return None
+
+
+def _compress_args(measure: bool = True) -> list[Any]:
+    return [
+        arg("--split", type=float, metavar="F",
+            help="the held-out fraction: the dataset's last F (default 0.05)"),
+        arg("--eval-tokens", type=int, metavar="N",
+            help="held-out tokens measured at most (default 16384)"),
+        arg("--decode-tokens", type=int, metavar="N",
+            help="tokens each decode-speed run makes (default 64)"),
+        *([arg("--no-measure", action="store_true",
+               help="write the model without measuring it (the manifest says so)")]
+          if measure else []),
+        arg("-d", "--detach", action="store_true",
+            help="print the job's pid and return (jobs shows it, wait reaps it)")]
+
+
+def _compress_config(s: Session, a: argparse.Namespace, task: str, model: str,
+                     **keys: Any) -> dict[str, Any]:
+    config: dict[str, Any] = {"task": task, "model": s.resolve(model)}
+    for key, value in (("data", getattr(a, "data", None)), ("out", getattr(a, "out", None))):
+        if value:
+            config[key] = s.resolve(value)
+    for key in ("split", "eval_tokens", "decode_tokens"):
+        if getattr(a, key, None) is not None:
+            config[key] = getattr(a, key)
+    if getattr(a, "no_measure", False):
+        config["measure"] = False
+    if getattr(a, "force", False):
+        config["force"] = True
+    config.update({k: v for k, v in keys.items() if v is not None})
+    return config
+
+
+COMPRESS_SYSCALLS = ("spawn_compress", "wait", "ps", "kill", "open_tensor", "read_tensor",
+                     "close_tensor")
+COMPRESS_JSON = ("the job's wait record {pid, status, reason, info}; info of a new model "
+                 "has its manifest (compression.json); with -d, its pid")
+
+
+@command("eval", "models", "measure a model: held-out perplexity, decode tokens/s at batch "
+         "1 and 8, and its size (a job: jobs shows it)",
+         arg("model", metavar="MODEL", complete="tensor"),
+         arg("--data", required=True, metavar="PATH", complete="tensor",
+             help="a 1-D dataset of text (uint8) or token ids: its last --split is held out"),
+         *_compress_args(measure=False),
+         syscalls=COMPRESS_SYSCALLS, json_keys=COMPRESS_JSON,
+         details="The same yardstick quantize and prune put in a manifest; decode runs "
+                 "through the executor's batching engine, on this machine's CPUs.")
+def eval_model(s: Session, a: argparse.Namespace) -> Any:
+    return run_compress(s, a, _compress_config(s, a, "eval", a.model))
+
+
+@command("quantize", "models", "write an int8 copy of a model, with a manifest of what it "
+         "gained and cost, measured here",
+         arg("model", metavar="SRC", complete="tensor"),
+         arg("out", metavar="DST", complete="tensor", help="the new model's directory"),
+         arg("--method", default="int8", metavar="METHOD",
+             help="int8 (int4 is refused: no CPU kernel here)"),
+         arg("--data", metavar="PATH", complete="tensor",
+             help="a dataset whose held-out slice measures perplexity before and after"),
+         arg("--force", action="store_true", help="replace DST once the new model is complete"),
+         *_compress_args(),
+         syscalls=COMPRESS_SYSCALLS, json_keys=COMPRESS_JSON,
+         details="Weights of every linear layer become int8 with a float32 scale per "
+                 "output row; infer runs them with torch.ao's dynamic int8 kernels. DST is "
+                 "written as DST.compressing and renamed when complete. export writes it "
+                 "back as float32 weights (docs/compression.md).")
+def quantize(s: Session, a: argparse.Namespace) -> Any:
+    return run_compress(s, a, _compress_config(s, a, "quantize", a.model, method=a.method))
+
+
+def fractions(text: str) -> dict[str, float]:
+    """--structured heads=0.25,mlp=0.25 as {heads: 0.25, mlp: 0.25}."""
+    out: dict[str, float] = {}
+    for part in text.split(","):
+        key, _, value = part.partition("=")
+        if key.strip() not in ("heads", "mlp") or not value:
+            raise argparse.ArgumentTypeError(f"{part!r}: give heads=F and/or mlp=F")
+        try:
+            out[key.strip()] = float(value)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{value!r} is not a number") from None
+    return out
+
+
+@command("prune", "models", "write a pruned copy of a model (unstructured magnitude, or "
+         "whole heads and MLP neurons), optionally fine-tuned to recover",
+         arg("model", metavar="SRC", complete="tensor"),
+         arg("out", metavar="DST", complete="tensor", help="the new model's directory"),
+         arg("--sparsity", type=float, metavar="F",
+             help="zero the fraction F of all linear weights with the smallest magnitude"),
+         arg("--structured", type=fractions, metavar="heads=F,mlp=F",
+             help="remove that fraction of each layer's attention heads and MLP neurons, "
+                  "least important first; the config and matrices shrink"),
+         arg("--finetune-steps", type=int, metavar="N", help="recovery fine-tune steps"),
+         arg("--lr", type=float, metavar="X", help="the fine-tune's learning rate (1e-4)"),
+         arg("--data", metavar="PATH", complete="tensor",
+             help="the fine-tune's data and the held-out perplexity's (its last --split)"),
+         arg("--force", action="store_true", help="replace DST once the new model is complete"),
+         *_compress_args(),
+         syscalls=COMPRESS_SYSCALLS, json_keys=COMPRESS_JSON,
+         details="Unstructured zeros keep every matrix its shape: they gain no speed on "
+                 "dense kernels, and the manifest says so. Structured pruning needs a "
+                 "Hugging Face model (Llama-style, or GPT-2's MLP).")
+def prune(s: Session, a: argparse.Namespace) -> Any:
+    keys: dict[str, Any] = {"sparsity": a.sparsity, "finetune_steps": a.finetune_steps,
+                            "lr": a.lr, **(a.structured or {})}
+    return run_compress(s, a, _compress_config(s, a, "prune", a.model, **keys))
+
+
 shows("models", "models", "the models the executor holds loaded, and its batching "
       "statistics", lambda m, s: _views.models_lines(m),
       "models()'s record: {models: [{path, bytes, requests, step, loss, loaded_at, "
-      "architecture}], "
+      "architecture, compression}], "
       "engine: {...}, budget, max_batch}")
 

@@ -21,7 +21,7 @@ from ._command import Session, arg, command, each
 FIRST_VALUES = 8
 STAT_JSON = ("stat()'s record: {path, type (dir, tensor, group, member), owner, mode, "
              "ctime, mtime; dtype, shape, size, checksum; members [{name, dtype, shape, "
-             "size}] of a group}")
+             "size}] of a group; compression, a compressed model's manifest}")
 
 
 @command("ls", "tensors", "list tensorfs directories (default: the working directory)",
@@ -76,13 +76,28 @@ def pwd(s: Session, a: argparse.Namespace) -> None:
 
 @command("stat", "tensors", "metadata of tensors, groups, members or directories",
          arg("paths", nargs="+", metavar="PATH", complete="tensor"),
-         syscalls=("stat",),
+         syscalls=("stat", "open_tensor", "read_tensor", "close_tensor"),
+         details="A compressed model's directory shows its manifest too "
+                 "(compression.json: docs/compression.md).",
          view=lambda sts, s, a: _blank_between([_views.stat_lines(st) for st in sts]),
          json_keys=f"[{STAT_JSON}]")
 def stat(s: Session, a: argparse.Namespace) -> list[dict[str, Any]]:
     out: list[dict[str, Any]] = []
-    each(s, a.paths, lambda p: out.append(s.osh.stat(s.resolve(p))))
+    each(s, a.paths, lambda p: out.append(with_manifest(s.osh, s.osh.stat(s.resolve(p)))))
     return out
+
+
+def with_manifest(osh: Any, st: dict[str, Any]) -> dict[str, Any]:
+    """st, with "compression" (its compression.json) when it is a compressed model's
+    directory (docs/compression.md)."""
+    if st.get("type") != "dir":
+        return st
+    import json
+    try:
+        data = osh.load_array(f"{st['path'].rstrip('/')}/compression.json")
+        return {**st, "compression": json.loads(data.tobytes())}
+    except (SyscallError, ValueError):
+        return st
 
 
 def _blank_between(blocks: list[list[str]]) -> list[str]:

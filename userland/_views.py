@@ -144,6 +144,8 @@ def progress(info: dict[str, Any]) -> str:
         parts.append(loss)
     if isinstance(info.get("tokens_per_s"), (int, float)):
         parts.append(f"{info['tokens_per_s']:,.0f} tok/s")
+    if isinstance(info.get("perplexity"), (int, float)):
+        parts.append(f"perplexity {info['perplexity']:.3f}")
     if info.get("error"):
         parts.append(f"error: {info['error']}")
     return printable("  ".join(parts))
@@ -241,9 +243,13 @@ def stat_lines(st: dict[str, Any]) -> list[str]:
             v = f"{v} ({size(v)})"
         elif k == "members":  # a group: one line each, below
             v = _what(st)
+        elif k == "compression":  # a compressed model's manifest: its lines, below
+            continue
         lines.append(f"{k:9} {printable(str(v))}")
     for m in st.get("members", []):
         lines.append(f"  {printable(m['name'])}  {m['dtype']}{m['shape']}  {size(m['size'])}")
+    if st.get("compression"):
+        lines += manifest_lines(st["compression"])
     return lines
 
 
@@ -326,12 +332,95 @@ def sysinfo_lines(info: dict[str, Any]) -> list[str]:
 def models_lines(m: dict[str, Any]) -> list[str]:
     rows = [[x["path"], size(x["bytes"]), x["step"],
              f"{x['loss']:.3f}" if isinstance(x["loss"], (int, float)) else None,
-             x["requests"]] for x in m["models"]]
-    lines = table(["MODEL", "BYTES", "STEP", "LOSS", "REQUESTS"], rows, "lrrrr",
-                  empty="no models loaded")
+             x["requests"], compression_summary(x.get("compression"))]
+            for x in m["models"]]
+    lines = table(["MODEL", "BYTES", "STEP", "LOSS", "REQUESTS", "COMPRESSION"], rows,
+                  "lrrrrl", empty="no models loaded")
     e = m.get("engine") or {}
     if e:
         lines.append(f"engine: {e.get('steps', 0)} steps, {e.get('tokens', 0)} tokens, "
                      f"mean batch {e.get('mean_batch', 0):.2f}, {e.get('running', 0)} "
                      f"running, {e.get('queued', 0)} queued")
     return lines
+
+
+def _ratio(pair: Any, fmt: str = "{:.2f}x") -> str | None:
+    if isinstance(pair, dict) and isinstance(pair.get("ratio"), (int, float)):
+        return fmt.format(pair["ratio"])
+    return None
+
+
+def compression_summary(m: dict[str, Any] | None) -> str:
+    """A compressed model's manifest on one line: method, bytes, perplexity, speed."""
+    if not m:
+        return ""
+    parts = [str(m.get("method", "?"))]
+    b = m.get("bytes") or {}
+    if isinstance(b.get("ratio"), (int, float)):
+        parts.append(f"{b['ratio']:.2f}x smaller")
+    ppl = m.get("perplexity") or {}
+    if isinstance(ppl.get("ratio"), (int, float)):
+        parts.append(f"ppl {100 * (ppl['ratio'] - 1):+.1f}%")
+    speed = (m.get("tokens_per_s") or {}).get("batch1")
+    if _ratio(speed):
+        parts.append(f"decode {_ratio(speed)}")
+    return printable(", ".join(parts))
+
+
+def manifest_lines(m: dict[str, Any]) -> list[str]:
+    """A compressed model's manifest (compression.json), as stat and quantize show it."""
+    lines = [f"compression: {m.get('method')} of {m.get('source_checkpoint') or m.get('source')}"]
+    settings = {k: v for k, v in (m.get("settings") or {}).items() if k != "method"}
+    if settings:
+        lines.append("  settings: " + ", ".join(f"{k}={v}" for k, v in settings.items()))
+    b = m.get("bytes") or {}
+    if b:
+        lines.append(f"  bytes: {size(b.get('before', 0))} -> {size(b.get('after', 0))} "
+                     f"({_ratio(b) or '?'} smaller)")
+    lb = m.get("layer_bytes")
+    if lb:
+        lines.append(f"  quantized layers: {size(lb['before'])} -> {size(lb['after'])} "
+                     f"({_ratio(lb)} smaller)")
+    ppl = m.get("perplexity") or {}
+    if "before" in ppl:
+        lines.append(f"  perplexity: {ppl['before']:.3f} -> {ppl['after']:.3f} "
+                     f"({100 * (ppl['ratio'] - 1):+.2f}%) on {ppl.get('tokens')} held-out "
+                     f"tokens of {ppl.get('data')}")
+    elif ppl.get("why"):
+        lines.append(f"  perplexity: {ppl['why']}")
+    for batch, pair in (m.get("tokens_per_s") or {}).items():
+        if isinstance(pair, dict) and "before" in pair:
+            lines.append(f"  decode {batch}: {pair['before']:,.0f} -> {pair['after']:,.0f} "
+                         f"tok/s ({_ratio(pair)})")
+    if m.get("shape"):
+        lines.append("  shape: " + ", ".join(f"{k} {a} -> {b}" for k, (a, b) in
+                                             m["shape"].items()))
+    if m.get("pruned"):
+        p = m["pruned"]
+        lines.append(f"  zeros: {p.get('sparsity', 0):.1%} of {p.get('weights', 0):,} weights")
+    if m.get("finetune"):
+        f = m["finetune"]
+        lines.append(f"  fine-tune: {f['steps']} steps, loss {f['loss0']:.3f} -> "
+                     f"{f['loss']:.3f}; perplexity before it "
+                     f"{m.get('perplexity_before_finetune') or 0:.3f}")
+    lines.append(f"  speed: {m.get('speed')}")
+    took = m.get("time_s")
+    on = m.get("measured_on") or {}
+    lines.append(f"  measured on: {on.get('cpus')} CPUs, torch {on.get('torch')}, "
+                 f"{on.get('torch_threads')} threads; took {took}s")
+    return [printable(line) for line in lines]
+
+
+def eval_line(info: dict[str, Any]) -> str:
+    """eval's result on one line."""
+    parts = [f"{info.get('model')}:"]
+    if isinstance(info.get("perplexity"), (int, float)):
+        parts.append(f"perplexity {info['perplexity']:.3f} on {info.get('eval_tokens')} "
+                     f"held-out tokens of {info.get('data')}")
+    for b in (1, 8):
+        rate = info.get(f"tokens_per_s_b{b}")
+        if isinstance(rate, (int, float)):
+            parts.append(f"decode {rate:,.0f} tok/s at batch {b}")
+    if isinstance(info.get("bytes"), int):
+        parts.append(f"weights {size(info['bytes'])}")
+    return printable(", ".join(parts))

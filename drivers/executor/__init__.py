@@ -38,6 +38,7 @@ from ._models import Loaded, ModelCache
 log = logging.getLogger("llmos.executor")
 
 TRAIN_ARGV = ["python", "-m", "drivers.executor.train"]
+JOB_PROGRAMS = ("drivers.executor.train", "drivers.executor.compress")  # write into --out
 
 
 @dataclass
@@ -58,7 +59,7 @@ class Pending:
 
 class Executor(Service):
     name = "executor"
-    serves = ("spawn_train", "infer", "models")
+    serves = ("spawn_train", "infer", "models", "spawn_compress")
 
     def __init__(self, loop: DriverLoop) -> None:
         super().__init__(loop)
@@ -261,7 +262,8 @@ class Executor(Service):
             req.reply({"models": [{"path": m.path, "bytes": m.nbytes,
                                    "requests": m.requests, "step": m.config.get("step"),
                                    "loss": m.config.get("loss"), "loaded_at": m.loaded_at,
-                                   "architecture": m.architecture}
+                                   "architecture": m.architecture,
+                                   "compression": m.config.get("compression")}
                                   for m in shown],
                        "engine": self.engine_stats(),
                        "budget": self.cache.budget, "max_batch": self.max_batch})
@@ -349,37 +351,9 @@ class Executor(Service):
         missing top-level directory (/models) is made now, shared, mode 1777, like
         /tmp."""
         out = cfg["out"]
-        for p in self.conn(0).ps():
-            argv = p["argv"]
-            if (p["state"] == "running" and "drivers.executor.train" in argv
-                    and "--job" in argv and argv[-2:] == ["--out", out]):
-                raise SyscallError(Errno.EBUSY, f"spawn_train: job {p['pid']} is training "
-                                   f"into {out}")
+        self.check_busy(out, "spawn_train")
         osh = self.conn(uid)
-        parts = out.strip("/").split("/")
-        if len(parts) > 1:
-            try:
-                self.conn(0).mkdir("/" + parts[0], 0o1777)
-            except SyscallError as e:
-                if e.errno != Errno.EEXIST:
-                    raise SyscallError(e.errno, f"spawn_train: out {out}: {e.message}")
-        deepest = None  # the last existing part of out, as uid sees it
-        for i in range(len(parts), -1, -1):
-            path = "/" + "/".join(parts[:i])
-            try:
-                deepest = osh.stat(path)
-                break
-            except SyscallError as e:
-                if e.errno not in (Errno.ENOENT,):
-                    raise SyscallError(e.errno, f"spawn_train: out {out}: {e.message}")
-        if deepest is None or deepest["type"] != "dir":
-            raise SyscallError(Errno.ENOTDIR, f"spawn_train: out {out}: "
-                               f"{deepest and deepest['path']} is not a directory")
-        owner, mode = deepest["owner"], deepest["mode"]  # tensorfs's rule: no groups
-        bits = (mode >> 6) & 7 if uid == owner else mode & 7
-        if uid != 0 and not bits & 2:
-            raise SyscallError(Errno.EACCES, f"spawn_train: out {out}: uid {uid} may not "
-                               f"write {deepest['path']} (owner {owner}, mode {mode:o})")
+        self.check_makeable(uid, out, "spawn_train")
         if cfg["resume"]:
             return
         try:
@@ -390,6 +364,138 @@ class Executor(Service):
             raise
         raise SyscallError(Errno.EEXIST, f"spawn_train: {out} holds a trained model; "
                            "resume it (resume=true) or remove it first (llmos rm -r)")
+
+    def check_busy(self, out: str, call: str) -> None:
+        """EBUSY when a running training or compression job writes into out (ps
+        shows it by its program and its last two words, --out OUT)."""
+        for p in self.conn(0).ps():
+            argv = p["argv"]
+            if (p["state"] == "running" and any(j in argv for j in JOB_PROGRAMS)
+                    and "--job" in argv and argv[-2:] == ["--out", out]):
+                raise SyscallError(Errno.EBUSY, f"{call}: job {p['pid']} is writing into "
+                                   f"{out}")
+
+    def check_makeable(self, uid: int, out: str, call: str) -> None:
+        """The deepest existing part of out is a directory uid may write (EACCES,
+        ENOTDIR); a missing top-level directory (/models) is made now, shared, mode
+        1777, like /tmp."""
+        osh = self.conn(uid)
+        parts = out.strip("/").split("/")
+        if len(parts) > 1:
+            try:
+                self.conn(0).mkdir("/" + parts[0], 0o1777)
+            except SyscallError as e:
+                if e.errno != Errno.EEXIST:
+                    raise SyscallError(e.errno, f"{call}: out {out}: {e.message}")
+        deepest = None  # the last existing part of out, as uid sees it
+        for i in range(len(parts), -1, -1):
+            path = "/" + "/".join(parts[:i])
+            try:
+                deepest = osh.stat(path)
+                break
+            except SyscallError as e:
+                if e.errno not in (Errno.ENOENT,):
+                    raise SyscallError(e.errno, f"{call}: out {out}: {e.message}")
+        if deepest is None or deepest["type"] != "dir":
+            raise SyscallError(Errno.ENOTDIR, f"{call}: out {out}: "
+                               f"{deepest and deepest['path']} is not a directory")
+        owner, mode = deepest["owner"], deepest["mode"]  # tensorfs's rule: no groups
+        bits = (mode >> 6) & 7 if uid == owner else mode & 7
+        if uid != 0 and not bits & 2:
+            raise SyscallError(Errno.EACCES, f"{call}: out {out}: uid {uid} may not "
+                               f"write {deepest['path']} (owner {owner}, mode {mode:o})")
+
+    # -- spawn_compress --------------------------------------------------------------
+
+    def spawn_compress(self, req: Request, config: dict) -> Any:
+        uid = req.uid
+
+        def check() -> dict:
+            from ._compcfg import NotSupported, normalize
+            try:
+                cfg = normalize(config)
+            except NotSupported as e:
+                raise SyscallError(Errno.ENOTSUP, f"spawn_compress: {e}") from None
+            except ValueError as e:
+                raise SyscallError(Errno.EINVAL, f"spawn_compress: {e}") from None
+            try:
+                ckpt, mcfg, _ = self.cache.resolve(uid, cfg["model"])
+                self.cache.check_access(uid, ckpt, mcfg.get("hf"))
+            except SyscallError as e:
+                raise SyscallError(e.errno, e.message.replace("infer:", "spawn_compress:",
+                                                              1)) from None
+            self.check_compress_source(uid, cfg, ckpt, mcfg)
+            if "data" in cfg:
+                osh = self.conn(uid)
+                info = osh.open_tensor(cfg["data"], "r")  # ENOENT, EACCES, EISDIR as they come
+                osh.close_tensor(info["fd"])
+                shape = info.get("shape") or []
+                if len(shape) != 1 or info.get("dtype") not in ("uint8", "int32", "int64") \
+                        or shape[0] < 16:
+                    raise SyscallError(Errno.EINVAL, f"spawn_compress: data {cfg['data']} "
+                                       "must be a 1-D tensor of text (uint8) or token ids "
+                                       f"(int32, int64) of at least 16, not "
+                                       f"{info.get('dtype')} {shape}")
+                if "hf" not in mcfg and info["dtype"] != "uint8":
+                    raise SyscallError(Errno.EINVAL, f"spawn_compress: data {cfg['data']} "
+                                       "holds token ids; the byte-level GPT reads bytes")
+            if "out" in cfg:
+                out = cfg["out"].rstrip("/")
+                self.check_busy(out, "spawn_compress")
+                try:
+                    self.conn(uid).stat(out)
+                    if not cfg.get("force"):
+                        raise SyscallError(Errno.EEXIST, f"spawn_compress: {out} exists "
+                                           "(force replaces it when the new model is "
+                                           "complete)")
+                except SyscallError as e:
+                    if e.errno != Errno.ENOENT:
+                        raise
+                self.check_makeable(uid, out, "spawn_compress")
+            return cfg
+
+        def plan(cfg: dict) -> None:
+            from .compress import ARGV, CONFIG_ENV
+            argv = [*ARGV, "--job", cfg["task"], "--model", cfg["model"]]
+            if "out" in cfg:
+                argv += ["--out", cfg["out"].rstrip("/")]
+            req.reply({"argv": argv, "env": {CONFIG_ENV: json.dumps(cfg)}})
+
+        return self.background(check, plan, req)
+
+    def check_compress_source(self, uid: int, cfg: dict, ckpt: str, mcfg: dict) -> None:
+        """EINVAL for a model already int8 (or a structured amount that removes
+        every head), ENOTSUP for structured pruning the model's config cannot hold."""
+        from ._compcfg import NotSupported, plan, shape_of, structured
+        from ._models import text_of
+        osh = self.conn(uid)
+        names = {e["name"] for e in mcfg.get("hf", ())}
+        int8 = bool(mcfg.get("int8"))
+        config_json: dict = {}
+        try:
+            if "compression.json" in names:
+                int8 = bool(json.loads(text_of(osh.load_tensor(f"{ckpt}/compression.json")))
+                            .get("layers"))
+            if "hf" in mcfg:
+                config_json = json.loads(text_of(osh.load_tensor(f"{ckpt}/config.json")))
+        except (ValueError, UnicodeDecodeError) as e:
+            raise SyscallError(Errno.EINVAL, f"spawn_compress: {ckpt}: unreadable "
+                               f"config or manifest: {e}") from None
+        if int8 and cfg["task"] != "eval":
+            raise SyscallError(Errno.EINVAL, f"spawn_compress: {cfg['model']} is already "
+                               "int8; compress its float source instead")
+        if not structured(cfg):
+            return
+        if "hf" not in mcfg:
+            raise SyscallError(Errno.ENOTSUP, "spawn_compress: structured pruning rewrites a "
+                               "Hugging Face config; the byte-level GPT's has no head_dim "
+                               "or MLP width to change (prune it with sparsity)")
+        try:
+            plan(*shape_of(config_json), cfg.get("heads", 0.0), cfg.get("mlp", 0.0))
+        except NotSupported as e:
+            raise SyscallError(Errno.ENOTSUP, f"spawn_compress: {e}") from None
+        except (ValueError, KeyError, TypeError) as e:
+            raise SyscallError(Errno.EINVAL, f"spawn_compress: {e}") from None
 
     def check_dataset(self, uid: int, cfg: dict) -> None:
         osh = self.conn(uid)
@@ -421,10 +527,11 @@ class Executor(Service):
 
 
 # What other code (bench/, tests) may use besides the driver: the model, its
-# generation loop and the training config's check. They load on first use (torch
+# generation loop, the training config's check, the model loader and the decode
+# yardstick (bench/compress_bench.py profiles with them). They load on first use (torch
 # is heavy, and the driver imports it only when a model is first needed).
 _LAZY = {"GPT": "._gpt", "GPTConfig": "._gpt", "generate_direct": "._engine",
-         "normalize": "._config"}
+         "normalize": "._config", "ModelCache": "._models", "decode_rate": "._compress"}
 
 
 def __getattr__(name: str) -> Any:
@@ -434,4 +541,5 @@ def __getattr__(name: str) -> Any:
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
-__all__ = ["Executor", "GPT", "GPTConfig", "generate_direct", "normalize"]
+__all__ = ["Executor", "GPT", "GPTConfig", "ModelCache", "decode_rate", "generate_direct",
+           "normalize"]

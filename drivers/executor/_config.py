@@ -107,6 +107,11 @@ SPEC: dict[str, tuple[type, Any, _Check | None]] = {
     "arch": (str, None, _arch),
     "tokenizer": (str, None, _path),
     "ffn": (int, None, _in(1, 1 << 20)),
+    # distillation (docs/compression.md): the student learns the teacher's softened
+    # distribution too: alpha * T^2 * KL(teacher_T || student_T) + (1 - alpha) * CE
+    "teacher": (str, None, _path),
+    "distill_alpha": (float, 0.5, _in(0.0, 1.0)),
+    "distill_temperature": (float, 2.0, _over_at_most(0.0, 100.0)),
     # added by the executor (or the job) once GPUs are allocated
     "alloc_id": (str, None, None),
     "devices": (list, None, _devices),
@@ -114,6 +119,7 @@ SPEC: dict[str, tuple[type, Any, _Check | None]] = {
     "gpu_bytes": (int, None, _in(0, 2 ** 60, format_size)),
 }
 INTERNAL = ("alloc_id", "devices", "simulated", "gpu_bytes")
+DISTILL_KEYS = ("distill_alpha", "distill_temperature")  # defaulted only with a teacher
 MODEL_KEYS = ("n_layer", "n_head", "n_embd", "block_size", "dropout")
 SHAPE_KEYS = ("n_layer", "n_head", "n_embd", "ffn")  # a base model's config.json decides
 GPT_ONLY = ("dropout",)  # the byte-level GPT's (a Hugging Face config has its own)
@@ -139,6 +145,8 @@ def normalize(config: dict) -> dict:
     hf = hf_job(config)
     unset = (*SHAPE_KEYS, *GPT_ONLY) if "base" in config else \
         GPT_ONLY if hf else ()
+    if "teacher" not in config:
+        unset = (*unset, *DISTILL_KEYS)
     out: dict[str, Any] = {}
     for key, (kind, default, check) in SPEC.items():
         if key not in config:
@@ -195,6 +203,13 @@ def _check_family(cfg: dict) -> None:
             if key in cfg:
                 raise refuse(key, "is for Hugging Face models (base, or arch other than "
                              "gpt); the byte-level GPT has neither")
+    if "teacher" not in cfg:
+        for key in DISTILL_KEYS:
+            if key in cfg:
+                raise refuse(key, "is for distillation: give a teacher too")
+    elif not hf_job(cfg):
+        raise refuse("teacher", "distills into a Hugging Face student (base, or arch with "
+                     "a tokenizer); the byte-level GPT trains alone")
     if hf_job(cfg) and cfg.get("dropout", 0.0) != 0.0:
         raise refuse("dropout", "is the byte-level GPT's; a Hugging Face model's config "
                      "has its own")

@@ -133,6 +133,16 @@ def build(osh: Any, ckpt: str, parts: HFParts, device: str) -> Any:
     except (ValueError, KeyError) as e:
         raise _fail(Errno.EINVAL, ckpt, f"transformers has no causal LM for "
                     f"{type(parts.config).__name__}: {e}") from None
+    manifest = os.path.join(parts.where, "compression.json")
+    if os.path.exists(manifest):
+        with open(manifest, "rb") as f:
+            layers = json.loads(f.read()).get("layers") or {}
+        if layers:
+            if device != "cpu":
+                raise _fail(Errno.ENOTSUP, ckpt, "int8 weights run on the CPU (fbgemm); "
+                            f"this executor runs models on {device}")
+            from ._compress import int8_skeleton
+            int8_skeleton(model, layers)
     expected = model.state_dict()
     for name, t in state.items():
         if name not in expected:

@@ -14,6 +14,7 @@ read (checkpoint.write_hf_checkpoint).
 """
 from __future__ import annotations
 
+import json
 import os
 import tempfile
 from dataclasses import dataclass
@@ -95,6 +96,7 @@ class Source:
     files: dict[str, bytes]
     where: str | None = None
     groups: tuple[str, ...] = ()
+    int8: bool = False  # the base is quantized (compression.json lists int8 layers)
 
 
 def read_source(osh: Any, cfg: dict, tmp: str) -> Source:
@@ -119,8 +121,10 @@ def read_source(osh: Any, cfg: dict, tmp: str) -> Source:
                         f"{str(e).splitlines()[0][:200]}") from None
         files.pop(CONFIG)
         files.pop("model.safetensors.index.json", None)  # the job writes one file
+        manifest = files.pop("compression.json", None)  # the trained model is not that
+        int8 = bool(manifest and json.loads(manifest).get("layers"))
         tokenizer_of(tmp, cfg["base"])
-        return Source(config, files, where, groups)
+        return Source(config, files, where, groups, int8)
     where = tokenizer_dir(osh, cfg["tokenizer"])
     files = small_files(osh, where, TOKENIZER_FILES)
     if "tokenizer.json" not in files and "tokenizer.model" not in files:
@@ -195,18 +199,74 @@ def train_bytes(config: Any, batch_size: int, block_size: int) -> int:
                                 c.vocab_size)
 
 
+def check_teacher(osh: Any, cfg: dict, tmp: str) -> int:
+    """A distillation's teacher, read as the caller: a Hugging Face model whose
+    tokenizer is the student's (the same vocabulary: EINVAL otherwise) and whose
+    context holds block_size; the bytes it adds to a worker (its weights)."""
+    where = model_dir(osh, cfg["teacher"], "teacher")
+    listing = osh.listdir(where)
+    if not any(e["name"] == CONFIG and e["type"] == "tensor" for e in listing):
+        raise _fail(Errno.EINVAL, f"teacher {cfg['teacher']}: {where} has no config.json "
+                    "(a Hugging Face model is needed: its logits teach the student)")
+    student = tokenizer_of(tmp, cfg.get("base") or cfg["tokenizer"])
+    own = os.path.join(tmp, "teacher")
+    os.makedirs(own, exist_ok=True)
+    _write(own, small_files(osh, where))
+    teacher = tokenizer_of(own, cfg["teacher"])
+    if teacher.get_vocab() != student.get_vocab():
+        raise _fail(Errno.EINVAL, f"teacher {cfg['teacher']} has another tokenizer than the "
+                    f"student's ({len(teacher)} tokens against {len(student)}, or other "
+                    "ids): distillation compares their distributions token by token")
+    from transformers import AutoConfig
+    config = AutoConfig.from_pretrained(own, local_files_only=True)
+    context = context_of(config, cap=None)
+    if context is not None and cfg["block_size"] > context:
+        raise _fail(Errno.EINVAL, f"block_size = {cfg['block_size']} is over the teacher's "
+                    f"context of {context} tokens")
+    return sum(int(e.get("size", 0)) for e in listing if e["type"] == "group")
+
+
+def load_teacher(osh: Any, path: str) -> Any:
+    """The teacher model (eval mode, on the CPU; int8 layers rebuilt), as infer
+    loads a model."""
+    from ._hfload import build, read_parts
+    where = model_dir(osh, path, "teacher")
+    with tempfile.TemporaryDirectory(prefix="llmos-teacher-") as tmp:
+        parts = read_parts(osh, where, osh.listdir(where), tmp)
+        model = build(osh, where, parts, "cpu")
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model.eval()
+
+
+def distill_loss(logits: Any, teacher_logits: Any, y: Any, alpha: float, t: float) -> Any:
+    """Hinton et al.'s loss: alpha * T^2 * KL(teacher at T || student at T) +
+    (1 - alpha) * cross-entropy on the data, per token."""
+    import torch.nn.functional as F
+    v = logits.size(-1)
+    s, te = logits.float().reshape(-1, v), teacher_logits.float().reshape(-1, v)
+    kl = F.kl_div(F.log_softmax(s / t, -1), F.log_softmax(te / t, -1), log_target=True,
+                  reduction="batchmean")
+    return alpha * t * t * kl + (1 - alpha) * F.cross_entropy(s, y.reshape(-1))
+
+
 def train_memory(osh: Any, cfg: dict) -> int:
     """Check a Hugging Face job before it starts, reading as the caller (osh): its
     base or tokenizer, its architecture, block_size within the model's context;
     the bytes one worker needs."""
     with tempfile.TemporaryDirectory(prefix="llmos-hftrain-") as tmp:
         src = read_source(osh, cfg, tmp)
+        if src.int8:
+            raise _fail(Errno.EINVAL, f"base {cfg['base']} is int8-quantized (its "
+                        "compression.json): its weights cannot take gradients; fine-tune "
+                        "its float source, then quantize again")
+        teacher = check_teacher(osh, cfg, tmp) if cfg.get("teacher") else 0
     context = context_of(src.config, cap=None)
     if context is not None and cfg["block_size"] > context:
         raise _fail(Errno.EINVAL, f"block_size = {cfg['block_size']} is over the model's "
                     f"context of {context} tokens")
     try:
-        return train_bytes(src.config, cfg["batch_size"], cfg["block_size"])
+        return train_bytes(src.config, cfg["batch_size"], cfg["block_size"]) + teacher
     except (ValueError, KeyError, TypeError) as e:
         raise _fail(Errno.EINVAL, f"transformers cannot build {cfg.get('arch') or 'the base'}"
                     f" with this config: {str(e).splitlines()[0][:200]}") from None
@@ -221,6 +281,7 @@ class HFFamily:
             self.source = read_source(osh, cfg, tmp)
             self.tokenizer = tokenizer_of(tmp, cfg.get("base") or cfg["tokenizer"])
         self.vocab = int(self.source.config.get_text_config().vocab_size)
+        self.teacher = load_teacher(osh, cfg["teacher"]) if cfg.get("teacher") else None
 
     def build(self) -> Any:
         """The model in float32, train mode: the base's weights, or a seeded init
@@ -246,9 +307,17 @@ class HFFamily:
         return model.train()
 
     def loss(self, model: Any, x: Any, y: Any) -> Any:
+        import torch
         import torch.nn.functional as F
         logits = model(input_ids=x, use_cache=False).logits
-        return F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), y.reshape(-1))
+        if self.teacher is None:
+            return F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), y.reshape(-1))
+        if next(self.teacher.buffers(), next(self.teacher.parameters())).device != x.device:
+            self.teacher.to(x.device)
+        with torch.no_grad():
+            taught = self.teacher(input_ids=x, use_cache=False).logits
+        return distill_loss(logits, taught, y, self.cfg["distill_alpha"],
+                            self.cfg["distill_temperature"])
 
     def tokens(self, raw: Any) -> Any:
         """A shard of the dataset as int32 token ids: text (uint8) tokenized, in

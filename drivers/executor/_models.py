@@ -151,12 +151,16 @@ class ModelCache:
         try:
             got = read_checkpoint(self.conn(uid), ckpt, for_resume=False)
             model = GPT(cfg)
+            if config.get("int8"):  # a quantized model (compress.py): its int8 layers
+                from ._compress import int8_skeleton
+                int8_skeleton(model, dict(config["int8"]))
             load_state(model, None, got)
         except (ValueError, KeyError, TypeError, RuntimeError) as e:
             raise SyscallError(Errno.EIO, f"infer: corrupt checkpoint {ckpt}: {e}") from None
         model.eval().to(self.device())
         log.info("loaded %s (%s with its KV cache)", ckpt, format_size(nbytes))
-        return Loaded(key, ckpt, model, nbytes, config, path)
+        manifest = self.manifest(uid, ckpt)
+        return Loaded(key, ckpt, model, nbytes, {**config, **manifest}, path)
 
     def load_hf(self, uid: int, path: str, ckpt: str, listing: list[dict], key: tuple
                 ) -> Loaded:
@@ -166,8 +170,20 @@ class ModelCache:
         arch = (getattr(parts.config, "architectures", None) or [type(model.model).__name__])[0]
         log.info("loaded %s (%s, %s with its KV cache)", ckpt, arch, format_size(nbytes))
         config = {"architecture": arch, **self.trained(uid, ckpt)}
+        if any(e["name"] == "compression.json" for e in listing):
+            config.update(self.manifest(uid, ckpt))
         return Loaded(key, ckpt, model, nbytes, config, path, tokenizer=tok, eos=parts.eos,
                       architecture=arch)
+
+    def manifest(self, uid: int, ckpt: str) -> dict[str, Any]:
+        """{"compression": a summary of ckpt's compression.json} of a compressed
+        model (docs/compression.md), {} for any other."""
+        try:
+            m = json.loads(text_of(self.conn(uid).load_tensor(f"{ckpt}/compression.json")))
+        except (SyscallError, ValueError, UnicodeDecodeError):
+            return {}
+        keep = ("method", "source", "bytes", "perplexity", "tokens_per_s", "speed")
+        return {"compression": {k: m[k] for k in keep if k in m}}
 
     def trained(self, uid: int, ckpt: str) -> dict[str, Any]:
         """{step, loss} of a training job's Hugging Face checkpoint (its llmos/config),

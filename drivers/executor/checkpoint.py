@@ -271,8 +271,8 @@ def read_checkpoint(osh: Any, path: str, for_resume: bool = True) -> Checkpoint:
         elif entry["type"] == "group" and name == OPTIM_GROUP:
             if for_resume:
                 optim.update(osh.load_tensors(entry["path"]))
-        elif entry["type"] != "tensor" or name == "config":
-            continue
+        elif entry["type"] != "tensor" or name in ("config", "compression.json"):
+            continue  # compression.json: a compressed model's manifest
         elif name == HISTORY:
             if for_resume:
                 history = torch.as_tensor(osh.load_tensor(entry["path"])).reshape(-1, 2)

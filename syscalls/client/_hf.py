@@ -1,5 +1,6 @@
-"""The handle's Hugging Face model calls, import_model, export_model and
-train_tokenizer (docs/executor.md, "Hugging Face models").
+"""The handle's model calls: import_model, export_model and train_tokenizer
+(docs/executor.md, "Hugging Face models"), and evaluate, quantize and prune
+(spawn_compress's jobs, docs/compression.md).
 
 Only the declarations live here: the work is in _hfio.py, loaded at the first
 call, so that importing the library (every llmos command does) costs nothing
@@ -39,7 +40,9 @@ class ModelMethods:
         directory dst_dir as a Hugging Face model directory: its groups as
         safetensors files, its uint8 tensors as the files they hold.
         {path (the tensorfs directory read), dir, files, tensors, bytes,
-        architecture, skipped}. dst_dir existing and not empty is EEXIST unless
+        architecture, skipped}. An int8 model (quantize's) is written with its
+        weights dequantized to float32, the form from_pretrained loads without a
+        quantization library; its compression.json goes along. dst_dir existing and not empty is EEXIST unless
         force; it is written as dst_dir + ".partial" and renamed at the end."""
         from ._hfio import export_model
         return export_model(self, path, dst_dir, force)
@@ -55,3 +58,47 @@ class ModelMethods:
         force; EINVAL for a vocab outside 260..2**20 or a dataset not text."""
         from ._hftok import train_tokenizer
         return train_tokenizer(self, dataset, path, vocab, min_frequency, force)
+
+    def compress(self, config: dict[str, Any], wait: bool = True,
+                 timeout: float | None = None) -> Any:
+        """spawn_compress(config), then (wait) wait for the job: its final report
+        (info; for a new model with its manifest, read from out/compression.json),
+        or the SyscallError it failed with (its errno, when it said one; else
+        EIO). wait=False returns the job's pid."""
+        from syscalls import Errno, SyscallError
+        pid = self.spawn_compress(config)  # type: ignore[attr-defined]
+        if not wait:
+            return pid
+        record = self.wait(pid, timeout=timeout)  # type: ignore[attr-defined]
+        info = record.get("info") or {}
+        if record["status"] != 0 or info.get("state") != "done":
+            errno = Errno.__members__.get(str(info.get("errno")), Errno.EIO)
+            why = info.get("error") or f"status {record['status']} ({record['reason']})"
+            raise SyscallError(errno, f"{config.get('task')} {config.get('model')}: {why} "
+                               f"(its log: log/proc/{pid}.log)")
+        if info.get("checkpoint"):  # a new model: its manifest, as stored
+            import json
+            import numpy as np
+            data = self.load_tensor(f"{info['checkpoint']}/compression.json")  # type: ignore[attr-defined]
+            info = {**info, "manifest": json.loads(np.asarray(data, np.uint8).tobytes())}
+        return info
+
+    def evaluate(self, model: str, data: str, wait: bool = True, **settings: Any) -> Any:
+        """Measure model on data's held-out slice (its last split, 0.05 by default):
+        {perplexity, eval_tokens, tokens_per_s_b1, tokens_per_s_b8, bytes, ...}."""
+        return self.compress({"task": "eval", "model": model, "data": data, **settings},
+                             wait)
+
+    def quantize(self, model: str, out: str, method: str = "int8", wait: bool = True,
+                 **settings: Any) -> Any:
+        """Write model's int8 form to out, with its manifest: the final report,
+        whose manifest is also out/compression.json."""
+        return self.compress({"task": "quantize", "model": model, "out": out,
+                              "method": method, **settings}, wait)
+
+    def prune(self, model: str, out: str, wait: bool = True, **settings: Any) -> Any:
+        """Write a pruned model to out: sparsity=0.5 (unstructured), or heads=...,
+        mlp=... (structured), with finetune_steps=N and data= for a recovery
+        fine-tune."""
+        return self.compress({"task": "prune", "model": model, "out": out, **settings},
+                             wait)

@@ -359,11 +359,14 @@ def export_model(osh: Any, path: str, dst_dir: str | os.PathLike, force: bool = 
     shutil.rmtree(partial, ignore_errors=True)
     tensors = size = 0
     config: dict[str, Any] = {}
+    int8 = _int8_layers(osh, src, chosen)
     try:
         partial.mkdir()
         from safetensors.torch import save_file
         for e in groups:
             state = osh.load_tensors(e["path"])
+            if int8:
+                state = _dequantized(state, int8)
             save_file(state, str(partial / e["name"]), metadata={"format": "pt"})
             tensors += len(state)
             size += (partial / e["name"]).stat().st_size
@@ -380,6 +383,32 @@ def export_model(osh: Any, path: str, dst_dir: str | os.PathLike, force: bool = 
         raise
     return {"path": src, "dir": str(dst), "files": len(chosen), "tensors": tensors,
             "bytes": size, "architecture": _architecture(config), "skipped": skipped}
+
+
+def _int8_layers(osh: Any, src: str, names: set[str]) -> dict[str, str]:
+    """{layer: kind} of an int8 model's quantized layers (its compression.json),
+    {} for any other model."""
+    if "compression.json" not in names:
+        return {}
+    try:
+        manifest = json.loads(osh.load_array(f"{src}/compression.json").tobytes())
+    except ValueError as e:
+        raise SyscallError(Errno.EIO, f"{src}/compression.json is not JSON: {e}") from None
+    return dict(manifest.get("layers") or {})
+
+
+def _dequantized(state: dict[str, Any], layers: dict[str, str]) -> dict[str, Any]:
+    """An int8 model's weights as float32, in the layout its architecture's
+    from_pretrained loads: each layer's int8 values times its row scales (GPT-2's
+    Conv1D transposed back to [in, out]). The manifest stays beside them."""
+    out = dict(state)
+    for name, kind in layers.items():
+        q, scale = out.pop(f"{name}.weight", None), out.pop(f"{name}.weight_scale", None)
+        if q is None or scale is None:
+            continue  # in another safetensors file of the model
+        w = q.float() * scale.float()[:, None]
+        out[f"{name}.weight"] = (w.t() if kind == "conv1d" else w).contiguous()
+    return out
 
 
 def _model_path(path: str) -> str:

@@ -132,3 +132,7 @@ class SyscallMethods:
     def models(self) -> Any:
         'The models the executor holds loaded that the caller may read (uid 0: all), and its batching statistics.'
         return self._call(402, {})
+
+    def spawn_compress(self, config: dict[str, Any]) -> Any:
+        'Start a compression job as a child process of the caller: eval measures a model (held-out perplexity, decode tokens/s at batch 1 and 8, bytes); quantize and prune write a new model, with its manifest (compression.json), into out atomically. Everything is checked before the job starts; wait returns its final report.'
+        return self._call(403, {'config': config})

@@ -1,4 +1,5 @@
-"""infer, models and spawn_train's refusals against the executor's contracts.
+"""infer, models, and spawn_train's and spawn_compress's refusals against the
+executor's contracts.
 
 Two in-process handles (uids 1000 and 1001) generate from a tiny model with valid
 and invalid arguments, and ask for training jobs that must all be refused before
@@ -75,6 +76,26 @@ def layout(system: Booted, tiny_model: str) -> Iterator[dict]:
         finally:
             osh.kill(job, "KILL")
             osh.wait(job, timeout=30)
+
+
+def compress_refusals(tiny: str) -> list[tuple[dict, str]]:
+    """spawn_compress configs refused before a job starts, each with its errno."""
+    q = {"task": "quantize", "model": tiny, "out": "/models/q"}
+    return [
+        ({"task": "zip", "model": tiny}, "EINVAL"),
+        ({**q, "bogus": 1}, "EINVAL"),
+        ({**q, "sparsity": 0.5}, "EINVAL"),                     # prune's key
+        ({"task": "eval", "model": tiny, "data": "/datasets/floats"}, "EINVAL"),
+        ({**q, "model": "/models/none"}, "ENOENT"),
+        ({"task": "eval", "model": tiny, "data": "/datasets/none"}, "ENOENT"),
+        ({"task": "eval", "model": tiny, "data": "/datasets/dir"}, "EISDIR"),
+        ({**q, "model": "/private1001"}, "EACCES"),             # uid 1001's, mode 600
+        ({**q, "out": "/models/vocab100"}, "EEXIST"),
+        ({**q, "out": BUSY_OUT}, "EBUSY"),                      # FAKE_JOB writes there
+        ({**q, "out": "/models/plain/x"}, "ENOTDIR"),           # a tensor in the way
+        ({**q, "method": "int4"}, "ENOTSUP"),                   # no CPU kernel here
+        ({"task": "prune", "model": tiny, "out": "/models/q", "mlp": 0.5}, "ENOTSUP"),
+    ]
 
 
 def infer_refusals(tiny: str) -> list[tuple[str, str, dict, str]]:
@@ -216,10 +237,21 @@ class ExecutorMachine(RuleBasedStateMachine):
             h.wait(got[1], timeout=30)
         assert got == ("e", errno), (config, alloc, got)
 
+    @rule(case=st.integers(0, len(compress_refusals("")) - 1))
+    def compress_refused(self, case) -> None:
+        config, errno = compress_refusals(self.tiny)[case]
+        got = outcome(self.handles[0].spawn_compress, config)
+        if got[0] == "r":                      # a job started: end it, then fail
+            self.handles[0].kill(got[1], "KILL")
+            self.handles[0].wait(got[1], timeout=30)
+        assert got == ("e", errno), (config, got)
+
     @invariant()
     def no_job_started(self) -> None:
         jobs = [p for p in self.handles[0].ps()
-                if "drivers.executor.train" in " ".join(p["argv"]) and p["argv"] != FAKE_JOB]
+                if any(j in " ".join(p["argv"]) for j in ("drivers.executor.train",
+                                                           "drivers.executor.compress"))
+                and p["argv"] != FAKE_JOB]
         assert not jobs, jobs
 
 
@@ -243,6 +275,7 @@ def test_executor_walk(system: Booted, layout: dict) -> None:
         *[("train_refused", {"case": case}) for case in TRAIN_REFUSALS],
         *[("train_refused_allocation", {"kind": k}) for k in ("unknown", "another's",
                                                               "too small")],
+        *[("compress_refused", {"case": n}) for n in range(len(compress_refusals("")))],
     ], ("no_job_started",))
 
 
