@@ -121,6 +121,12 @@ def test_int8_llama_round_trips_serves_exports_and_is_not_trainable(
         assert torch.equal(w, q * got["model.layers.0.self_attn.q_proj.weight_scale"][:, None])
         assert model.generate(torch.tensor([[1, 5, 6]]), max_new_tokens=4,
                               do_sample=False).shape == (1, 7)
+        # imported back, it is a float model (its manifest says it was dequantized)
+        osh.import_model(tmp_path / "out", "/models/llama-back")
+        back = manifest(osh, "/models/llama-back")
+        assert "layers" not in back and "model.layers.0.mlp.up_proj" in back[
+            "dequantized_layers"]
+        assert osh.infer("/models/llama-back", "def add", max_tokens=3)["tokens"] == 3
 
         # refused by spawn_train, clearly
         e = errno_of(osh.spawn_train, {"name": "ft", "base": "/models/llama-int8",
@@ -261,6 +267,9 @@ def test_refusals_come_before_anything_starts(kernel: Booted) -> None:
               "heads": 0.25}, None, Errno.ENOTSUP),
             ({"task": "prune", "model": "/models/gpt", "out": "/models/p",
               "mlp": 0.25}, None, Errno.ENOTSUP),
+            ({"task": "prune", "model": "/models/gqa", "out": "/models/p",
+              "heads": 0.1}, None, Errno.EINVAL),              # removes no group of 2
+            ({**q, "out": "/models/llama/sub", "force": True}, None, Errno.EINVAL),
             ({"task": "eval", "model": "/models/llama"}, None, Errno.EINVAL),  # no data
             ({"task": "eval", "model": "/models/llama", "data": DATA,
               "out": "/models/x"}, None, Errno.EINVAL),

@@ -481,6 +481,11 @@ class Executor(Service):
         except (ValueError, UnicodeDecodeError) as e:
             raise SyscallError(Errno.EINVAL, f"spawn_compress: {ckpt}: unreadable "
                                f"config or manifest: {e}") from None
+        out = cfg.get("out", "").rstrip("/")
+        for source in {cfg["model"].rstrip("/"), ckpt.rstrip("/")} if out else ():
+            if out == source or out.startswith(source + "/") or source.startswith(out + "/"):
+                raise SyscallError(Errno.EINVAL, f"spawn_compress: out {out} overlaps the "
+                                   f"model {source}: the source is never overwritten")
         if int8 and cfg["task"] != "eval":
             raise SyscallError(Errno.EINVAL, f"spawn_compress: {cfg['model']} is already "
                                "int8; compress its float source instead")

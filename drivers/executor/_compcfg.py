@@ -170,7 +170,13 @@ def plan(kind: str, heads: int, kv_heads: int, hidden: int, neurons: int,
                              f"({heads} heads in {kv_heads} key/value groups, hidden size "
                              f"{hidden})")
         keep_heads = keep_kv * group
+        if keep_heads == heads:
+            raise ValueError(f"heads = {heads_frac:g} removes no head: heads go in whole "
+                             f"key/value groups, and {kv_heads} groups x {heads_frac:g} "
+                             "rounds to 0")
     keep_mlp = neurons - round(mlp_frac * neurons)
     if keep_mlp < 1:
         raise ValueError(f"mlp = {mlp_frac:g} would remove every MLP neuron ({neurons})")
+    if mlp_frac > 0 and keep_mlp == neurons:
+        raise ValueError(f"mlp = {mlp_frac:g} removes no neuron of {neurons}")
     return keep_heads, keep_mlp

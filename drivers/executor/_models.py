@@ -152,6 +152,10 @@ class ModelCache:
             got = read_checkpoint(self.conn(uid), ckpt, for_resume=False)
             model = GPT(cfg)
             if config.get("int8"):  # a quantized model (compress.py): its int8 layers
+                if self.device() != "cpu":
+                    raise SyscallError(Errno.ENOTSUP, f"infer: {path}: int8 weights run on "
+                                       f"the CPU (fbgemm); this executor runs models on "
+                                       f"{self.device()}")
                 from ._compress import int8_skeleton
                 int8_skeleton(model, dict(config["int8"]))
             load_state(model, None, got)

@@ -223,15 +223,19 @@ class CompressJob:
                 raise SyscallError(Errno.ENOTSUP, "prune: structured pruning rewrites a "
                                    "Hugging Face config; the byte-level GPT's has no "
                                    "head_dim or MLP width to change")
-            s = _compress.Structure(source)
+            try:
+                s = _compress.Structure(source)
+            except NotImplementedError as e:
+                raise SyscallError(Errno.ENOTSUP, f"prune: {e}") from None
             from ._compcfg import plan
             keep_heads, keep_mlp = plan(s.kind, s.heads, s.kv_heads, s.hidden, s.neurons(),
                                         cfg.get("heads", 0.0), cfg.get("mlp", 0.0))
             batches = []
             if held is not None:  # calibration: 8 windows of the data before the held-out
-                ids = held.train if len(held.train) > cfg["block_size"] + 1 else held.held
-                batches = [torch.stack(_compress.windows(ids, cfg["block_size"],
-                                                         8 * cfg["block_size"])[:8])]
+                span = min(cfg["block_size"], context - 1)
+                full = [w[:-1] for w in _compress.windows(held.train, span, 8 * span)
+                        if len(w) == span + 1][:8]
+                batches = [torch.stack(full)] if full else []
             config, state = s.prune(keep_heads, keep_mlp, batches)
             raw = _compress.build_hf(config, state)
             settings = {"method": "structured", "heads": cfg.get("heads", 0.0),
@@ -380,9 +384,19 @@ class CompressJob:
             old = out + REPLACED
             if exists(osh, old):
                 remove_tree(osh, old)
-            osh.rename(out, old)
-        osh.rename(staging, out)
-        self.staging = None
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)  # the swap is not interrupted
+        try:
+            if old is not None:
+                osh.rename(out, old)
+            try:
+                osh.rename(staging, out)
+            except SyscallError:
+                if old is not None:  # put the old model back
+                    osh.rename(old, out)
+                raise
+            self.staging = None
+        finally:
+            signal.signal(signal.SIGTERM, _on_term)
         if old is not None:
             remove_tree(osh, old)
 

@@ -373,6 +373,11 @@ def export_model(osh: Any, path: str, dst_dir: str | os.PathLike, force: bool = 
             del state
         for e in blobs:
             data = osh.load_array(e["path"]).tobytes()
+            if int8 and e["name"] == "compression.json":  # its weights are float now
+                manifest = json.loads(data)
+                manifest["dequantized_layers"] = manifest.pop("layers", {})
+                manifest["exported"] = "float32 weights (int8 values x their scales)"
+                data = json.dumps(manifest, indent=1).encode()
             (partial / e["name"]).write_bytes(data)
             size += len(data)
             if e["name"] == "config.json":
@@ -403,9 +408,9 @@ def _dequantized(state: dict[str, Any], layers: dict[str, str]) -> dict[str, Any
     Conv1D transposed back to [in, out]). The manifest stays beside them."""
     out = dict(state)
     for name, kind in layers.items():
-        q, scale = out.pop(f"{name}.weight", None), out.pop(f"{name}.weight_scale", None)
-        if q is None or scale is None:
+        if f"{name}.weight" not in out or f"{name}.weight_scale" not in out:
             continue  # in another safetensors file of the model
+        q, scale = out.pop(f"{name}.weight"), out.pop(f"{name}.weight_scale")
         w = q.float() * scale.float()[:, None]
         out[f"{name}.weight"] = (w.t() if kind == "conv1d" else w).contiguous()
     return out
