@@ -37,7 +37,10 @@ def dirs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     return {"llama": make_hf_dir(root / "llama", "llama", seed=7, num_key_value_heads=4),
             "llama2": make_hf_dir(root / "llama2", "llama", seed=8, num_key_value_heads=4),
             "gqa": make_hf_dir(root / "gqa", "llama", seed=9),
-            "gpt2": make_hf_dir(root / "gpt2", "gpt2", seed=7)}
+            "gpt2": make_hf_dir(root / "gpt2", "gpt2", seed=7),
+            "bf16": make_hf_dir(root / "bf16", "llama", seed=7, dtype="bfloat16"),
+            # the tests' tokenizer, with more logits than tokens (a padded vocabulary)
+            "padded": make_hf_dir(root / "padded", "llama", seed=7, vocab_size=400)}
 
 
 @pytest.fixture(scope="module")
@@ -205,6 +208,12 @@ def test_structured_pruning_shrinks_config_and_weights(kernel: Booted, tmp_path:
         assert "weights only" in m["settings"]["importance"]  # no data given
         assert m["perplexity"] == {"why": "not measured: no data given"}
 
+        # a bfloat16 source gives a bfloat16 model
+        osh.prune("/models/bf16", "/models/bf16-slim", mlp=0.5, measure=False)
+        got = osh.load_tensors("/models/bf16-slim/model.safetensors")
+        assert got["model.layers.0.mlp.up_proj.weight"].dtype == torch.bfloat16
+        assert list(got["model.layers.0.mlp.up_proj.weight"].shape) == [64, 64]
+
         # GPT-2: its MLP shrinks (n_inner); its heads cannot
         m = osh.prune("/models/gpt2", "/models/gpt2-slim", mlp=0.5, **FAST)["manifest"]
         config = json.loads(osh.load_array("/models/gpt2-slim/config.json").tobytes())
@@ -365,6 +374,8 @@ def test_distillation_lowers_the_students_kl_to_the_teacher(
                                           "steps": 1}) == Errno.EINVAL
         assert errno_of(osh.spawn_train, {**job, "name": "s3", "teacher": "/models/gpt",
                                           "steps": 1}) == Errno.EINVAL  # the byte GPT
+        assert errno_of(osh.spawn_train, {**job, "name": "s5", "teacher": "/models/padded",
+                                          "steps": 1}) == Errno.EINVAL  # 400 logits, 384
         assert errno_of(osh.spawn_train, {"name": "s4", "dataset": DATA,
                                           "distill_alpha": 0.5}) == Errno.EINVAL
 

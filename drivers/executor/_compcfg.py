@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from ._config import _in, _over_at_most, _path, _typed
+from ._config import _in, _over_at_most, _path, fill
 
 TASKS = ("eval", "quantize", "prune")
 METHODS = ("int8", "int4")
@@ -71,22 +71,9 @@ def normalize(config: dict) -> dict:
     for key in ("task", "model"):
         if key not in config:
             raise ValueError(f"compression config: {key} is required")
-    out: dict[str, Any] = {}
     task = config["task"]
     foreign = set().union(*(keys for t, keys in ONLY.items() if t != task))
-    for key, (kind, default, check) in SPEC.items():
-        if key not in config:
-            if default is not None and key not in foreign:
-                out[key] = default
-            continue
-        try:
-            value = _typed(key, config[key], kind)
-        except ValueError as e:
-            raise ValueError(str(e).replace("training config", "compression config")) from None
-        why = check(value) if check is not None else None
-        if why is not None:
-            raise ValueError(f"compression config: {key} = {value!r} {why}")
-        out[key] = value
+    out = fill(SPEC, config, foreign, "compression config")
     _check_task(out, set(config))
     return out
 
@@ -126,15 +113,19 @@ def structured(cfg: dict) -> bool:
     return cfg["task"] == "prune" and "sparsity" not in cfg
 
 
+LLAMA_STYLE = ("llama", "mistral", "qwen2", "qwen3")  # q/k/v/o_proj, gate/up/down_proj
+
+
 def model_kind(config: dict) -> str:
-    """"llama" (q/k/v/o_proj and gate/up/down_proj: Llama, Qwen2, Mistral ...) or
-    "gpt2" from a config.json; NotSupported for another layout."""
-    if config.get("model_type") == "gpt2":
+    """"llama" (LLAMA_STYLE) or "gpt2" from a config.json's model_type;
+    NotSupported for another (fused projections, experts ...)."""
+    kind = config.get("model_type")
+    if kind == "gpt2":
         return "gpt2"
-    if "intermediate_size" in config and "num_attention_heads" in config:
+    if kind in LLAMA_STYLE:
         return "llama"
-    raise NotSupported(f"structured pruning knows Llama-style and GPT-2 models, not "
-                       f"model_type {config.get('model_type')!r}")
+    raise NotSupported(f"structured pruning knows {', '.join(LLAMA_STYLE)} and gpt2 "
+                       f"models, not model_type {kind!r}")
 
 
 def shape_of(config: dict) -> tuple[str, int, int, int, int]:

@@ -327,10 +327,11 @@ def _take(state: dict[str, torch.Tensor], name: str, dim: int, index: torch.Tens
         state[name + ".bias"] = state[name + ".bias"].index_select(0, index)
 
 
-def build_hf(config: Any, state: dict[str, torch.Tensor]) -> nn.Module:
-    """A float32 model of config holding state (strict), eval mode."""
+def build_hf(config: Any, state: dict[str, torch.Tensor],
+             dtype: torch.dtype = torch.float32) -> nn.Module:
+    """A model of config in dtype (the source's) holding state (strict), eval mode."""
     from transformers import AutoModelForCausalLM
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     missing, unexpected = model.load_state_dict(state, strict=False)
     tied = {k for k in missing if k.endswith("lm_head.weight")} if \
         getattr(config, "tie_word_embeddings", False) else set()

@@ -147,33 +147,42 @@ def normalize(config: dict) -> dict:
         GPT_ONLY if hf else ()
     if "teacher" not in config:
         unset = (*unset, *DISTILL_KEYS)
-    out: dict[str, Any] = {}
-    for key, (kind, default, check) in SPEC.items():
-        if key not in config:
-            if default is not None and key not in unset:
-                out[key] = default
-            continue
-        value = _typed(key, config[key], kind)
-        why = check(value) if check is not None else None
-        if why is not None:
-            raise ValueError(f"training config: {key} = {value!r} {why}")
-        out[key] = value
+    out = fill(SPEC, config, unset, "training config")
     out.setdefault("out", f"/models/{out['name']}")
     _check_family(out)
     _check_together(out)
     return out
 
 
-def _typed(key: str, value: Any, kind: type) -> Any:
+def fill(spec: dict[str, tuple[type, Any, Any]], config: dict, unset: Any,
+         what: str) -> dict[str, Any]:
+    """config's keys typed and checked against spec, with the defaults of the keys
+    it lacks (but those in unset); ValueError naming the key (what: "training
+    config", ...)."""
+    out: dict[str, Any] = {}
+    for key, (kind, default, check) in spec.items():
+        if key not in config:
+            if default is not None and key not in unset:
+                out[key] = default
+            continue
+        value = _typed(key, config[key], kind, what)
+        why = check(value) if check is not None else None
+        if why is not None:
+            raise ValueError(f"{what}: {key} = {value!r} {why}")
+        out[key] = value
+    return out
+
+
+def _typed(key: str, value: Any, kind: type, what: str = "training config") -> Any:
     """value as kind: an int is a float too; a bool is never a number."""
     ok = isinstance(value, kind) and not (kind is not bool and isinstance(value, bool))
     if kind is float and isinstance(value, int) and not isinstance(value, bool):
         value, ok = float(value), True
     if not ok:
-        raise ValueError(f"training config: {key} must be {kind.__name__}, "
+        raise ValueError(f"{what}: {key} must be {kind.__name__}, "
                          f"not {type(value).__name__} ({value!r})")
     if kind is float and not math.isfinite(value):
-        raise ValueError(f"training config: {key} must be finite, not {value!r}")
+        raise ValueError(f"{what}: {key} must be finite, not {value!r}")
     if kind is list:
         value = list(value)
     return value

@@ -199,10 +199,11 @@ def train_bytes(config: Any, batch_size: int, block_size: int) -> int:
                                 c.vocab_size)
 
 
-def check_teacher(osh: Any, cfg: dict, tmp: str) -> int:
+def check_teacher(osh: Any, cfg: dict, tmp: str, student_config: Any) -> int:
     """A distillation's teacher, read as the caller: a Hugging Face model whose
-    tokenizer is the student's (the same vocabulary: EINVAL otherwise) and whose
-    context holds block_size; the bytes it adds to a worker (its weights)."""
+    tokenizer is the student's (the same vocabulary and ids, and as many logits:
+    EINVAL otherwise) and whose context holds block_size; the bytes it adds to a
+    worker (its weights)."""
     where = model_dir(osh, cfg["teacher"], "teacher")
     listing = osh.listdir(where)
     if not any(e["name"] == CONFIG and e["type"] == "tensor" for e in listing):
@@ -219,6 +220,11 @@ def check_teacher(osh: Any, cfg: dict, tmp: str) -> int:
                     "ids): distillation compares their distributions token by token")
     from transformers import AutoConfig
     config = AutoConfig.from_pretrained(own, local_files_only=True)
+    logits = [int(c.get_text_config().vocab_size) for c in (config, student_config)]
+    if logits[0] != logits[1]:
+        raise _fail(Errno.EINVAL, f"teacher {cfg['teacher']} has {logits[0]} logits, the "
+                    f"student {logits[1]} (a padded vocabulary): distillation compares "
+                    "them one to one")
     context = context_of(config, cap=None)
     if context is not None and cfg["block_size"] > context:
         raise _fail(Errno.EINVAL, f"block_size = {cfg['block_size']} is over the teacher's "
@@ -260,7 +266,7 @@ def train_memory(osh: Any, cfg: dict) -> int:
             raise _fail(Errno.EINVAL, f"base {cfg['base']} is int8-quantized (its "
                         "compression.json): its weights cannot take gradients; fine-tune "
                         "its float source, then quantize again")
-        teacher = check_teacher(osh, cfg, tmp) if cfg.get("teacher") else 0
+        teacher = check_teacher(osh, cfg, tmp, src.config) if cfg.get("teacher") else 0
     context = context_of(src.config, cap=None)
     if context is not None and cfg["block_size"] > context:
         raise _fail(Errno.EINVAL, f"block_size = {cfg['block_size']} is over the model's "
@@ -312,10 +318,13 @@ class HFFamily:
         logits = model(input_ids=x, use_cache=False).logits
         if self.teacher is None:
             return F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), y.reshape(-1))
-        if next(self.teacher.buffers(), next(self.teacher.parameters())).device != x.device:
-            self.teacher.to(x.device)
+        from ._compress import Int8Linear
+        on_cpu = any(isinstance(m, Int8Linear) for m in self.teacher.modules())
+        where = torch.device("cpu") if on_cpu else x.device  # int8 runs on the CPU only
+        if next(self.teacher.parameters()).device != where:
+            self.teacher.to(where)
         with torch.no_grad():
-            taught = self.teacher(input_ids=x, use_cache=False).logits
+            taught = self.teacher(input_ids=x.to(where), use_cache=False).logits.to(x.device)
         return distill_loss(logits, taught, y, self.cfg["distill_alpha"],
                             self.cfg["distill_temperature"])
 

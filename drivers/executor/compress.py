@@ -237,7 +237,8 @@ class CompressJob:
                         if len(w) == span + 1][:8]
                 batches = [torch.stack(full)] if full else []
             config, state = s.prune(keep_heads, keep_mlp, batches)
-            raw = _compress.build_hf(config, state)
+            dtype = next(source.parameters()).dtype  # a bf16 source stays bf16
+            raw = _compress.build_hf(config, state, dtype)
             settings = {"method": "structured", "heads": cfg.get("heads", 0.0),
                         "mlp": cfg.get("mlp", 0.0), "importance": "activation norm x "
                         "output-weight norm" + (" on 8 calibration windows" if batches
