@@ -139,9 +139,13 @@ def main(argv: list[str] | None = None) -> int:
             results["distilled_train"] = train(osh, {"name": "distilled",
                                                      "teacher": "/models/teacher", **student})
             results["scratch_train"] = train(osh, {"name": "scratch", **student})
+            # the same student from scratch for as long as the distillation took
+            ratio = results["distilled_train"]["wall_s"] / results["scratch_train"]["wall_s"]
+            results["scratch_time_train"] = train(osh, {
+                "name": "scratch-time", **student, "steps": int(a.steps * ratio)})
             results["student_params"] = params(osh, "/models/distilled")
             ev = {k: v for k, v in MEASURE.items() if k != "data"}
-            for name in ("teacher", "distilled", "scratch"):
+            for name in ("teacher", "distilled", "scratch", "scratch-time"):
                 results[f"{name}_eval"] = osh.evaluate(f"/models/{name}", MEASURE["data"], **ev)
             results["profile"] = profile(osh)
     report(results)
@@ -178,6 +182,9 @@ def report(r: dict[str, Any]) -> None:
         f"  distilled perplexity {d['perplexity']:.3f} in {r['distilled_train']['wall_s']:.0f}s "
         f"vs from scratch {sc['perplexity']:.3f} in {r['scratch_train']['wall_s']:.0f}s "
         f"(target: lower)",
+        f"  from scratch for the distillation's time ({r['scratch_time_train']['steps']} "
+        f"steps, {r['scratch_time_train']['wall_s']:.0f}s): perplexity "
+        f"{r['scratch-time_eval']['perplexity']:.3f}",
         f"  distilled / teacher perplexity {d['perplexity'] / t['perplexity']:.3f}x "
         f"(target <= 1.25x)",
         "profile of a batch-1 decode (self CPU %, top operators):"]

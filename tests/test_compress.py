@@ -95,8 +95,11 @@ def test_int8_llama_round_trips_serves_exports_and_is_not_trainable(
         assert ppl["data"] == DATA and ppl["tokens"] > 100
         assert abs(ppl["after"] / ppl["before"] - 1) < 0.02, ppl
         for batch in ("batch1", "batch8"):
-            assert m["tokens_per_s"][batch]["before"] > 0 < m["tokens_per_s"][batch]["after"]
-        if m["tokens_per_s"]["batch1"]["ratio"] < 1.05:
+            pair = m["tokens_per_s"][batch]
+            assert pair["before"] > 0 < pair["after"]
+            lo, hi = pair["after_range"]
+            assert lo <= pair["after"] <= hi  # the median of the runs
+        if max(m["tokens_per_s"][b]["ratio"] for b in ("batch1", "batch8")) < 1.05:
             assert m["speed"].startswith("no speed gained"), m["speed"]
 
         # the int8 bytes are exactly the rounding of the source's weights
@@ -128,7 +131,7 @@ def test_int8_llama_round_trips_serves_exports_and_is_not_trainable(
         osh.import_model(tmp_path / "out", "/models/llama-back")
         back = manifest(osh, "/models/llama-back")
         assert "layers" not in back and "model.layers.0.mlp.up_proj" in back[
-            "dequantized_layers"]
+            "dequantized_layers"] and back["exported"].startswith("float32")
         assert osh.infer("/models/llama-back", "def add", max_tokens=3)["tokens"] == 3
 
         # refused by spawn_train, clearly
@@ -279,6 +282,12 @@ def test_refusals_come_before_anything_starts(kernel: Booted) -> None:
             ({"task": "prune", "model": "/models/gqa", "out": "/models/p",
               "heads": 0.1}, None, Errno.EINVAL),              # removes no group of 2
             ({**q, "out": "/models/llama/sub", "force": True}, None, Errno.EINVAL),
+            ({"task": "prune", "model": "/models/llama", "out": "/models/p",
+              "sparsity": 0.0}, None, Errno.EINVAL),           # prunes nothing
+            ({"task": "prune", "model": "/models/llama", "out": "/models/p",
+              "sparsity": 0.5, "lr": 0.1}, None, Errno.EINVAL),  # no fine-tune to use it
+            ({"task": "eval", "model": "/models/llama",
+              "data": "/models/llama/model.safetensors"}, None, Errno.EINVAL),  # a group
             ({"task": "eval", "model": "/models/llama"}, None, Errno.EINVAL),  # no data
             ({"task": "eval", "model": "/models/llama", "data": DATA,
               "out": "/models/x"}, None, Errno.EINVAL),
@@ -318,7 +327,7 @@ def test_force_replaces_only_when_complete_and_a_killed_job_leaves_nothing(
         osh.quantize("/models/llama", "/models/killed", data=DATA, measure=False)
         assert errno_of(osh.stat, "/models/killed.compressing") == Errno.ENOENT
         before = manifest(osh, "/models/killed")
-        assert before["perplexity"] == {"why": "measure = false"}
+        assert before["perplexity"] == {"why": "not measured (measure = false: --no-measure)"}
         assert errno_of(osh.spawn_compress, {"task": "quantize", "model": "/models/llama2",
                                              "out": "/models/killed"}) == Errno.EEXIST
         after = osh.quantize("/models/llama2", "/models/killed", force=True,

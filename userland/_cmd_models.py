@@ -508,7 +508,10 @@ COMPRESS_JSON = ("the job's wait record {pid, status, reason, info}; info of a n
          arg("--data", required=True, metavar="PATH", complete="tensor",
              help="a 1-D dataset of text (uint8) or token ids: its last --split is held out"),
          *_compress_args(measure=False),
-         syscalls=COMPRESS_SYSCALLS, json_keys=COMPRESS_JSON,
+         syscalls=COMPRESS_SYSCALLS,
+         json_keys="the job's wait record {pid, status, reason, info: {perplexity, "
+                   "eval_tokens, tokens_per_s_b1, tokens_per_s_b8, bytes, ...}}; with -d, "
+                   "its pid",
          details="The same yardstick quantize and prune put in a manifest; decode runs "
                  "through the executor's batching engine, on this machine's CPUs.")
 def eval_model(s: Session, a: argparse.Namespace) -> Any:
@@ -541,6 +544,8 @@ def fractions(text: str) -> dict[str, float]:
         key, _, value = part.partition("=")
         if key.strip() not in ("heads", "mlp") or not value:
             raise argparse.ArgumentTypeError(f"{part!r}: give heads=F and/or mlp=F")
+        if key.strip() in out:
+            raise argparse.ArgumentTypeError(f"{key.strip()} given twice")
         try:
             out[key.strip()] = float(value)
         except ValueError:

@@ -354,6 +354,8 @@ def compression_summary(m: dict[str, Any] | None) -> str:
     """A compressed model's manifest on one line: method, bytes, perplexity, speed."""
     if not m:
         return ""
+    if m.get("exported"):  # a float copy of an int8 model: its figures are not this one's
+        return printable(f"float32, exported from {m.get('method')} of {m.get('source')}")
     parts = [str(m.get("method", "?"))]
     b = m.get("bytes") or {}
     if isinstance(b.get("ratio"), (int, float)):
@@ -370,6 +372,9 @@ def compression_summary(m: dict[str, Any] | None) -> str:
 def manifest_lines(m: dict[str, Any]) -> list[str]:
     """A compressed model's manifest (compression.json), as stat and quantize show it."""
     lines = [f"compression: {m.get('method')} of {m.get('source_checkpoint') or m.get('source')}"]
+    if m.get("exported"):
+        lines.append(f"  this copy: {m['exported']}; the figures below are the "
+                     f"{m.get('method')} model's")
     settings = {k: v for k, v in (m.get("settings") or {}).items() if k != "method"}
     if settings:
         lines.append("  settings: " + ", ".join(f"{k}={v}" for k, v in settings.items()))
@@ -413,7 +418,7 @@ def manifest_lines(m: dict[str, Any]) -> list[str]:
 
 def eval_line(info: dict[str, Any]) -> str:
     """eval's result on one line."""
-    parts = [f"{info.get('model')}:"]
+    parts = []
     if isinstance(info.get("perplexity"), (int, float)):
         parts.append(f"perplexity {info['perplexity']:.3f} on {info.get('eval_tokens')} "
                      f"held-out tokens of {info.get('data')}")
@@ -423,4 +428,4 @@ def eval_line(info: dict[str, Any]) -> str:
             parts.append(f"decode {rate:,.0f} tok/s at batch {b}")
     if isinstance(info.get("bytes"), int):
         parts.append(f"weights {size(info['bytes'])}")
-    return printable(", ".join(parts))
+    return printable(f"{info.get('model')}: " + ", ".join(parts))

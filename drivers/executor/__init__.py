@@ -427,7 +427,14 @@ class Executor(Service):
             self.check_compress_source(uid, cfg, ckpt, mcfg)
             if "data" in cfg:
                 osh = self.conn(uid)
-                info = osh.open_tensor(cfg["data"], "r")  # ENOENT, EACCES, EISDIR as they come
+                st = osh.stat(cfg["data"])  # ENOENT, EACCES as they come
+                if st["type"] == "dir":
+                    raise SyscallError(Errno.EISDIR, f"spawn_compress: data {cfg['data']} "
+                                       "is a directory")
+                if st["type"] != "tensor":
+                    raise SyscallError(Errno.EINVAL, f"spawn_compress: data {cfg['data']} "
+                                       f"is a {st['type']}, not a tensor")
+                info = osh.open_tensor(cfg["data"], "r")  # the read permission
                 osh.close_tensor(info["fd"])
                 shape = info.get("shape") or []
                 if len(shape) != 1 or info.get("dtype") not in ("uint8", "int32", "int64") \

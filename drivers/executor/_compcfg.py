@@ -40,8 +40,8 @@ SPEC: dict[str, tuple[type, Any, Any]] = {
     "heads": (float, None, _fraction),
     "mlp": (float, None, _fraction),
     "finetune_steps": (int, 0, _in(0, 100_000)),
-    "lr": (float, 1e-4, _over_at_most(0.0, 1.0)),
-    "batch_size": (int, 8, _in(1, 1024)),
+    "lr": (float, None, _over_at_most(0.0, 1.0)),  # absent: FINETUNE's
+    "batch_size": (int, None, _in(1, 1024)),
     "block_size": (int, 128, _in(2, 8192)),
     "eval_tokens": (int, 16384, _in(16, 1 << 24)),
     "decode_tokens": (int, 64, _in(1, 4096)),
@@ -50,6 +50,7 @@ SPEC: dict[str, tuple[type, Any, Any]] = {
 }
 
 
+FINETUNE = {"lr": 1e-4, "batch_size": 8}  # the fine-tune's defaults (only with its steps)
 # keys of one task only (no default is filled for another task)
 ONLY = {"quantize": {"method"}, "prune": {"sparsity", "heads", "mlp", "finetune_steps", "lr",
                                           "batch_size"}}
@@ -101,8 +102,13 @@ def _check_task(cfg: dict, given: set[str]) -> None:
     if task == "prune":
         structured = [k for k in ("heads", "mlp") if k in cfg]
         if ("sparsity" in cfg) == bool(structured):
-            raise refuse("prune takes either sparsity (unstructured) or heads and/or mlp "
-                         "(structured), not both and not neither")
+            raise refuse("prune takes either sparsity (unstructured: --sparsity) or heads "
+                         "and/or mlp (structured: --structured), not both and not neither")
+        if cfg.get("sparsity") == 0:
+            raise refuse("sparsity = 0 prunes nothing")
+        if not cfg["finetune_steps"] and given & {"lr", "batch_size"}:
+            raise refuse(f"{', '.join(sorted(given & {'lr', 'batch_size'}))} is the "
+                         "fine-tune's: give finetune_steps too")
         if structured and not any(cfg[k] > 0 for k in structured):
             raise refuse("heads and mlp are both 0: nothing to prune")
         if cfg["finetune_steps"] and "data" not in cfg:

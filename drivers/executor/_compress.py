@@ -381,55 +381,68 @@ def perplexity(model: nn.Module, ids: torch.Tensor, context: int, limit: int,
     return math.exp(total / count), count
 
 
-def decode_rate(engine_model: Any, prompt: list[int], batch: int, tokens: int) -> float:
+def decode_rate(engine_model: Any, prompt: list[int], batch: int, tokens: int,
+                min_s: float = 0.0) -> float:
     """Tokens per second the executor's Engine decodes for `batch` greedy
-    sequences of `tokens` new tokens after prompt (one timed run)."""
+    sequences of `tokens` new tokens after prompt; the generation is repeated
+    until min_s seconds have passed (a short run is mostly the timer's noise)."""
     from ._engine import Engine, GenRequest
-    engine = Engine(max_batch=batch, device="cpu")
-    for i in range(batch):
-        engine.submit(GenRequest(i, 0, "m", engine_model, list(prompt), tokens))
-    t0 = time.perf_counter()
-    made = 0
-    while engine.busy:
-        made += sum(len(e.tokens) for e in engine.step())
-    return made / (time.perf_counter() - t0)
+    made, t0 = 0, time.perf_counter()
+    while True:
+        engine = Engine(max_batch=batch, device="cpu")
+        for i in range(batch):
+            engine.submit(GenRequest(i, 0, "m", engine_model, list(prompt), tokens))
+        while engine.busy:
+            made += sum(len(e.tokens) for e in engine.step())
+        elapsed = time.perf_counter() - t0
+        if elapsed >= min_s:
+            return made / elapsed
 
 
 def decode_rates(models: list[Any], prompt: list[int], tokens: int, batches: tuple[int, ...]
-                 = (1, 8), rounds: int = 5) -> list[dict[int, float]]:
-    """Per model, {batch: median tokens/s}: after a warm-up run each, the models
-    take turns, rounds times, so a change in the machine's load falls on all of
-    them alike."""
+                 = (1, 8), rounds: int = 5, min_s: float = 0.3
+                 ) -> list[dict[int, tuple[float, float, float]]]:
+    """Per model, {batch: (median, lowest, highest) tokens/s over rounds}: after a
+    warm-up run each, the models take turns, rounds times, each run at least
+    min_s long, so a change in the machine's load falls on all of them alike."""
     import statistics
-    out: list[dict[int, float]] = [{} for _ in models]
+    out: list[dict[int, tuple[float, float, float]]] = [{} for _ in models]
     for batch in batches:
         for m in models:
             decode_rate(m, prompt, batch, tokens)
         runs: list[list[float]] = [[] for _ in models]
         for _ in range(rounds):
             for i, m in enumerate(models):
-                runs[i].append(decode_rate(m, prompt, batch, tokens))
+                runs[i].append(decode_rate(m, prompt, batch, tokens, min_s))
         for i in range(len(models)):
-            out[i][batch] = statistics.median(runs[i])
+            out[i][batch] = (statistics.median(runs[i]), min(runs[i]), max(runs[i]))
     return out
 
 
-def sizes_verdict(ratio_b1: float | None, ratio_b8: float | None,
-                  dense: bool = False) -> str:
-    """What the measured decode ratios say, in words: never a gain not measured.
-    dense: the method leaves every matrix its shape (unstructured zeros), so no
-    kernel here runs it faster and a difference is noise."""
-    if ratio_b1 is None:
+def sizes_verdict(pairs: dict[str, dict[str, Any] | None], dense: bool = False) -> str:
+    """What the measured decode speeds say, in words, never a gain not measured:
+    a batch is faster (slower) only when its ratio is past 5% and the runs of the
+    two models do not overlap. dense: the method leaves every matrix its shape
+    (unstructured zeros), so no kernel here runs it faster and any difference is
+    noise."""
+    said = {b: p for b, p in pairs.items() if p and p.get("ratio") is not None}
+    if not said:
         return "speed not measured"
+    figures = ", ".join(f"{p['ratio']:.2f}x at {b.replace('batch', 'batch ')}"
+                        for b, p in said.items())
     if dense:
         return (f"no speed gained: unstructured zeros run on dense kernels (measured "
-                f"{ratio_b1:.2f}x at batch 1" + (f", {ratio_b8:.2f}x at batch 8" if
-                                                  ratio_b8 is not None else "")
-                + ": noise)")
-    gains = [r for r in (ratio_b1, ratio_b8) if r is not None]
-    if all(r < 1.05 for r in gains):
-        return (f"no speed gained on this machine (decode {ratio_b1:.2f}x at batch 1"
-                + (f", {ratio_b8:.2f}x at batch 8" if ratio_b8 is not None else "") + ")")
-    return (f"decode {ratio_b1:.2f}x at batch 1" +
-            (f", {ratio_b8:.2f}x at batch 8" if ratio_b8 is not None else "") +
-            " the source's, measured on this machine")
+                f"{figures}: noise)")
+
+    def apart(p: dict[str, Any]) -> bool:
+        lo_b, hi_b = p.get("before_range") or (p["before"], p["before"])
+        lo_a, hi_a = p.get("after_range") or (p["after"], p["after"])
+        return lo_a > hi_b or hi_a < lo_b
+    faster = [b for b, p in said.items() if p["ratio"] >= 1.05 and apart(p)]
+    slower = [b for b, p in said.items() if p["ratio"] <= 0.95 and apart(p)]
+    if not faster:
+        return (f"no speed gained on this machine (decode {figures} the source's"
+                + (f"; slower at {', '.join(slower)}" if slower else "") + ")")
+    return (f"faster at {', '.join(faster)}" +
+            (f", slower at {', '.join(slower)}" if slower else "") +
+            f": decode {figures} the source's, measured on this machine")

@@ -62,7 +62,9 @@ class Job:
         """The whole job; its exit status."""
         try:
             self.say({"state": "starting", "steps": self.cfg["steps"],
-                      "workers": self.cfg["workers"]})
+                      "workers": self.cfg["workers"],
+                      # its loss is the distillation loss, not the cross-entropy
+                      **({"teacher": self.cfg["teacher"]} if self.cfg.get("teacher") else {})})
             self.allocate()
             check_dataset(self.osh, self.cfg)
             return self.attempts(self.prepare_out())

@@ -186,7 +186,8 @@ class ModelCache:
             m = json.loads(text_of(self.conn(uid).load_tensor(f"{ckpt}/compression.json")))
         except (SyscallError, ValueError, UnicodeDecodeError):
             return {}
-        keep = ("method", "source", "bytes", "perplexity", "tokens_per_s", "speed")
+        keep = ("method", "source", "bytes", "perplexity", "tokens_per_s", "speed",
+                "exported")
         return {"compression": {k: m[k] for k in keep if k in m}}
 
     def trained(self, uid: int, ckpt: str) -> dict[str, Any]:

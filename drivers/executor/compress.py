@@ -62,8 +62,7 @@ class Held:
         if st["type"] != "tensor" or len(shape) != 1 or \
                 st.get("dtype") not in ("uint8", "int32", "int64"):
             raise SyscallError(Errno.EINVAL, f"data {path} must be a 1-D tensor of text "
-                               f"(uint8) or token ids (int32, int64), not {st['type']} "
-                               f"{st.get('dtype')} {shape}")
+                               f"(uint8) or token ids (int32, int64), not a {st['type']}")
         n = int(shape[0])
         cut = n - max(2, math.ceil(split * n))
         raw = torch.as_tensor(np.asarray(osh.load_tensor(path))).clone()
@@ -137,7 +136,8 @@ class CompressJob:
                                        else b"def ")] or [0]
         block = min(x.config.block_size for x in models)
         tokens = max(1, min(self.cfg["decode_tokens"], block - len(prompt) - 1))
-        return [{f"tokens_per_s_b{b}": r for b, r in got.items()}
+        return [{**{f"tokens_per_s_b{b}": r[0] for b, r in got.items()},
+                 **{f"tokens_per_s_b{b}_range": [r[1], r[2]] for b, r in got.items()}}
                 for got in decode_rates(models, prompt, tokens)]
 
     def engine_model(self, m: Any, raw: Any) -> Any:
@@ -162,6 +162,7 @@ class CompressJob:
             self.say({"state": "measuring", "task": task})
             got = {**self.quality(self.raw(m), context, held),
                    **self.rates(m, [m.model], held)[0]}
+            got = {k: v for k, v in got.items() if not k.endswith("_range")}
             self.say({"state": "done", "task": task, "model": m.path, "data": self.cfg["data"],
                       "split": self.cfg["split"], **got,
                       "time_s": round(time.monotonic() - self.t0, 3)})
@@ -240,7 +241,8 @@ class CompressJob:
             dtype = next(source.parameters()).dtype  # a bf16 source stays bf16
             raw = _compress.build_hf(config, state, dtype)
             settings = {"method": "structured", "heads": cfg.get("heads", 0.0),
-                        "mlp": cfg.get("mlp", 0.0), "importance": "activation norm x "
+                        "mlp": cfg.get("mlp", 0.0), "heads_kept": keep_heads,
+                        "mlp_kept": keep_mlp, "importance": "activation norm x "
                         "output-weight norm" + (" on 8 calibration windows" if batches
                                                 else " (weights only: no data)")}
             extra["shape"] = {"heads": [s.heads, keep_heads], "kv_heads":
@@ -264,7 +266,8 @@ class CompressJob:
         from ._compcfg import structured
         from ._compress import linear_layers, logits_of
         from .trainer import lr_at
-        cfg = self.cfg
+        from ._compcfg import FINETUNE
+        cfg = {**FINETUNE, **self.cfg}
         steps, t = cfg["finetune_steps"], min(cfg["block_size"], context - 1)
         ids = held.train
         if len(ids) < t + 2:
@@ -318,10 +321,12 @@ class CompressJob:
             if key not in before or key not in after:
                 return None
             b, a = before[key], after[key]
-            return {"before": b, "after": a, "ratio": a / b if b else None}
+            out = {"before": b, "after": a, "ratio": a / b if b else None}
+            if f"{key}_range" in before:  # the lowest and highest of the runs
+                out.update(before_range=before[f"{key}_range"],
+                           after_range=after[f"{key}_range"])
+            return out
         rates = {f"batch{b}": pair(f"tokens_per_s_b{b}") for b in (1, 8)}
-        r1 = (rates["batch1"] or {}).get("ratio")
-        r8 = (rates["batch8"] or {}).get("ratio")
         import torch
         return {
             "method": settings["method"], "task": self.cfg["task"], "settings": settings,
@@ -332,9 +337,11 @@ class CompressJob:
             "perplexity": {**(pair("perplexity") or {}), "data": held.path,
                            "split": held.split, "tokens": after.get("eval_tokens")}
             if held is not None and self.cfg["measure"] else
-            {"why": "not measured: no data given" if held is None else "measure = false"},
-            "tokens_per_s": rates if self.cfg["measure"] else {"why": "measure = false"},
-            "speed": sizes_verdict(r1, r8, dense=settings["method"] == "magnitude")
+            {"why": "not measured: no data given" if held is None else
+             "not measured (measure = false: --no-measure)"},
+            "tokens_per_s": rates if self.cfg["measure"] else
+            {"why": "not measured (measure = false: --no-measure)"},
+            "speed": sizes_verdict(rates, dense=settings["method"] == "magnitude")
             if self.cfg["measure"] else "speed not measured",
             **extra,
             "measured_on": {"machine": platform.machine(), "cpus": len(os.sched_getaffinity(0)),
@@ -369,8 +376,8 @@ class CompressJob:
             for name, data in files.items():
                 osh.save_tensor(f"{staging}/{name}", _bytes_tensor(data))
         else:
-            config = {"model": raw.config.to_dict(), "step": m.config.get("step"),
-                      "loss": m.config.get("loss"), "source": m.path}
+            config = {"model": raw.config.to_dict(), "step": None, "loss": None,
+                      "source": m.path}  # not the source's training figures
             if manifest.get("layers"):
                 config["int8"] = manifest["layers"]
             osh.save_tensors(f"{staging}/model", state)
