@@ -16,7 +16,7 @@ Every figure comes from the manifests and eval jobs (the held-out slice is the
 corpus's last 5%, which no model trains on). The profile says where a decode
 step's time goes, float32 against int8, at batch 1.
 
-    python bench/compress_bench.py [--steps 200] [--finetune 150] [--json]
+    python bench/compress_bench.py [--teacher-steps 600] [--steps 200] [--finetune 150] [--json]
 """
 from __future__ import annotations
 
@@ -97,7 +97,8 @@ def profile(osh: Any) -> dict[str, Any]:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--steps", type=int, default=200, help="teacher and student steps")
+    ap.add_argument("--teacher-steps", type=int, default=600, help="the teacher's steps")
+    ap.add_argument("--steps", type=int, default=200, help="each student's steps")
     ap.add_argument("--finetune", type=int, default=150, help="recovery fine-tune steps")
     ap.add_argument("--corpus", type=int, default=3 << 20, help="corpus bytes")
     ap.add_argument("--json", action="store_true")
@@ -121,7 +122,8 @@ def main(argv: list[str] | None = None) -> int:
             common = {"arch": "llama", "tokenizer": "/tok", "dataset": "/datasets/py-train",
                       **TRAIN, "steps": a.steps}
             log("training the teacher")
-            results["teacher_train"] = train(osh, {"name": "teacher", **common, **TEACHER})
+            results["teacher_train"] = train(osh, {"name": "teacher", **common, **TEACHER,
+                                                   "steps": a.teacher_steps})
             results["teacher_params"] = params(osh, "/models/teacher")
 
             log("int8")

@@ -438,8 +438,10 @@ def sizes_verdict(pairs: dict[str, dict[str, Any] | None], dense: bool = False) 
         lo_b, hi_b = p.get("before_range") or (p["before"], p["before"])
         lo_a, hi_a = p.get("after_range") or (p["after"], p["after"])
         return lo_a > hi_b or hi_a < lo_b
-    faster = [b for b, p in said.items() if p["ratio"] >= 1.05 and apart(p)]
-    slower = [b for b, p in said.items() if p["ratio"] <= 0.95 and apart(p)]
+    faster = [b.replace("batch", "batch ") for b, p in said.items()
+              if p["ratio"] >= 1.05 and apart(p)]
+    slower = [b.replace("batch", "batch ") for b, p in said.items()
+              if p["ratio"] <= 0.95 and apart(p)]
     if not faster:
         return (f"no speed gained on this machine (decode {figures} the source's"
                 + (f"; slower at {', '.join(slower)}" if slower else "") + ")")

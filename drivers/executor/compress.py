@@ -284,6 +284,7 @@ class CompressJob:
                  "steps": steps}
         offsets = torch.arange(t + 1)
         first = last = float("nan")
+        losses: list[float] = []
         started = time.monotonic()
         for step in range(steps):
             for g in opt.param_groups:
@@ -300,9 +301,10 @@ class CompressJob:
             with torch.no_grad():
                 for m, mask in masks:
                     m.weight.mul_(mask)
-            last = float(loss)
-            if step == 0:
-                first = last
+            losses.append(float(loss))
+            last = sum(losses[-10:]) / len(losses[-10:])  # one batch's loss is noise
+            if step == min(9, steps - 1):
+                first = sum(losses) / len(losses)
             if (step + 1) % 10 == 0 or step + 1 == steps:
                 self.say({"state": "fine-tuning", "task": "prune", "step": step + 1,
                           "steps": steps, "loss": last, "loss0": first})
