@@ -465,7 +465,11 @@ def run_compress(s: Session, a: argparse.Namespace, config: dict[str, Any]) -> A
 
 
 def _compress_args(measure: bool = True) -> list[Any]:
+    """The arguments every compression command shares (measure: and that writes
+    a model)."""
     return [
+        *([arg("--force", action="store_true",
+               help="replace DST once the new model is complete")] if measure else []),
         arg("--split", type=float, metavar="F",
             help="the held-out fraction: the dataset's last F (default 0.05)"),
         arg("--eval-tokens", type=int, metavar="N",
@@ -526,7 +530,6 @@ def eval_model(s: Session, a: argparse.Namespace) -> Any:
              help="int8 (int4 is refused: no CPU kernel here)"),
          arg("--data", metavar="PATH", complete="tensor",
              help="a dataset whose held-out slice measures perplexity before and after"),
-         arg("--force", action="store_true", help="replace DST once the new model is complete"),
          *_compress_args(),
          syscalls=COMPRESS_SYSCALLS, json_keys=COMPRESS_JSON,
          details="Weights of every linear layer become int8 with a float32 scale per "
@@ -566,7 +569,6 @@ def fractions(text: str) -> dict[str, float]:
          arg("--lr", type=float, metavar="X", help="the fine-tune's learning rate (1e-4)"),
          arg("--data", metavar="PATH", complete="tensor",
              help="the fine-tune's data and the held-out perplexity's (its last --split)"),
-         arg("--force", action="store_true", help="replace DST once the new model is complete"),
          *_compress_args(),
          syscalls=COMPRESS_SYSCALLS, json_keys=COMPRESS_JSON,
          details="Unstructured zeros keep every matrix its shape: they gain no speed on "

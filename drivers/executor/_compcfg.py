@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from ._config import _in, _over_at_most, _path, fill
+from ._config import _in, _over_at_most, _path, check_keys, fill
 
 TASKS = ("eval", "quantize", "prune")
 METHODS = ("int8", "int4")
@@ -63,15 +63,7 @@ class NotSupported(ValueError):
 def normalize(config: dict) -> dict:
     """A complete, checked copy of a compression config: ValueError naming the
     key (EINVAL), NotSupported (ENOTSUP) for int4."""
-    if not isinstance(config, dict):
-        raise ValueError(f"a compression config is a dict, not {type(config).__name__}")
-    unknown = sorted(str(k) for k in config if k not in SPEC)
-    if unknown:
-        raise ValueError(f"unknown compression config key(s): {', '.join(unknown)} "
-                         f"(known: {', '.join(SPEC)})")
-    for key in ("task", "model"):
-        if key not in config:
-            raise ValueError(f"compression config: {key} is required")
+    check_keys(config, SPEC, ("task", "model"), "compression config")
     task = config["task"]
     foreign = set().union(*(keys for t, keys in ONLY.items() if t != task))
     out = fill(SPEC, config, foreign, "compression config")

@@ -133,15 +133,7 @@ def hf_job(cfg: dict) -> bool:
 def normalize(config: dict) -> dict:
     """A complete, checked copy of a training config; ValueError naming the key
     for an unknown key, a wrong type or a value out of range."""
-    if not isinstance(config, dict):
-        raise ValueError(f"a training config is a dict, not {type(config).__name__}")
-    unknown = sorted(str(k) for k in config if k not in SPEC)
-    if unknown:
-        raise ValueError(f"unknown training config key(s): {', '.join(unknown)} "
-                         f"(known: {', '.join(k for k in SPEC if k not in INTERNAL)})")
-    for key in ("name", "dataset"):
-        if key not in config:
-            raise ValueError(f"training config: {key} is required")
+    check_keys(config, SPEC, ("name", "dataset"), "training config", INTERNAL)
     hf = hf_job(config)
     unset = (*SHAPE_KEYS, *GPT_ONLY) if "base" in config else \
         GPT_ONLY if hf else ()
@@ -152,6 +144,21 @@ def normalize(config: dict) -> dict:
     _check_family(out)
     _check_together(out)
     return out
+
+
+def check_keys(config: Any, spec: dict[str, Any], required: tuple[str, ...], what: str,
+               hidden: tuple[str, ...] = ()) -> None:
+    """ValueError unless config is a dict of spec's keys with the required ones
+    (hidden: keys the error's list of known ones leaves out)."""
+    if not isinstance(config, dict):
+        raise ValueError(f"a {what} is a dict, not {type(config).__name__}")
+    unknown = sorted(str(k) for k in config if k not in spec)
+    if unknown:
+        raise ValueError(f"unknown {what} key(s): {', '.join(unknown)} "
+                         f"(known: {', '.join(k for k in spec if k not in hidden)})")
+    for key in required:
+        if key not in config:
+            raise ValueError(f"{what}: {key} is required")
 
 
 def fill(spec: dict[str, tuple[type, Any, Any]], config: dict, unset: Any,
