@@ -1,5 +1,5 @@
-"""The model commands: corpus, train, infer, chat, models, import, export
-(docs/executor.md).
+"""The model commands: corpus, train, infer, chat, models, import, export,
+tokenizer (docs/executor.md). The compression commands are _cmd_compress.py's.
 
 infer's and chat's defaults are the syscall table's (syscalls/_table.py), so the
 command, the shell and the library generate alike when nothing is said.
@@ -11,7 +11,7 @@ import os
 import shlex
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from syscalls import BY_NAME, Errno, SyscallError
 
@@ -126,18 +126,13 @@ def train(s: Session, a: argparse.Namespace) -> Any:
         config["resume"] = True
     for key, value in key_values(a.settings).items():
         config[key] = s.resolve(value) if key in PATH_KEYS else scalar(value)
-    with s.unbounded():
-        pid = s.osh.spawn_train(config, alloc_id(s, a.alloc) if a.alloc else None)
-    if a.detach:
-        if not s.json:
-            s.line(str(pid))
+    pid, record = run_job(
+        s, a, lambda: s.osh.spawn_train(config, alloc_id(s, a.alloc) if a.alloc else None),
+        lambda pid: f"training job {pid}: {a.name} on {config['dataset']} (Ctrl-C stops "
+                    "it, keeping a checkpoint)")
+    if record is None:
         return pid if s.json else None
-    if not s.json:
-        s.line(f"training job {pid}: {a.name} on {config['dataset']} (Ctrl-C stops it, "
-               "keeping a checkpoint)")
-    record, interrupted = follow(s, pid)
     info = record.get("info") or {}
-    s.status = 130 if interrupted else exit_status(record)
     if s.json:
         return record
     s.line(_views.progress(info) if info else _views.wait_line(record))
@@ -149,6 +144,24 @@ def train(s: Session, a: argparse.Namespace) -> Any:
     elif record["status"] != 0:
         s.note(_views.wait_line({**record, "info": {}}))
     return None
+
+
+def run_job(s: Session, a: argparse.Namespace, spawn: Callable[[], int],
+            headline: Callable[[int], str]) -> tuple[int, dict[str, Any] | None]:
+    """Start a job (spawn() -> its pid) and, unless -d (a.detach: its pid printed),
+    follow it to its end: (pid, its wait record, or None when detached), with
+    s.status the job's (130 after Ctrl-C)."""
+    with s.unbounded():
+        pid = spawn()
+    if a.detach:
+        if not s.json:
+            s.line(str(pid))
+        return pid, None
+    if not s.json:
+        s.line(headline(pid))
+    record, interrupted = follow(s, pid)
+    s.status = 130 if interrupted else exit_status(record)
+    return pid, record
 
 
 def follow(s: Session, pid: int) -> tuple[dict[str, Any], bool]:
@@ -430,154 +443,6 @@ def tokenizer(s: Session, a: argparse.Namespace) -> dict[str, Any]:
     with s.unbounded() as osh:
         return osh.train_tokenizer(s.resolve(a.dataset), s.resolve(a.path), vocab=a.vocab,
                                    min_frequency=a.min_frequency, force=a.force)
-
-
-def run_compress(s: Session, a: argparse.Namespace, config: dict[str, Any]) -> Any:
-    """spawn_compress(config), then follow the job as train does; its final report
-    (with a new model's manifest), or its pid with -d."""
-    with s.unbounded():
-        pid = s.osh.spawn_compress(config)
-    if a.detach:
-        if not s.json:
-            s.line(str(pid))
-        return pid if s.json else None
-    if not s.json:
-        s.line(f"{config['task']} job {pid}: {config['model']}"
-               + (f" -> {config['out']}" if config.get("out") else ""))
-    record, interrupted = follow(s, pid)
-    info = dict(record.get("info") or {})
-    s.status = 130 if interrupted else exit_status(record)
-    if info.get("state") == "done" and info.get("checkpoint"):
-        import json
-        data = s.osh.load_array(f"{info['checkpoint']}/compression.json")
-        info["manifest"] = json.loads(data.tobytes())
-    if s.json:
-        return {**record, "info": info}
-    if info.get("state") != "done":
-        s.note(_views.wait_line(record))
-    elif info.get("manifest"):
-        s.line(f"{info['checkpoint']}: {_views.compression_summary(info['manifest'])}")
-        for line in _views.manifest_lines(info["manifest"]):
-            s.line(line)
-    else:
-        s.line(_views.eval_line(info))
-    return None
-
-
-def _compress_args(measure: bool = True) -> list[Any]:
-    """The arguments every compression command shares (measure: and that writes
-    a model)."""
-    return [
-        *([arg("--force", action="store_true",
-               help="replace DST once the new model is complete")] if measure else []),
-        arg("--split", type=float, metavar="F",
-            help="the held-out fraction: the dataset's last F (default 0.05)"),
-        arg("--eval-tokens", type=int, metavar="N",
-            help="held-out tokens measured at most (default 16384)"),
-        arg("--decode-tokens", type=int, metavar="N",
-            help="tokens each decode-speed run makes (default 64)"),
-        *([arg("--no-measure", action="store_true",
-               help="write the model without measuring it (the manifest says so)")]
-          if measure else []),
-        arg("-d", "--detach", action="store_true",
-            help="print the job's pid and return (jobs shows it, wait reaps it)")]
-
-
-def _compress_config(s: Session, a: argparse.Namespace, task: str, model: str,
-                     **keys: Any) -> dict[str, Any]:
-    config: dict[str, Any] = {"task": task, "model": s.resolve(model)}
-    for key, value in (("data", getattr(a, "data", None)), ("out", getattr(a, "out", None))):
-        if value:
-            config[key] = s.resolve(value)
-    for key in ("split", "eval_tokens", "decode_tokens"):
-        if getattr(a, key, None) is not None:
-            config[key] = getattr(a, key)
-    if getattr(a, "no_measure", False):
-        config["measure"] = False
-    if getattr(a, "force", False):
-        config["force"] = True
-    config.update({k: v for k, v in keys.items() if v is not None})
-    return config
-
-
-COMPRESS_SYSCALLS = ("spawn_compress", "wait", "ps", "kill", "open_tensor", "read_tensor",
-                     "close_tensor")
-COMPRESS_JSON = ("the job's wait record {pid, status, reason, info}; info of a new model "
-                 "has its manifest (compression.json); with -d, its pid")
-
-
-@command("eval", "models", "measure a model: held-out perplexity, decode tokens/s at batch "
-         "1 and 8, and its size (a job: jobs shows it)",
-         arg("model", metavar="MODEL", complete="tensor"),
-         arg("--data", required=True, metavar="PATH", complete="tensor",
-             help="a 1-D dataset of text (uint8) or token ids: its last --split is held out"),
-         *_compress_args(measure=False),
-         syscalls=COMPRESS_SYSCALLS,
-         json_keys="the job's wait record {pid, status, reason, info: {perplexity, "
-                   "eval_tokens, tokens_per_s_b1, tokens_per_s_b8, bytes, ...}}; with -d, "
-                   "its pid",
-         details="The same yardstick quantize and prune put in a manifest; decode runs "
-                 "through the executor's batching engine, on this machine's CPUs.")
-def eval_model(s: Session, a: argparse.Namespace) -> Any:
-    return run_compress(s, a, _compress_config(s, a, "eval", a.model))
-
-
-@command("quantize", "models", "write an int8 copy of a model, with a manifest of what it "
-         "gained and cost, measured here",
-         arg("model", metavar="SRC", complete="tensor"),
-         arg("out", metavar="DST", complete="tensor", help="the new model's directory"),
-         arg("--method", default="int8", metavar="METHOD",
-             help="int8 (int4 is refused: no CPU kernel here)"),
-         arg("--data", metavar="PATH", complete="tensor",
-             help="a dataset whose held-out slice measures perplexity before and after"),
-         *_compress_args(),
-         syscalls=COMPRESS_SYSCALLS, json_keys=COMPRESS_JSON,
-         details="Weights of every linear layer become int8 with a float32 scale per "
-                 "output row; infer runs them with torch.ao's dynamic int8 kernels. DST is "
-                 "written as DST.compressing and renamed when complete. export writes it "
-                 "back as float32 weights (docs/compression.md).")
-def quantize(s: Session, a: argparse.Namespace) -> Any:
-    return run_compress(s, a, _compress_config(s, a, "quantize", a.model, method=a.method))
-
-
-def fractions(text: str) -> dict[str, float]:
-    """--structured heads=0.25,mlp=0.25 as {heads: 0.25, mlp: 0.25}."""
-    out: dict[str, float] = {}
-    for part in text.split(","):
-        key, _, value = part.partition("=")
-        if key.strip() not in ("heads", "mlp") or not value:
-            raise argparse.ArgumentTypeError(f"{part!r}: give heads=F and/or mlp=F")
-        if key.strip() in out:
-            raise argparse.ArgumentTypeError(f"{key.strip()} given twice")
-        try:
-            out[key.strip()] = float(value)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{value!r} is not a number") from None
-    return out
-
-
-@command("prune", "models", "write a pruned copy of a model (unstructured magnitude, or "
-         "whole heads and MLP neurons), optionally fine-tuned to recover",
-         arg("model", metavar="SRC", complete="tensor"),
-         arg("out", metavar="DST", complete="tensor", help="the new model's directory"),
-         arg("--sparsity", type=float, metavar="F",
-             help="zero the fraction F of all linear weights with the smallest magnitude"),
-         arg("--structured", type=fractions, metavar="heads=F,mlp=F",
-             help="remove that fraction of each layer's attention heads and MLP neurons, "
-                  "least important first; the config and matrices shrink"),
-         arg("--finetune-steps", type=int, metavar="N", help="recovery fine-tune steps"),
-         arg("--lr", type=float, metavar="X", help="the fine-tune's learning rate (1e-4)"),
-         arg("--data", metavar="PATH", complete="tensor",
-             help="the fine-tune's data and the held-out perplexity's (its last --split)"),
-         *_compress_args(),
-         syscalls=COMPRESS_SYSCALLS, json_keys=COMPRESS_JSON,
-         details="Unstructured zeros keep every matrix its shape: they gain no speed on "
-                 "dense kernels, and the manifest says so. Structured pruning needs a "
-                 "Hugging Face model (Llama-style, or GPT-2's MLP).")
-def prune(s: Session, a: argparse.Namespace) -> Any:
-    keys: dict[str, Any] = {"sparsity": a.sparsity, "finetune_steps": a.finetune_steps,
-                            "lr": a.lr, **(a.structured or {})}
-    return run_compress(s, a, _compress_config(s, a, "prune", a.model, **keys))
 
 
 shows("models", "models", "the models the executor holds loaded, and its batching "

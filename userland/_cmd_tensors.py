@@ -92,12 +92,11 @@ def with_manifest(osh: Any, st: dict[str, Any]) -> dict[str, Any]:
     directory (docs/compression.md)."""
     if st.get("type") != "dir":
         return st
-    import json
     try:
-        data = osh.load_array(f"{st['path'].rstrip('/')}/compression.json")
-        return {**st, "compression": json.loads(data.tobytes())}
-    except (SyscallError, ValueError):
+        manifest = osh.read_manifest(st["path"])
+    except SyscallError:  # unreadable (EACCES) or not JSON (EIO): stat shows the rest
         return st
+    return {**st, "compression": manifest} if manifest else st
 
 
 def _blank_between(blocks: list[list[str]]) -> list[str]:

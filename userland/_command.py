@@ -39,6 +39,7 @@ FAMILIES = {
     "tensors": "userland._cmd_tensors",
     "devices": "userland._cmd_devices",
     "models": "userland._cmd_models",
+    "compression": "userland._cmd_compress",
     "serving": "userland._cmd_serve",
     "session": "userland._cmd_session",
 }

@@ -33,12 +33,12 @@ from typing import Any, Callable
 from drivers import DriverLoop, Request, Service
 from syscalls import ConnectionLost, Errno, SyscallError, format_size
 
+from ._admit import Admission
 from ._models import Loaded, ModelCache
 
 log = logging.getLogger("llmos.executor")
 
 TRAIN_ARGV = ["python", "-m", "drivers.executor.train"]
-JOB_PROGRAMS = ("drivers.executor.train", "drivers.executor.compress")  # write into --out
 
 
 @dataclass
@@ -72,6 +72,7 @@ class Executor(Service):
         self.threads: int | None = None
         self.conns: dict[int, Any] = {}        # uid -> client handle (background thread)
         self.cache = ModelCache(self.conn, self.device, cfg.model_cache, self.max_batch)
+        self.admission = Admission(self.conn, self.cache)
         self.engine: Any = None                # created on the first infer
         self.pending: dict[int, Pending] = {}  # request id -> Pending
         self.loading: dict[int, int] = {}      # request id -> caller pid, model loading
@@ -277,246 +278,23 @@ class Executor(Service):
             s["batch_hist"] = {str(k): v for k, v in s["batch_hist"].items()}
         return s
 
-    # -- spawn_train -----------------------------------------------------------------
+    # -- jobs: checked (_admit.py), then spawned by the kernel -----------------------
 
     def spawn_train(self, req: Request, config: dict, alloc_id: str | None) -> Any:
-        uid, pid = req.uid, req.pid
-
-        def check() -> dict:
-            from ._config import INTERNAL, memory_bytes, normalize
-            inner = sorted(set(config) & set(INTERNAL))
-            if inner:  # the executor sets these from an allocation it checked
-                raise SyscallError(Errno.EINVAL, f"spawn_train: {', '.join(inner)} cannot be "
-                                   "set; pass alloc_id, or gpus for the job to allocate")
-            try:
-                cfg = normalize(config)
-            except ValueError as e:
-                raise SyscallError(Errno.EINVAL, f"spawn_train: {e}") from None
-            need = memory_bytes(cfg, self.conn(uid))
-            if alloc_id is not None:
-                cfg.update(self.check_alloc(alloc_id, pid, need))
-            elif cfg["gpus"]:
-                self.check_gpus(cfg["gpus"], need)
-            else:
-                import psutil
-                total = need * cfg["workers"]
-                avail = psutil.virtual_memory().available
-                if total > avail:
-                    raise SyscallError(Errno.ENOMEM, f"spawn_train: {cfg['workers']} workers "
-                                       f"need about {format_size(total)}, "
-                                       f"{format_size(avail)} is available")
-            self.check_dataset(uid, cfg)
-            self.check_out(uid, cfg)
-            return cfg
-
         def plan(cfg: dict) -> None:
             req.reply({"argv": [*TRAIN_ARGV, "--job", cfg["name"], "--out", cfg["out"]],
                        "env": {"LLMOS_TRAIN_CONFIG": json.dumps(cfg)}})
-
-        return self.background(check, plan, req)
-
-    def check_alloc(self, alloc_id: str, pid: int, need: int) -> dict:
-        devices = self.conn(0).devices()
-        for gpu in devices["gpus"]:
-            for a in gpu["allocations"]:
-                if a["id"] != alloc_id:
-                    continue
-                if a["pid"] != pid:
-                    raise SyscallError(Errno.EPERM, f"spawn_train: allocation {alloc_id} "
-                                       f"is process {a['pid']}'s")
-                if need > a["bytes"]:
-                    raise SyscallError(Errno.ENOMEM, f"spawn_train: a worker needs about "
-                                       f"{format_size(need)}; allocation {alloc_id} has "
-                                       f"{format_size(a['bytes'])} on each device")
-                idx = sorted(g["index"] for g in devices["gpus"]
-                             if any(x["id"] == alloc_id for x in g["allocations"]))
-                return {"alloc_id": alloc_id, "devices": idx, "gpu_bytes": a["bytes"],
-                        "simulated": bool(gpu["simulated"])}
-        raise SyscallError(Errno.EBADF, f"spawn_train: no allocation {alloc_id}")
-
-    def check_gpus(self, count: int, need: int) -> None:
-        gpus = self.conn(0).devices()["gpus"]
-        fit = [g for g in gpus if g["capacity"] >= need]
-        if len(fit) < count:
-            raise SyscallError(Errno.ENOMEM, f"spawn_train: a worker needs about "
-                               f"{format_size(need)} on each of {count} GPUs; {len(fit)} "
-                               "GPUs are that big")
-
-    def check_out(self, uid: int, cfg: dict) -> None:
-        """The job's out directory: not another running job's (EBUSY), not an existing
-        model unless resuming (EEXIST), and one the caller can make: the deepest part
-        that exists is a directory it may write (EACCES, ENOTDIR). The job makes the
-        rest, as the caller, at its first checkpoint, so a call refused later (by the
-        kernel: a full process table, the caller gone) leaves nothing behind. A
-        missing top-level directory (/models) is made now, shared, mode 1777, like
-        /tmp."""
-        out = cfg["out"]
-        self.check_busy(out, "spawn_train")
-        osh = self.conn(uid)
-        self.check_makeable(uid, out, "spawn_train")
-        if cfg["resume"]:
-            return
-        try:
-            osh.stat(f"{out}/latest")
-        except SyscallError as e:
-            if e.errno in (Errno.ENOENT, Errno.ENOTDIR):
-                return
-            raise
-        raise SyscallError(Errno.EEXIST, f"spawn_train: {out} holds a trained model; "
-                           "resume it (resume=true) or remove it first (llmos rm -r)")
-
-    def check_busy(self, out: str, call: str) -> None:
-        """EBUSY when a running training or compression job writes into out (ps
-        shows it by its program and its last two words, --out OUT)."""
-        for p in self.conn(0).ps():
-            argv = p["argv"]
-            if (p["state"] == "running" and any(j in argv for j in JOB_PROGRAMS)
-                    and "--job" in argv and argv[-2:] == ["--out", out]):
-                raise SyscallError(Errno.EBUSY, f"{call}: job {p['pid']} is writing into "
-                                   f"{out}")
-
-    def check_makeable(self, uid: int, out: str, call: str) -> None:
-        """The deepest existing part of out is a directory uid may write (EACCES,
-        ENOTDIR); a missing top-level directory (/models) is made now, shared, mode
-        1777, like /tmp."""
-        osh = self.conn(uid)
-        parts = out.strip("/").split("/")
-        if len(parts) > 1:
-            try:
-                self.conn(0).mkdir("/" + parts[0], 0o1777)
-            except SyscallError as e:
-                if e.errno != Errno.EEXIST:
-                    raise SyscallError(e.errno, f"{call}: out {out}: {e.message}")
-        deepest = None  # the last existing part of out, as uid sees it
-        for i in range(len(parts), -1, -1):
-            path = "/" + "/".join(parts[:i])
-            try:
-                deepest = osh.stat(path)
-                break
-            except SyscallError as e:
-                if e.errno not in (Errno.ENOENT,):
-                    raise SyscallError(e.errno, f"{call}: out {out}: {e.message}")
-        if deepest is None or deepest["type"] != "dir":
-            raise SyscallError(Errno.ENOTDIR, f"{call}: out {out}: "
-                               f"{deepest and deepest['path']} is not a directory")
-        owner, mode = deepest["owner"], deepest["mode"]  # tensorfs's rule: no groups
-        bits = (mode >> 6) & 7 if uid == owner else mode & 7
-        if uid != 0 and not bits & 2:
-            raise SyscallError(Errno.EACCES, f"{call}: out {out}: uid {uid} may not "
-                               f"write {deepest['path']} (owner {owner}, mode {mode:o})")
-
-    # -- spawn_compress --------------------------------------------------------------
+        return self.background(lambda: self.admission.train(req.uid, req.pid, config,
+                                                            alloc_id), plan, req)
 
     def spawn_compress(self, req: Request, config: dict) -> Any:
-        uid = req.uid
-
-        def check() -> dict:
-            from ._compcfg import NotSupported, normalize
-            try:
-                cfg = normalize(config)
-            except NotSupported as e:
-                raise SyscallError(Errno.ENOTSUP, f"spawn_compress: {e}") from None
-            except ValueError as e:
-                raise SyscallError(Errno.EINVAL, f"spawn_compress: {e}") from None
-            try:
-                ckpt, mcfg, _ = self.cache.resolve(uid, cfg["model"])
-                self.cache.check_access(uid, ckpt, mcfg.get("hf"))
-            except SyscallError as e:
-                raise SyscallError(e.errno, e.message.replace("infer:", "spawn_compress:",
-                                                              1)) from None
-            self.check_compress_source(uid, cfg, ckpt, mcfg)
-            if "data" in cfg:
-                osh = self.conn(uid)
-                st = osh.stat(cfg["data"])  # ENOENT, EACCES as they come
-                if st["type"] == "dir":
-                    raise SyscallError(Errno.EISDIR, f"spawn_compress: data {cfg['data']} "
-                                       "is a directory")
-                if st["type"] != "tensor":
-                    raise SyscallError(Errno.EINVAL, f"spawn_compress: data {cfg['data']} "
-                                       f"is a {st['type']}, not a tensor")
-                info = osh.open_tensor(cfg["data"], "r")  # the read permission
-                osh.close_tensor(info["fd"])
-                shape = info.get("shape") or []
-                if len(shape) != 1 or info.get("dtype") not in ("uint8", "int32", "int64") \
-                        or shape[0] < 16:
-                    raise SyscallError(Errno.EINVAL, f"spawn_compress: data {cfg['data']} "
-                                       "must be a 1-D tensor of text (uint8) or token ids "
-                                       f"(int32, int64) of at least 16, not "
-                                       f"{info.get('dtype')} {shape}")
-                if "hf" not in mcfg and info["dtype"] != "uint8":
-                    raise SyscallError(Errno.EINVAL, f"spawn_compress: data {cfg['data']} "
-                                       "holds token ids; the byte-level GPT reads bytes")
-            if "out" in cfg:
-                out = cfg["out"].rstrip("/")
-                self.check_busy(out, "spawn_compress")
-                try:
-                    self.conn(uid).stat(out)
-                    if not cfg.get("force"):
-                        raise SyscallError(Errno.EEXIST, f"spawn_compress: {out} exists "
-                                           "(force replaces it when the new model is "
-                                           "complete)")
-                except SyscallError as e:
-                    if e.errno != Errno.ENOENT:
-                        raise
-                self.check_makeable(uid, out, "spawn_compress")
-            return cfg
-
         def plan(cfg: dict) -> None:
             from .compress import ARGV, CONFIG_ENV
             argv = [*ARGV, "--job", cfg["task"], "--model", cfg["model"]]
             if "out" in cfg:
                 argv += ["--out", cfg["out"].rstrip("/")]
             req.reply({"argv": argv, "env": {CONFIG_ENV: json.dumps(cfg)}})
-
-        return self.background(check, plan, req)
-
-    def check_compress_source(self, uid: int, cfg: dict, ckpt: str, mcfg: dict) -> None:
-        """EINVAL for a model already int8 (or a structured amount that removes
-        every head), ENOTSUP for structured pruning the model's config cannot hold."""
-        from ._compcfg import NotSupported, plan, shape_of, structured
-        from ._models import text_of
-        osh = self.conn(uid)
-        names = {e["name"] for e in mcfg.get("hf", ())}
-        int8 = bool(mcfg.get("int8"))
-        config_json: dict = {}
-        try:
-            if "compression.json" in names:
-                int8 = bool(json.loads(text_of(osh.load_tensor(f"{ckpt}/compression.json")))
-                            .get("layers"))
-            if "hf" in mcfg:
-                config_json = json.loads(text_of(osh.load_tensor(f"{ckpt}/config.json")))
-        except (ValueError, UnicodeDecodeError) as e:
-            raise SyscallError(Errno.EINVAL, f"spawn_compress: {ckpt}: unreadable "
-                               f"config or manifest: {e}") from None
-        out = cfg.get("out", "").rstrip("/")
-        for source in {cfg["model"].rstrip("/"), ckpt.rstrip("/")} if out else ():
-            if out == source or out.startswith(source + "/") or source.startswith(out + "/"):
-                raise SyscallError(Errno.EINVAL, f"spawn_compress: out {out} overlaps the "
-                                   f"model {source}: the source is never overwritten")
-        if int8 and cfg["task"] != "eval":
-            raise SyscallError(Errno.EINVAL, f"spawn_compress: {cfg['model']} is already "
-                               "int8; compress its float source instead")
-        if not structured(cfg):
-            return
-        if "hf" not in mcfg:
-            raise SyscallError(Errno.ENOTSUP, "spawn_compress: structured pruning rewrites a "
-                               "Hugging Face config; the byte-level GPT's has no head_dim "
-                               "or MLP width to change (prune it with sparsity)")
-        try:
-            plan(*shape_of(config_json), cfg.get("heads", 0.0), cfg.get("mlp", 0.0))
-        except NotSupported as e:
-            raise SyscallError(Errno.ENOTSUP, f"spawn_compress: {e}") from None
-        except (ValueError, KeyError, TypeError) as e:
-            raise SyscallError(Errno.EINVAL, f"spawn_compress: {e}") from None
-
-    def check_dataset(self, uid: int, cfg: dict) -> None:
-        osh = self.conn(uid)
-        info = osh.open_tensor(cfg["dataset"], "r")  # ENOENT, EACCES, EISDIR as they come
-        osh.close_tensor(info["fd"])
-        from ._config import dataset_error
-        why = dataset_error(cfg, info)
-        if why:
-            raise SyscallError(Errno.EINVAL, f"spawn_train: {why}")
+        return self.background(lambda: self.admission.compress(req.uid, config), plan, req)
 
     # -- status ----------------------------------------------------------------------
 

@@ -183,8 +183,10 @@ class ModelCache:
         """{"compression": a summary of ckpt's compression.json} of a compressed
         model (docs/compression.md), {} for any other."""
         try:
-            m = json.loads(text_of(self.conn(uid).load_tensor(f"{ckpt}/compression.json")))
-        except (SyscallError, ValueError, UnicodeDecodeError):
+            m = self.conn(uid).read_manifest(ckpt)
+        except SyscallError:  # unreadable: the model serves all the same
+            return {}
+        if not m:
             return {}
         keep = ("method", "source", "bytes", "perplexity", "tokens_per_s", "speed",
                 "exported")

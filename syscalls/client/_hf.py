@@ -77,11 +77,24 @@ class ModelMethods:
             raise SyscallError(errno, f"{config.get('task')} {config.get('model')}: {why} "
                                f"(its log: log/proc/{pid}.log)")
         if info.get("checkpoint"):  # a new model: its manifest, as stored
-            import json
-            import numpy as np
-            data = self.load_tensor(f"{info['checkpoint']}/compression.json")  # type: ignore[attr-defined]
-            info = {**info, "manifest": json.loads(np.asarray(data, np.uint8).tobytes())}
+            info = {**info, "manifest": self.read_manifest(info["checkpoint"])}
         return info
+
+    def read_manifest(self, path: str) -> dict[str, Any] | None:
+        """The manifest (compression.json) of the model directory path, None when it
+        has none (not a compressed model); EIO when it is not JSON."""
+        import json
+        from syscalls import Errno, SyscallError
+        try:
+            data = self.load_array(f"{path.rstrip('/')}/compression.json")  # type: ignore[attr-defined]
+        except SyscallError as e:
+            if e.errno in (Errno.ENOENT, Errno.ENOTDIR):
+                return None
+            raise
+        try:
+            return json.loads(data.tobytes())
+        except ValueError as e:
+            raise SyscallError(Errno.EIO, f"{path}/compression.json is not JSON: {e}") from None
 
     def evaluate(self, model: str, data: str, wait: bool = True, **settings: Any) -> Any:
         """Measure model on data's held-out slice (its last split, 0.05 by default):
