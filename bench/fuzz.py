@@ -443,8 +443,9 @@ class Fuzzer:
         # settle what it sent first: an attach still on its way would leave a process
         # behind (a remote process without heartbeats lives until it exits or is killed)
         self.wait_for(c, self.send_request(c, "nop", {}, "sync"))
-        if c.pid is not None:
-            self.exit_process(c)
+        # exit even when we know of no process here: a mutated attach whose reply we
+        # misattributed (a duplicated seq) may have made one (ENOTCONN if not)
+        self.exit_process(c)
         target, role = c.target, c.role
         uid = c.want_uid
         self.drop_conn(c)
@@ -1431,8 +1432,7 @@ def run_fuzz(home: str | os.PathLike | Home, seconds: float | None = None,
         if alive:
             try:
                 for c in list(fz.conns):
-                    if c.pid is not None:
-                        fz.exit_process(c)
+                    fz.exit_process(c)  # known process or not (see churn)
             except Hung:
                 pass
         for c in list(fz.conns):
