@@ -10,7 +10,8 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: install browser demo test explore bench serve-load compress-bench chaos gen clean
+.PHONY: install browser demo test explore bench serve-load compress-bench chaos net-bench \
+	gen clean
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -59,6 +60,10 @@ compress-bench: $(STAMP)
 
 chaos: $(STAMP)
 	$(BIN)/python bench/chaos.py
+
+# the TCP endpoint and nodes against raw ZeroMQ (docs/scaling.md)
+net-bench: $(STAMP)
+	$(BIN)/python bench/net_bench.py
 
 gen: $(STAMP)
 	$(BIN)/python -m syscalls.gen

@@ -2,7 +2,7 @@
 
     python bench/fuzz.py [--seconds S | --messages N] [--seed N] [--home DIR]
                          [--rss-bound-mib M] [--warmup F] [--no-oversized]
-                         [--reserved-ids N] [--json]
+                         [--reserved-ids N] [--tcp] [--json]
 
 docs/fuzz-and-load.md says how to run it, what it checks and what it found.
 
@@ -54,6 +54,13 @@ refuses, and it never stops the kernel. A mutated message that would break these
 rules is not sent (defuse()). It ends every process it attached, and at the end the
 root handle ends any it lost track of.
 
+--tcp fuzzes the kernel's CURVE TCP endpoint instead of its ipc socket for clients
+(its own kernel boots with --listen 127.0.0.1:0; with --home, the kernel there must
+listen): the fuzzer's connections attach with a uid-0 client key it registers, and
+send node-protocol messages too (a client's key may not: dropped); and two
+strangers, one with no CURVE at all and one with a key nobody registered, send
+valid and junk messages that must never be answered.
+
 --reserved-ids N also holds N connections under the routing ids libzmq will hand
 the next peers that connect without one: that aborts the kernel today (a libzmq
 assertion), so it is off by default; tests/test_fuzz.py keeps it as an xfail.
@@ -88,7 +95,9 @@ import zmq  # noqa: E402
 
 import userland  # noqa: E402
 from syscalls import (ABI_VERSION, BY_NAME, BY_NUMBER, MAX_HEADER, SERVICES, TABLE,  # noqa: E402
-                      Arg, Errno, Home, Syscall, SyscallError, WireError, decode, encode)
+                      Arg, Errno, Home, Keyring, Syscall, SyscallError, WireError,
+                      curve_client, decode, encode, read_credential, wire,
+                      write_credential)
 
 sys.path.insert(0, str(ROOT / "bench"))
 from kernelboot import BenchKernel  # noqa: E402
@@ -334,11 +343,13 @@ class Conn:
     """One DEALER to one of the kernel's endpoints, and what the fuzzer knows of it."""
 
     def __init__(self, ctx: zmq.Context, endpoint: str, target: str, role: str,
-                 identity: bytes | None = None) -> None:
+                 identity: bytes | None = None, curve: dict | None = None) -> None:
         self.target, self.role, self.identity = target, role, identity
         self.sock = ctx.socket(zmq.DEALER)
         self.sock.setsockopt(zmq.LINGER, 0)
         self.sock.setsockopt(zmq.RCVHWM, 0)
+        if curve is not None:
+            curve_client(self.sock, curve)
         if identity is not None:
             self.sock.setsockopt(zmq.IDENTITY, identity)
         self.sock.connect(endpoint)
@@ -364,8 +375,11 @@ class Conn:
 
 class Fuzzer:
     def __init__(self, home: Home, seed: int, report: FuzzReport,
-                 reserved_ids: int = 0, oversized: bool = True) -> None:
+                 reserved_ids: int = 0, oversized: bool = True,
+                 tcp: dict | None = None) -> None:
         self.home = home
+        self.tcp = tcp  # a uid-0 client credential: the kernel's socket is its TCP one
+        self.strangers: dict[zmq.Socket, str] = {}  # TCP peers no answer may reach
         self.oversized = oversized
         self.rng = random.Random(seed)
         self.gen = Gen(self.rng)
@@ -398,7 +412,9 @@ class Fuzzer:
 
     def open(self, target: str, role: str, identity: bytes | None = None) -> Conn:
         endpoint = self.home.kernel_endpoint if target == "kernel" else self.home.driver_endpoint
-        c = Conn(self.ctx, endpoint, target, role, identity)
+        tcp = self.tcp if target == "kernel" else None
+        c = Conn(self.ctx, tcp["endpoint"] if tcp else endpoint, target, role, identity,
+                 curve=tcp)
         self.conns.append(c)
         self.by_sock[c.sock] = c
         self.poller.register(c.sock, zmq.POLLIN)
@@ -422,18 +438,33 @@ class Fuzzer:
             self.open("drivers", "driver", ident)
         c = self.open("drivers", "attached", self.gen.identity())
         self.attach(c, FUZZ_UID)
+        if self.tcp:  # no CURVE at all; a key nobody registered
+            public, secret = (k.decode() for k in zmq.curve_keypair())
+            for name, curve in (("no key", None), ("unknown key", {
+                    "server_key": self.tcp["server_key"], "public": public,
+                    "secret": secret})):
+                s = self.ctx.socket(zmq.DEALER)
+                s.setsockopt(zmq.LINGER, 0)
+                s.setsockopt(zmq.SNDHWM, 100)
+                if curve is not None:
+                    curve_client(s, curve)
+                s.connect(self.tcp["endpoint"])
+                self.strangers[s] = name
+                self.poller.register(s, zmq.POLLIN)
 
     def attach(self, c: Conn, uid: int) -> None:
         """A valid attach, from the remote host (no OS pid), waited for."""
         c.want_uid = uid
-        seq = self.send_request(c, "attach", self.attach_args(uid), "setup")
+        seq = self.send_request(c, "attach", self.attach_args(uid, c.target), "setup")
         self.wait_for(c, seq)
         if c.pid is None:
             self.report.fail(f"a valid attach on the {c.target} socket failed")
         c.recycle_at = c.sent + self.rng.randrange(200, 1200)
 
-    def attach_args(self, uid: int) -> dict[str, Any]:
-        return {"os_pid": os.getpid(), "argv": ["llmos-fuzz"], "secret": self.secret,
+    def attach_args(self, uid: int, target: str = "kernel") -> dict[str, Any]:
+        # over TCP the key is the credential (the secret is refused there)
+        cred = {} if self.tcp and target == "kernel" else {"secret": self.secret}
+        return {"os_pid": os.getpid(), "argv": ["llmos-fuzz"], **cred,
                 "uid": uid, "host": REMOTE_HOST, "heartbeat": False}
 
     def churn(self) -> None:
@@ -516,6 +547,10 @@ class Fuzzer:
             for sock in events:
                 c = self.by_sock.get(sock)
                 if c is None:
+                    if sock in self.strangers:
+                        frames = sock.recv_multipart()
+                        self.report.fail(f"a TCP peer with {self.strangers[sock]} got an "
+                                         f"answer: {frames[0][:80]!r}")
                     continue
                 while True:
                     try:
@@ -656,6 +691,9 @@ class Fuzzer:
             if self.oversized:
                 self.big_message()
             return
+        if r < 0.020 and self.strangers:
+            self.stranger_message()
+            return
         pool = self.rng.random()
         if pool < 0.62:
             cands = [c for c in self.conns if c.role == "attached" and c.target == "kernel"]
@@ -667,7 +705,8 @@ class Fuzzer:
         if c.role == "attached" and c.pid is None and not c.attaching:
             # its process ended (exit, kill, lost): attach again, without waiting
             c.attaching = True
-            self.send_request(c, "attach", self.attach_args(c.want_uid), "reattach")
+            self.send_request(c, "attach", self.attach_args(c.want_uid, c.target),
+                              "reattach")
             return
         r = self.rng.random()
         if c.role == "driver" and r < 0.5:
@@ -934,9 +973,34 @@ class Fuzzer:
             frames = [b"\xc1"]
         self.send_frames(c, frames, f"junk{k}")
 
+    def stranger_message(self) -> None:
+        """A valid request, or junk, from a TCP peer that must never be answered."""
+        sock = self.rng.choice(list(self.strangers))
+        head = {"v": ABI_VERSION, "s": next(_SEQ), "n": self.rng.choice(TABLE).number,
+                "a": {}}
+        frames = encode(head) if self.rng.random() < 0.5 else \
+            [self.rng.randbytes(self.rng.randrange(1, 64))]
+        try:
+            sock.send_multipart(frames, flags=zmq.NOBLOCK)
+        except zmq.Again:  # its queue is full of what never went anywhere
+            pass
+        self.report.kinds["stranger"] += 1
+
+    def node_message(self, c: Conn) -> None:
+        """What a node agent sends, from a client's key: dropped, never answered."""
+        r, g = self.rng, self.gen
+        kind = r.choice(wire.NODE_KINDS)
+        head = wire.node(kind, name=r.choice(["n1", g.str(8)]), epoch=g.value(),
+                         pid=r.choice([g.int(), *self.owned][:8]), res=g.value(),
+                         pids=[g.int()], status=g.value())
+        self.send_frames(c, encode(head), "node")
+
     def control_message(self, c: Conn) -> None:
         """Heartbeats and cancels, with real and made-up tokens and seqs."""
         r, g = self.rng, self.gen
+        if self.tcp and c.target == "kernel" and r.random() < 0.2:
+            self.node_message(c)
+            return
         if r.random() < 0.5:
             token = c.hb_token if c.hb_token and r.random() < 0.3 else r.choice(
                 [g.str(32), g.value(), secret_like(r)])
@@ -1346,7 +1410,7 @@ def run_fuzz(home: str | os.PathLike | Home, seconds: float | None = None,
              messages: int | None = None, seed: int = 0,
              rss_bound_mib: float = DEFAULT_RSS_BOUND_MIB, warmup: float = 0.15,
              reserved_ids: int = 0, oversized: bool = True,
-             progress: bool = False) -> FuzzReport:
+             progress: bool = False, tcp: bool = False) -> FuzzReport:
     """Fuzz the kernel running on home for `seconds` or `messages` (whichever comes
     first; at least one must be given) and return the report; report.ok says whether
     every check held. The first `warmup` fraction of the run (which starts with every
@@ -1363,7 +1427,8 @@ def run_fuzz(home: str | os.PathLike | Home, seconds: float | None = None,
 
     ctx = mp.get_context("spawn")  # a clean process: no inherited zmq context
     stop, results = ctx.Event(), ctx.Queue()
-    fz = Fuzzer(home, seed, report, reserved_ids, oversized)
+    fz = Fuzzer(home, seed, report, reserved_ids, oversized, tcp_credential(home) if tcp
+                else None)
     control: userland.Llmos | None = None
     wb = None
     before: dict[str, Any] = {}
@@ -1437,7 +1502,7 @@ def run_fuzz(home: str | os.PathLike | Home, seconds: float | None = None,
                 pass
         for c in list(fz.conns):
             fz.drop_conn(c)
-        for s in fz.reserved:
+        for s in [*fz.reserved, *fz.strangers]:
             s.close(0)
         fz.ctx.term()
         _collect_well_behaved(report, wb, results)
@@ -1491,6 +1556,21 @@ def _collect_well_behaved(report: FuzzReport, wb: Any, results: Any) -> None:
         report.fail(f"the well-behaved client failed: {out['error']}")
     if out["calls"] == 0:
         report.fail("the well-behaved client made no call")
+
+
+def tcp_credential(home: Home) -> dict:
+    """A uid-0 client key for the fuzzer, registered with the kernel listening on
+    home (RuntimeError if it does not listen)."""
+    try:
+        endpoint = (home.run / "endpoint").read_text().strip()
+    except OSError:
+        raise RuntimeError(f"the kernel on {home.root} does not listen on TCP "
+                           "(llmos start --listen)") from None
+    path = home.run / f"fuzz-{os.getpid()}.client.json"
+    ring = Keyring(home.root)
+    ring.revoke(f"fuzz-{os.getpid()}")
+    write_credential(path, ring.issue("client", f"fuzz-{os.getpid()}", endpoint, 0))
+    return read_credential(path)
 
 
 def _final_checks(report: FuzzReport, control: Any, before: dict, kernel_pid: int) -> None:
@@ -1554,6 +1634,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--no-oversized", action="store_true",
                     help="leave out the oversized messages (headers near 1 MiB, huge "
                     "lists, megabytes of bulk)")
+    ap.add_argument("--tcp", action="store_true",
+                    help="fuzz the CURVE TCP endpoint (see above)")
     ap.add_argument("--json", action="store_true", help="print the report as JSON")
     args = ap.parse_args(argv)
     seconds = args.seconds if args.seconds is not None or args.messages else 10.0
@@ -1564,13 +1646,14 @@ def main(argv: list[str] | None = None) -> int:
         if args.home:
             home = Home.resolve(args.home)
         else:
-            own = BenchKernel(prefix="llmos-fuzz-")
+            own = BenchKernel(prefix="llmos-fuzz-",
+                              listen="127.0.0.1:0" if args.tcp else None)
             home = own.home
             log(f"fuzz: booted kernel pid {own.pid} on {own.root}")
         report = run_fuzz(home, seconds=seconds, messages=args.messages, seed=seed,
                           rss_bound_mib=args.rss_bound_mib, warmup=args.warmup,
                           reserved_ids=args.reserved_ids,
-                          oversized=not args.no_oversized, progress=True)
+                          oversized=not args.no_oversized, progress=True, tcp=args.tcp)
     except RuntimeError as e:
         log(f"fuzz: {e}")
         return 2

@@ -9,6 +9,7 @@ Pure bookkeeping over the process table: no sockets (the kernel answers).
 from __future__ import annotations
 
 import hmac
+import logging
 import secrets
 import time
 from typing import Any, Callable
@@ -21,6 +22,8 @@ from ._call import Call
 from ._proctable import INIT_PID, Process, ProcessTable
 from ._spawn import Spawner
 from ._stats import SyscallStats
+
+log = logging.getLogger("llmos.kernel")
 
 
 class Attachments:
@@ -35,14 +38,17 @@ class Attachments:
         self.conns: dict[bytes, int] = {}       # routing id -> pid
         self.hb_tokens: dict[str, int] = {}     # heartbeat token -> pid
 
-    def attach(self, call: Call) -> Process:
+    def attach(self, call: Call, peer: tuple[dict[str, Any], str] | None = None) -> Process:
         """Bind call's connection to a process: the one its spawn token names, or a
-        new one (with the secret). EBUSY, EACCES, EAGAIN, EINVAL, EPERM."""
+        new one (with the secret, or over TCP with a client's key: peer is its
+        registry entry and public key). EBUSY, EACCES, EAGAIN, EINVAL, EPERM."""
         args, conn = call.args, call.conn
         if call.proc is not None:
             raise SyscallError(Errno.EBUSY, f"this connection is already process "
                                f"{call.proc.pid}")
-        if args["token"] is not None:
+        if peer is not None:
+            proc = self._remote(args, *peer)
+        elif args["token"] is not None:
             proc = self.spawner.claim(args["token"])
             if proc is None:
                 raise SyscallError(Errno.EACCES, "unknown or used spawn token")
@@ -61,6 +67,39 @@ class Attachments:
         if args["heartbeat"]:  # from now on, not from its first heartbeat: a process
             self._beat(proc)    # frozen before it is lost too
         return proc
+
+    def _remote(self, args: dict[str, Any], entry: dict[str, Any], key: str) -> Process:
+        """An attach over TCP: a node's key binds a process that node runs (by its spawn
+        token); a client's key makes a new process of the key's uid."""
+        who = f"{entry['kind']} {entry['name']}"
+        if args["secret"] is not None:
+            raise SyscallError(Errno.EACCES, "over TCP a key attaches, not the home's secret")
+        if entry["kind"] == "node":
+            pid = self.spawner.tokens.get(args["token"]) if args["token"] else None
+            proc = self.table.get(pid) if pid is not None else None
+            if proc is None or proc.state != "running":
+                raise SyscallError(Errno.EACCES, f"{who}: a node's key attaches only the "
+                                   "processes its node runs, with their spawn token; this "
+                                   "token is unknown or used")
+            if proc.node != entry["name"]:
+                log.warning("%s tried to attach process %d of node %s", who, proc.pid,
+                            proc.node)
+                raise SyscallError(Errno.EACCES, f"{who} does not host process {proc.pid}")
+            self.spawner.claim(args["token"])
+            proc.key = key
+            return proc
+        if args["token"] is not None:
+            raise SyscallError(Errno.EACCES, f"{who}: a client's key attaches a new process; "
+                               "spawn tokens are for the programs a node runs")
+        uid = entry.get("uid") if type(entry.get("uid")) is int else self.config.default_uid
+        if args["uid"] is not None and args["uid"] != uid:
+            if uid != 0:
+                raise SyscallError(Errno.EACCES, f"{who}'s key attaches as uid {uid} only")
+            uid = args["uid"]
+        if len(self.table) >= self.config.max_processes:
+            raise SyscallError(Errno.EAGAIN, "the process table is full")
+        return self.table.create(ppid=INIT_PID, uid=uid, argv=args["argv"],
+                                 node=f"client:{entry['name']}", key=key)
 
     def _new_process(self, args: dict[str, Any]) -> Process:
         """A new process for a program that attaches from the host (or from a driver)."""

@@ -14,6 +14,8 @@ import sys
 from pathlib import Path
 from typing import IO
 
+import zmq
+
 from syscalls import Home, parse_sim_spec
 
 from ._kernel import Kernel
@@ -43,8 +45,18 @@ def _write_private(path: Path, text: str) -> None:
     os.chmod(path, 0o600)
 
 
-def boot(home: Home) -> int:
-    """Run the kernel in this process until SIGTERM or SIGINT. Returns an exit code."""
+def listen_address(text: str) -> str:
+    """HOST:PORT checked (PORT 0 or *: any free port); ValueError saying why."""
+    host, sep, port = text.rpartition(":")
+    if not sep or not host or not (port == "*" or port.isdigit() and int(port) < 65536):
+        raise ValueError(f"--listen {text!r}: give HOST:PORT, e.g. 10.0.0.1:7700 "
+                         "(PORT 0: any free port)")
+    return f"{host}:{'*' if port in ('0', '*') else port}"
+
+
+def boot(home: Home, listen: str | None = None) -> int:
+    """Run the kernel in this process until SIGTERM or SIGINT. Returns an exit code.
+    listen: HOST:PORT of a CURVE TCP endpoint (none by default)."""
     for d in (home.root, home.run, home.log):
         d.mkdir(parents=True, exist_ok=True)
     os.chmod(home.run, 0o700)
@@ -53,7 +65,12 @@ def boot(home: Home) -> int:
         config = home.config()
         for name in ("kernel", "drivers"):  # left by a kernel that was SIGKILLed
             Path(home.socket(name)[len("ipc://"):]).unlink(missing_ok=True)
-        kernel = Kernel(home, config)
+        try:
+            kernel = Kernel(home, config, listen)
+        except zmq.ZMQError as e:
+            raise ValueError(f"--listen {listen}: {e}") from None
+        if kernel.net is not None:  # for llmos node token and llmos access new
+            _write_private(home.run / "endpoint", f"{kernel.net.endpoint}\n")
         _write_private(home.secretfile, kernel.secret)
         _write_private(home.pidfile, f"{os.getpid()}\n")
 
@@ -70,6 +87,7 @@ def boot(home: Home) -> int:
             kernel.shutdown()
             home.pidfile.unlink(missing_ok=True)
             home.secretfile.unlink(missing_ok=True)
+            (home.run / "endpoint").unlink(missing_ok=True)
             log.info("llmos kernel down")
     finally:
         lock.close()
@@ -82,10 +100,17 @@ def main(argv: list[str] | None = None) -> int:
                                 "in the foreground (the llmos command wraps this).")
     p.add_argument("--home", help="LLMOS_HOME (default: $LLMOS_HOME or ~/.llmos)")
     p.add_argument("-v", "--verbose", action="store_true")
+    p.add_argument("--listen", metavar="HOST:PORT",
+                   help="also serve CURVE-authenticated TCP there (docs/scaling.md)")
     p.add_argument("--sim-gpus", metavar="NxSIZE",
                    help="simulated GPUs when there is no real one, e.g. 4x24GiB "
                         "(overrides sim_gpus in config.toml; see docs/devices.md)")
     a = p.parse_args(argv)
+    if a.listen:
+        try:
+            a.listen = listen_address(a.listen)
+        except ValueError as e:
+            p.error(str(e))
     if a.sim_gpus:
         try:
             parse_sim_spec(a.sim_gpus)
@@ -97,7 +122,7 @@ def main(argv: list[str] | None = None) -> int:
     home = Home.resolve(a.home)
     os.environ["LLMOS_HOME"] = str(home.root)
     try:
-        return boot(home)
+        return boot(home, a.listen)
     except AlreadyRunning as e:
         print(f"llmos: {e}", file=sys.stderr)
         return 1

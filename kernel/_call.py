@@ -25,19 +25,25 @@ if TYPE_CHECKING:
     from ._proctable import Process
 
 PARKED = object()  # a handler's answer for "I will reply later"
+NET = b"\xfftcp:"  # names a connection on the TCP endpoint (kernel/_net.py)
 
 
 class Outbox:
-    """Sends on the kernel's ROUTER without blocking; counts what it could not send."""
+    """Sends on the kernel's ROUTER without blocking; counts what it could not send.
+    A connection named NET + routing id is on the TCP endpoint: sent by its relay."""
 
     def __init__(self, sock: zmq.Socket, stats: SyscallStats) -> None:
         self.sock = sock
         self.stats = stats
+        self.relay: bytes | None = None  # the TCP relay's routing id (kernel/_net.py)
 
     def send(self, ident: bytes, frames: list, full: str = "reply_queue_full",
              gone: str = "reply_unroutable") -> str | None:
         """None when sent; else "full" (the peer's queue is at its high-water mark) or
         "gone" (no such peer), each counted under the name given."""
+        if ident[:5] == NET and self.relay is not None:  # through the relay, to TCP
+            frames = [ident[5:], *frames]
+            ident = self.relay
         try:
             send_frames(self.sock, frames, ident)
             return None

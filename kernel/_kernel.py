@@ -29,11 +29,13 @@ from typing import Any, Callable
 import psutil
 import zmq
 
-from syscalls import (ABI_VERSION, BY_NUMBER, MAX_HEADER, Config, Errno, Home,
+from syscalls import (ABI_VERSION, BY_NUMBER, MAX_HEADER, Config, Errno, Home, Keyring,
                       SyscallError, WireError, check_args, decode, encode, wire)
 
 from ._attach import Attachments
-from ._call import PARKED, Call, Outbox
+from ._call import NET, PARKED, Call, Outbox
+from ._net import Listener
+from ._nodes import Nodes
 from ._proctable import INIT_PID, Process, ProcessTable
 from ._spawn import Spawner
 from ._stats import SyscallStats
@@ -62,14 +64,14 @@ class Waiter:
 
 
 class Kernel:
-    def __init__(self, home: Home, config: Config) -> None:
+    def __init__(self, home: Home, config: Config, listen: str | None = None) -> None:
         self.home = home
         self.config = config
         self.boot_time = time.time()
         self.t_boot = time.monotonic()
         self.hostname = socket.gethostname()
         self.table = ProcessTable(init_os_pid=os.getpid(), first_pid=_next_pid(home),
-                                  keep_ended=config.ended_kept)
+                                  keep_ended=config.ended_kept, node=config.node_name)
         self.pids_reserved = 0
         self._reserve_pids()
         self.stats = SyscallStats()
@@ -94,11 +96,22 @@ class Kernel:
         self.attachments = Attachments(self.table, self.spawner, config, self.hostname,
                                        self.supervisor.os_pids, self._protected_pids)
         self.secret = self.attachments.secret
+        self.keyring = Keyring(home.root)
+        # the TCP endpoint, only when asked: CURVE is per socket, so it is a socket
+        # of its own, and the loop polls both (kernel/_net.py)
+        self.net: Listener | None = None
+        self._keys_seen = 0  # the key registry's generation acted on (_reload_keys)
+        if listen is not None:
+            self.net = Listener(self.ctx, self.keyring, listen, self.sock)
+            self.outbox.relay = self.net.ident
+        self.nodes = Nodes(config, self.table, self.spawner, self.outbox, self.end_process,
+                           self._revoke_node)
         self.handlers: dict[str, Callable[[Call], Any]] = {
             "nop": self.sys_nop, "getpid": self.sys_getpid, "getppid": self.sys_getppid,
             "spawn": self.sys_spawn, "wait": self.sys_wait, "kill": self.sys_kill,
             "exit": self.sys_exit, "ps": self.sys_ps, "sysinfo": self.sys_sysinfo,
-            "report": self.sys_report,
+            "report": self.sys_report, "nodes": self.sys_nodes,
+            "node_ctl": self.sys_node_ctl,
         }
 
     def _router(self, *endpoints: str) -> zmq.Socket:
@@ -135,6 +148,7 @@ class Kernel:
         self.supervisor.start_all()
         recv = self.sock.recv_multipart
         drivers = self.supervisor.by_ident
+        relay = self.net.ident if self.net is not None else None
         next_tick = 0.0
         while self.running:
             try:
@@ -145,6 +159,8 @@ class Kernel:
                 try:
                     if frames[0] in drivers:
                         self.supervisor.on_message(frames)
+                    elif frames[0] == relay and len(frames) > 2:
+                        self.on_net(*Listener.unwrap(frames))
                     else:
                         self.on_client(frames)
                 except Exception:  # a bug must cost one request, never the kernel
@@ -158,6 +174,16 @@ class Kernel:
                 except Exception:  # nor may a bug in the periodic work
                     log.exception("internal error in the periodic work")
                     self.stats.drop("internal_error")
+
+    def on_net(self, conn: bytes, key: str | None, frames: list[bytes]) -> None:
+        """A message on the TCP endpoint: from a key accepted now, or dropped."""
+        entry = self.net.entry(key) if self.net is not None else None
+        if entry is None:  # revoked since its handshake
+            log.warning("dropped a TCP message from a key no longer accepted (%s)",
+                        (key or "none")[:8])
+            self.stats.drop("revoked_key")
+            return
+        self.on_client([conn, *frames], (entry, key or ""))
 
     def tick(self, now: float) -> None:
         lag = now - self._last_tick - TICK_S
@@ -174,13 +200,36 @@ class Kernel:
         self._check_heartbeats(now)
         self._expire_waiters(now)
         self.supervisor.tick(now)
+        self.nodes.tick(now)
+        if self.net is not None:
+            self._reload_keys()
         self._reserve_pids()
 
+    def _reload_keys(self) -> None:
+        """keys/registry.json changed: a key revoked ends what attached with it now."""
+        self.net.reload()
+        if self.net.generation == self._keys_seen:
+            return
+        self._keys_seen = self.net.generation
+        for proc in self.table.live():
+            if proc.key is not None and self.net.entry(proc.key) is None:
+                self.end_process(proc, None, "key revoked")
+        self.nodes.revoked(self.net.entry)
+
+    def _revoke_node(self, name: str) -> None:
+        self.keyring.revoke(name, "node")
+        if self.net is not None:
+            self._reload_keys()
     # -- dispatch ---------------------------------------------------------------
 
-    def on_client(self, frames: list[bytes]) -> None:
+    def on_client(self, frames: list[bytes],
+                  peer: tuple[dict[str, Any], str] | None = None) -> None:
+        """A client's message; peer is (registry entry, public key) over TCP."""
         t0 = time.perf_counter()
         conn = frames[0]
+        if peer is None and conn[:5] == NET:  # an ipc peer posing as a TCP one
+            self.stats.drop("malformed")
+            return
         try:
             head = decode(frames[1:], refs=True)
         except WireError as e:
@@ -192,6 +241,8 @@ class Kernel:
             kind = head.get(wire.KIND)
             if kind == wire.HEARTBEAT and wire.TOKEN in head:
                 self.attachments.heartbeat(head, self.stats)
+            elif peer is not None and kind in wire.NODE_KINDS:
+                self.nodes.on_message(conn, peer[0], peer[1], head)
             elif kind == wire.CANCEL:
                 self._on_cancel(conn, head)
             elif kind in (wire.READY, wire.REPLY, wire.HEARTBEAT):  # an old driver instance
@@ -222,7 +273,7 @@ class Kernel:
                                    "kernel restarted)")
             call.args = check_args(syscall, head.get(wire.ARGS, {}))
             if syscall.number == 0:
-                result = self.sys_attach(call)
+                result = self.sys_attach(call, peer)
             elif syscall.service == "kernel":
                 result = self.handlers[syscall.name](call)
                 if result is PARKED:
@@ -237,8 +288,8 @@ class Kernel:
 
     # -- attach --------------------------------------------------------------------
 
-    def sys_attach(self, call: Call) -> dict:
-        proc = self.attachments.attach(call)
+    def sys_attach(self, call: Call, peer: tuple[dict[str, Any], str] | None = None) -> dict:
+        proc = self.attachments.attach(call, peer)
         log.info("pid %d attached (uid %d, %s)", proc.pid, proc.uid, " ".join(proc.argv)[:80])
         return {"pid": proc.pid, "ppid": proc.ppid, "uid": proc.uid, "hb_token": proc.hb_token,
                 "kernel_pid": os.getpid(), "abi": ABI_VERSION,
@@ -256,9 +307,13 @@ class Kernel:
         assert call.proc is not None
         return call.proc.ppid
 
-    def sys_spawn(self, call: Call) -> int:
+    def sys_spawn(self, call: Call) -> Any:
         assert call.proc is not None
         a = call.args
+        node = self.nodes.place(a["node"])
+        if node != self.nodes.head:  # answered when the node's agent started it
+            self.nodes.spawn(call, call.proc, node, a["argv"], a["uid"], a["cwd"], a["env"])
+            return PARKED
         return self.spawner.spawn(call.proc, a["argv"], a["uid"], a["cwd"], a["env"]).pid
 
     def sys_wait(self, call: Call) -> Any:
@@ -330,6 +385,9 @@ class Kernel:
                                f"process ({' '.join(target.argv)[:60]}); only uid 0 may "
                                "end it")
         sig = SIGNALS[call.args["signal"]]
+        if target.node in self.nodes.nodes and target.node != self.nodes.head:
+            self.nodes.kill(target, sig)  # its agent signals it and reports its end
+            return None
         if target.os_pid is None:  # remote, or a driver's: the kernel can only forget it
             self.end_process(target, -sig, "killed")
             return None
@@ -400,12 +458,23 @@ class Kernel:
             return [{**r, "state": "ended"} for r in self.table.ended] + procs
         return procs
 
+    def sys_nodes(self, call: Call) -> list:
+        return self.nodes.describe()
+
+    def sys_node_ctl(self, call: Call) -> dict:
+        assert call.proc is not None
+        return self.nodes.control(call.proc, call.args["name"], call.args["action"])
+
     def sys_sysinfo(self, call: Call) -> dict:
         procs = list(self.table.procs.values())
         return {
             "uptime_s": round(time.monotonic() - self.t_boot, 3),
             "boot_time": self.boot_time, "kernel_pid": os.getpid(), "abi": ABI_VERSION,
             "home": str(self.home.root), "hostname": self.hostname,
+            "node": self.nodes.head, "nodes": len(self.nodes.nodes),
+            "listen": self.net.endpoint if self.net is not None else None,
+            "tcp_refused": self.net.refused if self.net is not None else 0,
+            "tcp_unroutable": self.net.unroutable if self.net is not None else 0,
             "processes": {"total": len(procs),
                           "running": sum(p.state == "running" for p in procs),
                           "zombie": sum(p.state == "zombie" for p in procs)},
@@ -427,6 +496,7 @@ class Kernel:
         self.waiters = [w for w in self.waiters if w.pid != proc.pid]
         parent = self.table.get(proc.ppid)
         self.table.end(proc.pid, status, reason)
+        self.nodes.ended(proc)
         self.supervisor.notify_exit(proc.pid)
         if parent is not None and proc.pid in self.table.procs:
             self._wake_waiters(parent, proc)
@@ -444,6 +514,7 @@ class Kernel:
             if proc.hb_deadline is not None:
                 proc.hb_deadline += lag
         self.supervisor.stalled(lag)
+        self.nodes.stalled(lag)
 
     def _check_heartbeats(self, now: float) -> None:
         for proc in self.table.live():
@@ -476,9 +547,12 @@ class Kernel:
 
     def shutdown(self) -> None:
         """End every process and driver, close and remove the sockets."""
+        self.nodes.shutdown()
         self.spawner.shutdown()
         self.supervisor.stop_all()
         self.sock.close(0)
+        if self.net is not None:
+            self.net.close()
         self.ctx.term()
         for name in ("kernel", "drivers"):
             Path(self.home.socket(name)[len("ipc://"):]).unlink(missing_ok=True)

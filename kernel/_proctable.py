@@ -43,6 +43,9 @@ class Process:
     reason: str | None = None         # exited | killed | lost
     end_time: float | None = None
     info: dict[str, Any] = field(default_factory=dict)  # report(): progress, final loss
+    node: str = ""                    # the node it runs on (kernel/_nodes.py)
+    node_os_pid: int | None = None    # its OS pid there, for a process on another node
+    key: str | None = None            # the public key it attached with, over TCP
 
     def record(self) -> dict[str, Any]:
         """The process as ps shows it."""
@@ -52,7 +55,8 @@ class Process:
             "attached": self.conn is not None,
             "resources": {k: sorted(v) for k, v in self.resources.items() if v},
             "status": self.status, "reason": self.reason, "info": self.info,
-            "system": self.system, "end_time": self.end_time,
+            "system": self.system, "end_time": self.end_time, "node": self.node,
+            "node_os_pid": self.node_os_pid,
         }
 
     def exit_record(self) -> dict[str, Any]:
@@ -63,7 +67,8 @@ class Process:
 
 class ProcessTable:
     def __init__(self, init_os_pid: int | None = None, first_pid: int = INIT_PID + 1,
-                 keep_ended: int = 256) -> None:
+                 keep_ended: int = 256, node: str = "head") -> None:
+        self.node = node  # where a process runs unless created with another node
         self._next_pid = INIT_PID
         self.procs: dict[int, Process] = {}
         self.ended: deque[dict[str, Any]] = deque(maxlen=keep_ended)
@@ -88,6 +93,7 @@ class ProcessTable:
         """Add a running process, child of ppid (which must be running)."""
         pid = self._next_pid
         self._next_pid += 1
+        kw.setdefault("node", self.node)
         proc = Process(pid=pid, ppid=ppid, uid=uid, argv=list(argv), **kw)
         self.procs[pid] = proc
         parent = self.procs.get(ppid)

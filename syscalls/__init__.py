@@ -9,6 +9,8 @@ from ._errno import (ERROR_FAMILIES, AlreadyExists, Busy, Cancelled, ConnectionL
                      Errno, InvalidArgument, NotFound, OutOfResources, PermissionDenied,
                      SyscallError, TimedOut)
 from ._home import Home, default_home
+from ._keys import (CredentialError, Keyring, check_name, curve_client, read_credential,
+                    write_credential)
 from ._schema import FrameRef, check_args
 from ._table import (ABI_VERSION, BY_NAME, BY_NUMBER, REQUIRED, SERVICES, TABLE, TYPES,
                      Arg, Syscall)
@@ -28,9 +30,11 @@ def __getattr__(name: str) -> object:
 
 __all__ = [
     "ABI_VERSION", "AlreadyExists", "Arg", "BY_NAME", "BY_NUMBER", "Busy", "Cancelled",
-    "Config", "ConnectionLost", "DEFAULTS", "ERROR_FAMILIES", "Errno", "FRAME_EXT", "FrameRef",
-    "Home", "InvalidArgument", "MAX_HEADER", "NotFound", "OutOfResources",
-    "PermissionDenied", "REQUIRED", "SERVICES", "Syscall", "SyscallError", "TABLE",
-    "TYPES", "TimedOut", "WireError", "bounds", "check_args", "decode", "default_home",
-    "encode", "format_size", "number", "parse_sim_spec", "parse_size", "send_frames", "wire",
+    "Config", "ConnectionLost", "CredentialError", "DEFAULTS", "ERROR_FAMILIES", "Errno",
+    "FRAME_EXT", "FrameRef", "Home", "InvalidArgument", "Keyring", "MAX_HEADER", "NotFound",
+    "OutOfResources", "PermissionDenied", "REQUIRED", "SERVICES", "Syscall", "SyscallError",
+    "TABLE", "TYPES", "TimedOut", "WireError", "bounds", "check_args", "check_name",
+    "curve_client", "decode", "default_home", "encode", "format_size", "number",
+    "parse_sim_spec", "parse_size", "read_credential", "send_frames", "wire",
+    "write_credential",
 ]

@@ -140,6 +140,15 @@ class Config:
     infer_max_prompt: int = _setting(65536, "longest prompt in bytes (EINVAL above)", "int")
     model_cache: int = _setting("2GiB", "memory budget of the executor's loaded models",
                                 "size")
+    node_name: str = _setting("head", "this kernel's own node, as nodes and ps name it",
+                              "str")
+    node_heartbeat_s: float = _setting(1.0, "node agent heartbeat period", "float")
+    node_timeout_s: float = _setting(5.0, "silence after which a node is lost: its "
+                                     "processes end (docs/scaling.md)", "float")
+    placement: str = _setting("local", "where spawn runs a program when no node is named: "
+                              "local (this node), spread (the node with the fewest "
+                              "processes), pack (fill a node to its CPUs first)",
+                              "choice:local|spread|pack")
     infer_threads: int = _setting(0, "torch threads of the executor; 0: half the cores",
                                   "count0")
 

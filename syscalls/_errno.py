@@ -20,8 +20,8 @@ of that errno's family, so a program can catch a family:
      +-- ConnectionLost          ECONNRESET, ENOTCONN (the kernel restarted or
                                  does not know this connection)
 
-Any other errno (EIO, EBADF, ENOSYS, ENOTDIR, EISDIR, ENOTEMPTY, EPROTO, ENOTSUP)
-is a plain SyscallError.
+Any other errno (EIO, EBADF, ENOSYS, ENOTDIR, EISDIR, ENOTEMPTY, EPROTO, ENOTSUP,
+EHOSTDOWN: the node is lost) is a plain SyscallError.
 """
 from __future__ import annotations
 
@@ -55,6 +55,7 @@ class Errno(IntEnum):
     ENOTSUP = 95
     EMSGSIZE = 90
     ECONNRESET = 104
+    EHOSTDOWN = 112
     ENOTCONN = 107
     ETIMEDOUT = 110
     ECANCELED = 125

@@ -114,7 +114,9 @@ TABLE: tuple[Syscall, ...] = (
         errors=(
             ("EBUSY", "this connection is attached already"),
             ("EACCES", "neither the home's secret nor a spawn token, a wrong secret, or a "
-                       "spawn token that is unknown or used already"),
+                       "spawn token that is unknown or used already; over TCP: the secret "
+                       "(a key attaches instead), a node's key without a token, or a "
+                       "token of a process that key's node does not host"),
             ("EAGAIN", "with the secret: the process table is full (max_processes)"),
             ("EINVAL", "os_pid names no OS process on this host, or names a driver "
                        "attaching without heartbeat=True"),
@@ -139,13 +141,20 @@ TABLE: tuple[Syscall, ...] = (
                 "the kernel's own is used when None"),
         Arg("env", "dict[str,str]", default=None, nullable=True, max_len=256,
             doc="added to the kernel's environment"),
+        Arg("node", "str", default=None, nullable=True, max_len=64,
+            doc="the node to run it on (nodes lists them); None: placed by the "
+                "placement setting (local: the head)"),
     ), returns="int (the child's pid)",
         errors=(
             ("EINVAL", "argv is empty or its program is an empty string, or env cannot be "
                        "used (an '=' in a name)"),
             ("EPERM", "uid is not the caller's and the caller is not uid 0"),
             ("EAGAIN", "the process table is full (max_processes)"),
-            ("ENOENT", "the program or cwd does not exist, or cwd is not a directory"),
+            ("ENOENT", "the program or cwd does not exist, or cwd is not a directory; or "
+                       "node names no node"),
+            ("EBUSY", "node is draining (it takes no new processes), or no node is ready "
+                      "for placement"),
+            ("EHOSTDOWN", "node is lost, or it did not start the program in time"),
             ("EACCES", "the OS refuses to execute the program (no x bit) or enter cwd"),
             ("ENAMETOOLONG", "the program's path, or one of its components, is too long "
                              "for the OS"),
@@ -153,7 +162,8 @@ TABLE: tuple[Syscall, ...] = (
                     "no executable format (ENOEXEC) or arguments over its limit (E2BIG)"),
         ),
         doc="Start a program as a child of the caller: a real OS process with an "
-            "llmos pid. Its output goes to log/proc/<pid>.log under LLMOS_HOME."),
+            "llmos pid, on this node or another (docs/scaling.md). Its output goes to "
+            "log/proc/<pid>.log under the LLMOS_HOME of the node it runs on."),
     Syscall(5, "wait", "kernel", (
         Arg("pid", "int", default=None, nullable=True, lo=1, hi=2**31 - 1,
             doc="a child's pid; None: any child"),
@@ -191,7 +201,8 @@ TABLE: tuple[Syscall, ...] = (
             doc="also the processes that ended and were reaped, the last ended_kept "
                 "of them (state ended), oldest first"),
     ), returns="list of process records {pid, ppid, uid, argv, state, start_time, "
-               "os_pid, attached, resources, status, reason, info, system, end_time}",
+               "os_pid, attached, resources, status, reason, info, system, end_time, "
+               "node, node_os_pid}",
         idempotent=True,
         doc="The process table: pid, ppid, uid, argv, state (running, zombie; ended "
             "with all), start time, resources held, exit status; system is true for a "
@@ -215,6 +226,23 @@ TABLE: tuple[Syscall, ...] = (
     ),
         doc="Publish a running process's progress: ps and jobs show its info, and "
             "wait returns the last one with the exit status."),
+    Syscall(11, "nodes", "kernel", returns="list of {name, state, epoch, head, joined_at, "
+            "heartbeat_age_s, lost_at, processes, host, cpus, memory, gpus}",
+            idempotent=True,
+            doc="The nodes: the head (this kernel's own) and every node agent that "
+                "joined over TCP, with its state (ready, draining, lost), heartbeat age "
+                "and resources."),
+    Syscall(12, "node_ctl", "kernel", (
+        Arg("name", "str", max_len=64),
+        Arg("action", "str", choices=("drain", "resume", "remove")),
+    ), returns="the node's record (state removed after remove)", errors=(
+        ("EPERM", "the caller is not uid 0"),
+        ("ENOENT", "no node has that name"),
+        ("EINVAL", "remove names the head"),
+    ),
+        doc="drain: the node takes no new processes (those running go on); resume: it "
+            "takes them again; remove: its processes end (reason node removed), its agent "
+            "stops and its key is revoked."),
     # -- echo driver: a small real driver that proves the routing path ----------
     Syscall(100, "echo", "echo", (
         Arg("data", "bytes", max_len=MAX_ECHO),

@@ -23,6 +23,8 @@ only by the constructors here, so that a key is spelt in one place:
   kernel -> driver     driver_request(id, number, args, pid, uid)  {t: req, i, n, a, c}
                        driver_heartbeat(), welcome(live), exit_notice(pid),
                        driver_cancel(id), stop()
+  node agent <-> kernel node(kind, **fields): join, nhb, spawned, exited; the orders
+                       joined, refused, spawn, kill, rejoin, removed (kernel/_nodes.py)
 """
 from __future__ import annotations
 
@@ -140,6 +142,9 @@ INFO = "info"     # a driver's heartbeat: its status summary
 
 HEARTBEAT, CANCEL, READY, REPLY, REQUEST = "hb", "cancel", "ready", "rep", "req"
 WELCOME, EXIT, STOP = "welcome", "exit", "stop"
+# node agent <-> kernel, over the TCP endpoint only (kernel/_nodes.py)
+NODE_KINDS = ("join", "nhb", "spawned", "exited")          # agent -> kernel
+NODE_ORDERS = ("joined", "refused", "spawn", "kill", "rejoin", "removed")  # kernel -> agent
 
 
 def request(seq: int, number: int, args: dict) -> dict:
@@ -207,6 +212,12 @@ def driver_cancel(rid: int) -> dict:
 
 def stop() -> dict:
     return {KIND: STOP}
+
+
+def node(kind: str, **fields: Any) -> dict:
+    """A node agent's message or a kernel's order to one: {t: kind, ...fields}."""
+    assert kind in NODE_KINDS or kind in NODE_ORDERS, kind
+    return {KIND: kind, **fields}
 
 
 # -- sending ---------------------------------------------------------------------------

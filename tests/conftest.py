@@ -40,9 +40,11 @@ class Booted(BenchKernel):
     """A kernel process running on its own LLMOS_HOME (bench/kernelboot.py's, with
     what the tests ask of it)."""
 
-    def __init__(self, config: dict[str, Any] | None = None, root: Path | None = None) -> None:
-        """root: a home prepared beforehand; by default a new one under /tmp."""
-        super().__init__(config, timeout=20.0, prefix="llmos-", root=root)
+    def __init__(self, config: dict[str, Any] | None = None, root: Path | None = None,
+                 listen: str | None = None) -> None:
+        """root: a home prepared beforehand; by default a new one under /tmp. listen:
+        HOST:PORT of a CURVE TCP endpoint too."""
+        super().__init__(config, timeout=20.0, prefix="llmos-", root=root, listen=listen)
 
     def reboot(self) -> None:
         """Boot a kernel on the home again, after the test killed the last one."""

@@ -77,6 +77,21 @@ def test_longer_fuzz_keeps_the_kernel_serving(booted: Booted) -> None:
 
 
 @pytest.mark.timeout(180)
+def test_fuzz_over_tcp_keeps_the_kernel_serving_and_strangers_unanswered() -> None:
+    """The CURVE TCP endpoint (issue 16): the same fuzzing with a client key, node
+    messages a client may not send, and peers with no key or an unknown one that
+    must never be answered (the fuzzer fails on any answer to them)."""
+    with Booted(listen="127.0.0.1:0") as b:
+        report = fuzz.run_fuzz(b.home, messages=4000, seconds=60, seed=SEED + 2, tcp=True)
+        print(report.render())
+        assert report.kinds["stranger"] > 0 and report.kinds["node"] > 0
+        assert report.kernel_dropped.get("node_not_a_node", 0) > 0
+        assert_fuzz_held(report, b)
+        with b.connect(uid=0) as osh:
+            assert osh.sysinfo()["tcp_refused"] > 0  # the unknown key's handshakes
+
+
+@pytest.mark.timeout(180)
 def test_fuzz_command_boots_its_own_kernel_and_stops_it() -> None:
     done = subprocess.run([sys.executable, str(ROOT / "bench" / "fuzz.py"), "--messages",
                            "1500", "--seed", "5", "--json"], cwd=ROOT, capture_output=True,

@@ -154,6 +154,9 @@ ONLY = {
     "cd": "shell", "pwd": "shell", "exit": "shell",
     # serve runs in the foreground (or -d); keys create takes its uid from the CLI's --uid
     "serve": "cli", "keys": "cli",
+    # node token, join and leave, and access, touch this host's files (the head's keys,
+    # the node's agent)
+    "node": "cli", "access": "cli",
 }
 # the commands issue 11 found written twice, or only in the shell
 NAMED = ("ps jobs run kill sysinfo ls stat put get mkdir rm mv devices corpus train infer "

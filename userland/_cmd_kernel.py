@@ -31,6 +31,17 @@ def sim_gpus(text: str) -> str:
     return text
 
 
+def listen_arg(text: str) -> str:
+    host, sep, port = text.rpartition(":")
+    if not sep or not host or not (port == "*" or port.isdigit() and int(port) < 65536):
+        raise argparse.ArgumentTypeError(f"{text!r}: give HOST:PORT, e.g. 10.0.0.1:7700 "
+                                         "(PORT 0: any free port)")
+    return text
+
+
+LISTEN = arg("--listen", metavar="HOST:PORT", type=listen_arg,
+             help="also serve CURVE-authenticated TCP there, for nodes and remote clients "
+                  "(docs/scaling.md)")
 SIM_GPUS = arg("--sim-gpus", metavar="NxSIZE", type=sim_gpus,
                help="simulated GPUs when there is no real one, e.g. 4x24GiB (overrides "
                     "sim_gpus in config.toml; docs/devices.md)")
@@ -38,7 +49,8 @@ SIM_GPUS = arg("--sim-gpus", metavar="NxSIZE", type=sim_gpus,
 
 @command("boot", "kernel", "run the kernel in the foreground, logging to the terminal; "
          "Ctrl-C shuts it down", arg("-v", "--verbose", action="store_true",
-                                     help="debug logging"), SIM_GPUS, scope="cli")
+                                     help="debug logging"), SIM_GPUS, LISTEN,
+         scope="cli")
 def boot(s: Session, a: argparse.Namespace) -> NoReturn:
     """Become the kernel: exec, so that Ctrl-C reaches the kernel itself."""
     kctl.prepare_home(s.home)
@@ -47,7 +59,7 @@ def boot(s: Session, a: argparse.Namespace) -> NoReturn:
         raise CliError(f"llmos is already running on {s.home.root} (pid {pid})")
     sys.stdout.flush()
     sys.stderr.flush()
-    os.execve(sys.executable, kctl.kernel_argv(s.home, a.verbose, a.sim_gpus),
+    os.execve(sys.executable, kctl.kernel_argv(s.home, a.verbose, a.sim_gpus, a.listen),
               kctl.kernel_env(s.home))
 
 
@@ -55,7 +67,7 @@ def boot(s: Session, a: argparse.Namespace) -> NoReturn:
          "drivers are ready",
          arg("--timeout", type=seconds, default=kctl.START_TIMEOUT_S, metavar="S",
              help="seconds to wait for ready; then the kernel is left running"),
-         SIM_GPUS, scope="cli",
+         SIM_GPUS, LISTEN, scope="cli",
          details="A driver that dies before it is ever ready stops the start at once: "
                  "its log's end is shown and the kernel is stopped.")
 def start(s: Session, a: argparse.Namespace) -> None:
@@ -69,7 +81,8 @@ def start(s: Session, a: argparse.Namespace) -> None:
     with open(home.kernel_log, "ab") as out:
         # its own session: the kernel outlives this command and ignores our terminal;
         # cwd: a daemon must not pin whatever directory it was started from
-        kernel = subprocess.Popen(kctl.kernel_argv(home, sim_gpus=a.sim_gpus),
+        kernel = subprocess.Popen(kctl.kernel_argv(home, sim_gpus=a.sim_gpus,
+                                                   listen=a.listen),
                                   env=kctl.kernel_env(home), cwd=home.root,
                                   stdin=subprocess.DEVNULL, stdout=out,
                                   stderr=subprocess.STDOUT, start_new_session=True)
@@ -80,6 +93,13 @@ def start(s: Session, a: argparse.Namespace) -> None:
     finally:
         watch.close()
     s.line(f"llmos started on {home.root} (kernel pid {kernel.pid})")
+    if a.listen:
+        try:
+            endpoint = (home.run / "endpoint").read_text().strip()
+        except OSError:
+            endpoint = a.listen
+        s.line(f"listening on {endpoint} (CURVE; llmos node token NAME, llmos access new "
+               "NAME make keys)")
 
 
 def _wait_ready(s: Session, a: argparse.Namespace, kernel: Any, watch: Any,

@@ -5,6 +5,7 @@ import argparse
 import os
 import sys
 import time
+from pathlib import Path
 from typing import Any
 
 from syscalls import Errno, SyscallError
@@ -16,7 +17,7 @@ from ._command import Session, UsageError, arg, command, each
 from ._kernelctl import LogTail
 
 PS_JSON = ("[{pid, ppid, uid, argv, state, start_time, end_time, os_pid, attached, "
-           "resources, status, reason, info, system}]")
+           "resources, status, reason, info, system, node, node_os_pid}]")
 
 
 @command("ps", "processes", "the process table",
@@ -158,6 +159,9 @@ def exit_status(record: dict[str, Any]) -> int:
              help="add to the program's environment (repeatable)"),
          arg("--cwd", metavar="DIR", complete="local",
              help="working directory (default: this one)"),
+         arg("--node", metavar="NAME",
+             help="run it on this node (llmos nodes); its output stays in that node's "
+                  "log/proc/PID.log"),
          arg("command", nargs=argparse.REMAINDER, metavar="PROGRAM [ARGS...]",
              complete="local",
              help='"python" is the kernel\'s interpreter; a .py file runs with it'),
@@ -172,12 +176,14 @@ def run(s: Session, a: argparse.Namespace) -> None:
     env = key_values(a.env, "--env values")
     cwd = os.path.abspath(os.path.expanduser(a.cwd)) if a.cwd else None
     osh = s.osh
-    pid = osh.spawn(argv, cwd=cwd, env=env or None)
+    pid = osh.spawn(argv, cwd=cwd, env=env or None, node=a.node)
     if a.detach:
         s.line(str(pid))
         return None
     sys.stdout.flush()
-    tail = LogTail(s.home.proc_log(pid), sys.stdout.buffer)
+    # a process on another node writes its log there: nothing to follow here
+    log = s.home.proc_log(pid) if a.node is None else Path(os.devnull)
+    tail = LogTail(log, sys.stdout.buffer)
     with s.unbounded():
         try:
             record = wait_forwarding(s, pid, tail)

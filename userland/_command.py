@@ -40,6 +40,7 @@ FAMILIES = {
     "devices": "userland._cmd_devices",
     "models": "userland._cmd_models",
     "compression": "userland._cmd_compress",
+    "nodes": "userland._cmd_nodes",
     "serving": "userland._cmd_serve",
     "session": "userland._cmd_session",
 }
@@ -300,7 +301,8 @@ class Session:
     def connect(self, heartbeat: bool = False, uid: int | None = None) -> Any:
         """A new handle on the running kernel, as this session's uid (or uid)."""
         from syscalls.client import connect
-        require_running(self.home)
+        if not os.environ.get("LLMOS_CREDENTIAL"):  # else: a kernel elsewhere, over TCP
+            require_running(self.home)
         return connect(self.home.root, uid=self.uid if uid is None else uid,
                        heartbeat=heartbeat, timeout=call_timeout(),
                        argv=self.argv)

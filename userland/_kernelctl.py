@@ -53,9 +53,11 @@ def lock_held(home: Home, unknown: bool = False) -> bool:
     return client_lock_held(home.lockfile, unknown)
 
 
-def kernel_argv(home: Home, verbose: bool = False, sim_gpus: str | None = None) -> list[str]:
+def kernel_argv(home: Home, verbose: bool = False, sim_gpus: str | None = None,
+                listen: str | None = None) -> list[str]:
     return [sys.executable, "-m", "kernel", "--home", str(home.root),
-            *(["-v"] if verbose else []), *(["--sim-gpus", sim_gpus] if sim_gpus else [])]
+            *(["-v"] if verbose else []), *(["--sim-gpus", sim_gpus] if sim_gpus else []),
+            *(["--listen", listen] if listen else [])]
 
 
 def kernel_env(home: Home) -> dict[str, str]:

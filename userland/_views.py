@@ -160,11 +160,30 @@ def ps_lines(procs: list[dict[str, Any]], full: bool = False) -> list[str]:
         rows.append([p["pid"], p["ppid"], p["uid"], state(p), clock(end - p["start_time"]),
                      resources(p.get("resources") or {}), command_line(p, full)])
     headers = ["PID", "PPID", "UID", "STATE", "TIME", "RESOURCES", "COMMAND"]
+    align = "rrrlrll"
+    if len({p.get("node") for p in procs}) > 1:  # more than one node: say where
+        headers.insert(3, "NODE")
+        align = "rrrl" + align[3:]
+        for row, p in zip(rows, procs):
+            row.insert(3, p.get("node"))
     if any(p.get("info") for p in procs):  # what report() published: a job's progress
         headers.append("INFO")
         for row, p in zip(rows, procs):
             row.append(progress(p["info"]) if p.get("info") else "")
-    return table(headers, rows, "rrrlrll")
+    return table(headers, rows, align)
+
+
+def nodes_lines(nodes: list[dict[str, Any]]) -> list[str]:
+    rows = []
+    for n in nodes:
+        gpus = n.get("gpus")
+        age = n.get("heartbeat_age_s")
+        rows.append([n["name"] + (" (head)" if n.get("head") else ""), n["state"],
+                     n.get("epoch"), "-" if age is None else f"{age:.1f}s", n.get("host"),
+                     n.get("cpus"), size(n.get("memory")),
+                     "see devices" if gpus is None else len(gpus), n.get("processes")])
+    return table(["NODE", "STATE", "EPOCH", "HEARTBEAT", "HOST", "CPUS", "MEMORY", "GPUS",
+                  "PROCS"], rows, "llrrlrrrr")
 
 
 def jobs_lines(procs: list[dict[str, Any]]) -> list[str]:

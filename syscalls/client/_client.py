@@ -13,6 +13,13 @@ kernel gives EIO, never a hang. A kernel that restarted since this handle
 attached knows neither the connection nor its process (a reboot ends
 processes): every call then raises ConnectionLost (ECONNRESET, "the llmos kernel
 restarted"); connect() again for a new process.
+
+Remote: with a credential (connect(credential=FILE), or LLMOS_CREDENTIAL=FILE in
+the environment) the handle talks to a kernel's TCP endpoint with CurveZMQ
+instead (docs/scaling.md): a client's key attaches a new process of the key's
+uid; a node's key attaches the program its agent started (with its spawn token).
+Tensors then travel in the messages (no /dev/shm across hosts), and a dead kernel
+is noticed by the call's timeout only.
 """
 from __future__ import annotations
 
@@ -26,8 +33,9 @@ from typing import Any, Callable, Iterator
 
 import zmq
 
-from syscalls import (BY_NAME, MAX_HEADER, Errno, Home, SyscallError, check_args, decode,
-                      encode, send_frames, wire)
+from syscalls import (BY_NAME, MAX_HEADER, CredentialError, Errno, Home, SyscallError,
+                      check_args, curve_client, decode, encode, read_credential,
+                      send_frames, wire)
 
 from ._gpu import gpu_env
 from ._hf import ModelMethods
@@ -47,16 +55,28 @@ class Llmos(ModelMethods, TensorMethods, SyscallMethods):
     spawned ends when its OS process does.
     """
 
+    remote: dict[str, Any] | None = None  # the credential, when over TCP
+
     def __init__(self, home: str | os.PathLike | None = None, uid: int | None = None,
                  heartbeat: bool = True, timeout: float | None = None,
-                 argv: list[str] | None = None, wait: float = 5.0) -> None:
+                 argv: list[str] | None = None, wait: float = 5.0,
+                 credential: str | os.PathLike | None = None) -> None:
         self.home = Home.resolve(home)
         self.timeout = timeout
-        try:
-            self.home.kernel_endpoint  # a home too deep for its socket holds no kernel
-        except ValueError as e:
-            raise SyscallError(Errno.ENAMETOOLONG, str(e)) from None
-        self.kernel_pid = _serving_kernel(self.home, wait)
+        credential = credential or os.environ.get("LLMOS_CREDENTIAL") or None
+        if credential is not None:
+            try:
+                self.remote = read_credential(credential)
+            except CredentialError as e:
+                raise SyscallError(Errno.EACCES, str(e)) from None
+            self.kernel_pid: int | None = None
+        else:
+            try:
+                self.home.kernel_endpoint  # a home too deep for its socket holds no kernel
+            except ValueError as e:
+                raise SyscallError(Errno.ENAMETOOLONG, str(e)) from None
+            self.kernel_pid = _serving_kernel(self.home, wait)
+        self._shm = self.remote is None  # /dev/shm is one host's
         self.ctx = zmq.Context.instance()
         self._seq = itertools.count(1)
         # one call at a time on the socket (a DEALER is not thread-safe, and replies
@@ -71,24 +91,41 @@ class Llmos(ModelMethods, TensorMethods, SyscallMethods):
         self._hb_stop = threading.Event()
         self._hb_thread: threading.Thread | None = None
         token = os.environ.get("LLMOS_SPAWN_TOKEN")
-        if token and Home.resolve(os.environ.get("LLMOS_HOME")) == self.home and uid is None:
+        if token and uid is None and (self.remote is not None or Home.resolve(
+                os.environ.get("LLMOS_HOME")) == self.home):
             os.environ.pop("LLMOS_SPAWN_TOKEN")  # single use: not for our own children
             cred: dict[str, Any] = {"token": token}
+        elif self.remote is not None:
+            cred = {"uid": uid}  # the key is the credential
         else:
             cred = {"secret": self._read_secret(), "uid": uid}
         self.spawned = "token" in cred
+        if self.remote is not None and timeout is None:
+            # a refused key never completes its handshake: nothing would ever answer
+            self.timeout = max(wait, 1.0)
         try:
             info = self._call(BY_NAME["attach"].number, {
                 "os_pid": os.getpid(),
                 "argv": (argv if argv is not None else [sys.executable, *sys.argv])[:64],
                 "host": os.uname().nodename, "heartbeat": heartbeat, **cred})
+        except SyscallError as e:
+            self._closed = True
+            self._sock.close(0)
+            if e.errno == Errno.ETIMEDOUT and self.remote is not None:
+                raise SyscallError(Errno.ETIMEDOUT, f"no answer from "
+                                   f"{self.remote['endpoint']} in {self.timeout:g} s: is the "
+                                   "kernel listening there, and is this key (still) "
+                                   "accepted?") from None
+            raise
         except BaseException:
             self._closed = True
             self._sock.close(0)
             raise
+        self.timeout = timeout
         self.pid: int = info["pid"]
         self.uid: int = info["uid"]
-        self.kernel_pid = info["kernel_pid"]
+        if self.remote is None:  # a remote kernel's pid names nothing on this host
+            self.kernel_pid = info["kernel_pid"]
         if heartbeat:
             self._hb_thread = threading.Thread(target=self._heartbeat, daemon=True,
                                                args=(info["hb_token"], info["heartbeat_s"]),
@@ -96,13 +133,18 @@ class Llmos(ModelMethods, TensorMethods, SyscallMethods):
             self._hb_thread.start()
 
     def _socket(self) -> zmq.Socket:
-        try:
-            endpoint = self.home.kernel_endpoint
-        except ValueError as e:
-            raise SyscallError(Errno.ENAMETOOLONG, str(e)) from None
         sock = self.ctx.socket(zmq.DEALER)
         sock.setsockopt(zmq.LINGER, 0)
         sock.setsockopt(zmq.RCVTIMEO, _POLL_MS)
+        if self.remote is not None:
+            curve_client(sock, self.remote)
+            sock.connect(self.remote["endpoint"])
+            return sock
+        try:
+            endpoint = self.home.kernel_endpoint
+        except ValueError as e:
+            sock.close(0)
+            raise SyscallError(Errno.ENAMETOOLONG, str(e)) from None
         sock.connect(endpoint)
         return sock
 
@@ -195,6 +237,8 @@ class Llmos(ModelMethods, TensorMethods, SyscallMethods):
     def _kernel_restarted(self) -> bool:
         """Whether another kernel than the one this handle attached to serves the
         home now; if so, remember it: every call from now on is ConnectionLost."""
+        if self.remote is not None:
+            return False
         now = self.home.kernel_pid()
         if now is None or now == self.kernel_pid:
             return False
@@ -250,9 +294,9 @@ class Llmos(ModelMethods, TensorMethods, SyscallMethods):
 
     def spawn(self, argv: list[str], uid: int | None = None,  # type: ignore[override]
               cwd: str | os.PathLike | None = None, env: dict[str, str] | None = None,
-              gpus: dict | None = None) -> int:
-        """Start argv (a list: program, then arguments) as a child process; cwd
-        defaults to this process's. gpus: an allocation alloc_gpu returned, whose
+              gpus: dict | None = None, node: str | None = None) -> int:
+        """Start argv (a list: program, then arguments) as a child process, on node
+        (None: where the placement setting puts it); cwd defaults to this process's. gpus: an allocation alloc_gpu returned, whose
         environment (gpu_env: CUDA_VISIBLE_DEVICES, the memory bound) the child gets."""
         if not isinstance(argv, (list, tuple)) or not all(
                 isinstance(a, (str, os.PathLike)) for a in argv):
@@ -260,8 +304,10 @@ class Llmos(ModelMethods, TensorMethods, SyscallMethods):
                                f"not {type(argv).__name__}")
         if gpus is not None:
             env = {**gpu_env(gpus), **(env or {})}
+        if cwd is None and self.remote is None:  # this host's directory means nothing
+            cwd = os.getcwd()                     # to another
         return super().spawn([os.fspath(a) for a in argv], uid,
-                             os.fspath(cwd) if cwd is not None else os.getcwd(), env)
+                             os.fspath(cwd) if cwd is not None else None, env, node)
 
     def kill(self, pid: int, signal: str | int = "TERM") -> None:  # type: ignore[override]
         """Send a signal to process pid: "TERM", "KILL" or "INT", or the same as a
@@ -312,8 +358,9 @@ class Llmos(ModelMethods, TensorMethods, SyscallMethods):
         self.close(1 if exc_type is not None and exc_type is not SystemExit else 0)
 
     def __repr__(self) -> str:
+        where = self.remote["endpoint"] if self.remote else self.home.root
         return f"<llmos pid {getattr(self, 'pid', '?')} uid {getattr(self, 'uid', '?')} " \
-               f"on {self.home.root}>"
+               f"on {where}>"
 
 
 def _serving_kernel(home: Home, wait: float) -> int:
@@ -382,7 +429,8 @@ def _unsendable(number: int, args: dict, e: Exception) -> SyscallError:
 
 def connect(home: str | os.PathLike | None = None, uid: int | None = None,
             heartbeat: bool = True, timeout: float | None = None,
-            argv: list[str] | None = None, wait: float = 5.0) -> Llmos:
+            argv: list[str] | None = None, wait: float = 5.0,
+            credential: str | os.PathLike | None = None) -> Llmos:
     """Attach this Python process to llmos and return its handle.
 
     home defaults to $LLMOS_HOME, then ~/.llmos. uid (with the home's secret, which
@@ -393,6 +441,7 @@ def connect(home: str | os.PathLike | None = None, uid: int | None = None,
     attaches from the host (default: this interpreter's command line). A kernel
     that is starting is waited for, up to wait seconds (EAGAIN after); none running
     is ENOENT at once, and one that restarted since a handle attached is
-    ConnectionLost (ECONNRESET) on that handle's calls.
+    ConnectionLost (ECONNRESET) on that handle's calls. credential (or
+    LLMOS_CREDENTIAL): a credential file, to attach over TCP instead (see above).
     """
-    return Llmos(home, uid, heartbeat, timeout, argv, wait)
+    return Llmos(home, uid, heartbeat, timeout, argv, wait, credential)

@@ -23,9 +23,9 @@ class SyscallMethods:
         "The caller's parent pid (1 once orphaned)."
         return self._call(3, {})
 
-    def spawn(self, argv: list[str], uid: int | None = None, cwd: str | None = None, env: dict[str, str] | None = None) -> Any:
-        'Start a program as a child of the caller: a real OS process with an llmos pid. Its output goes to log/proc/<pid>.log under LLMOS_HOME.'
-        return self._call(4, {'argv': argv, 'uid': uid, 'cwd': cwd, 'env': env})
+    def spawn(self, argv: list[str], uid: int | None = None, cwd: str | None = None, env: dict[str, str] | None = None, node: str | None = None) -> Any:
+        'Start a program as a child of the caller: a real OS process with an llmos pid, on this node or another (docs/scaling.md). Its output goes to log/proc/<pid>.log under the LLMOS_HOME of the node it runs on.'
+        return self._call(4, {'argv': argv, 'uid': uid, 'cwd': cwd, 'env': env, 'node': node})
 
     def wait(self, pid: int | None = None, timeout: float | None = None) -> Any:
         'Wait for a child to end and reap it. status is the exit code, or minus the signal that killed it; reason is exited, killed or lost; info is what the child last reported (report).'
@@ -50,6 +50,14 @@ class SyscallMethods:
     def report(self, info: dict[str, Any], pid: int | None = None) -> Any:
         "Publish a running process's progress: ps and jobs show its info, and wait returns the last one with the exit status."
         return self._call(10, {'info': info, 'pid': pid})
+
+    def nodes(self) -> Any:
+        "The nodes: the head (this kernel's own) and every node agent that joined over TCP, with its state (ready, draining, lost), heartbeat age and resources."
+        return self._call(11, {})
+
+    def node_ctl(self, name: str, action: str) -> Any:
+        'drain: the node takes no new processes (those running go on); resume: it takes them again; remove: its processes end (reason node removed), its agent stops and its key is revoked.'
+        return self._call(12, {'name': name, 'action': action})
 
     def echo(self, data: bytes) -> Any:
         'Return data as it came, through a driver.'

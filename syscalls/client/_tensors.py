@@ -195,6 +195,8 @@ def _nbytes(r: dict[str, Any]) -> int:
 class TensorMethods:
     """Mixed into Llmos; uses its generated syscall methods."""
 
+    _shm = True  # tensors through /dev/shm (not across hosts: Llmos sets it)
+
     def save_tensor(self, path: str, tensor: Any, perm: int = 0o644,
                     exclusive: bool = False, progress: Progress | None = None,
                     dtype: str | None = None) -> dict[str, Any]:
@@ -242,7 +244,7 @@ class TensorMethods:
         for attempt in range(2):
             try:
                 info = self.open_tensor(path, "x" if exclusive else "w",  # type: ignore[attr-defined]
-                                        shm=True, whole=True, key=key, **how)
+                                        shm=self._shm, whole=True, key=key, **how)
                 return self._fill_and_commit(info, pieces(info), progress)
             except SyscallError as e:
                 if e.errno not in (Errno.EIO, Errno.EBADF) or attempt:
@@ -383,7 +385,7 @@ class TensorMethods:
                         raise SyscallError(Errno.EINVAL, f"{call}: {path} is a group of "
                                            f"{len(info['members'])} tensors: name a "
                                            f"member ({path}[NAME]), or use load_tensors")
-                    r = self.read_tensor(info["fd"], slice, True, member)  # type: ignore[attr-defined]
+                    r = self.read_tensor(info["fd"], slice, self._shm, member)  # type: ignore[attr-defined]
                     buf, size = self._received(r)
                 return info, r, buf, size
             except SyscallError as e:
