@@ -41,6 +41,7 @@ FAMILIES = {
     "models": "userland._cmd_models",
     "compression": "userland._cmd_compress",
     "nodes": "userland._cmd_nodes",
+    "cluster": "userland._cmd_cluster",
     "serving": "userland._cmd_serve",
     "session": "userland._cmd_session",
 }
