@@ -239,11 +239,8 @@ def test_eval_is_the_manifests_yardstick_and_follows_the_model(kernel: Booted) -
             assert math.isfinite(r["perplexity"]) and r["perplexity"] > 1
         assert one["perplexity"] != two["perplexity"]  # another model, another measure
         # the manifest's "before" is eval's measure of the source
-        for source, measured in (("llama", one), ("llama2", two)):
-            m = osh.quantize(f"/models/{source}", f"/models/{source}-q8", data=DATA,
-                             **FAST)["manifest"]
-            assert m["perplexity"]["before"] == pytest.approx(measured["perplexity"],
-                                                              rel=1e-9)
+        m = osh.quantize("/models/llama2", "/models/llama2-q8", data=DATA, **FAST)["manifest"]
+        assert m["perplexity"]["before"] == pytest.approx(two["perplexity"], rel=1e-9)
         # a bigger held-out slice measures more tokens
         more = osh.evaluate("/models/llama", DATA, split=0.2, **FAST)
         assert more["eval_tokens"] > one["eval_tokens"]
