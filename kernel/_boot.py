@@ -47,7 +47,7 @@ def _write_private(path: Path, text: str) -> None:
 
 def listen_address(text: str) -> str:
     """HOST:PORT checked (PORT 0 or *: any free port); ValueError saying why."""
-    host, sep, port = text.rpartition(":")
+    host, sep, port = text.removeprefix("tcp://").rpartition(":")
     if not sep or not host or not (port == "*" or port.isdigit() and int(port) < 65536):
         raise ValueError(f"--listen {text!r}: give HOST:PORT, e.g. 10.0.0.1:7700 "
                          "(PORT 0: any free port)")

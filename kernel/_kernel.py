@@ -101,6 +101,7 @@ class Kernel:
         # of its own, and the loop polls both (kernel/_net.py)
         self.net: Listener | None = None
         self._keys_seen = 0  # the key registry's generation acted on (_reload_keys)
+        self._warned: set[str | None] = set()  # revoked keys whose messages were logged
         if listen is not None:
             self.net = Listener(self.ctx, self.keyring, listen, self.sock)
             self.outbox.relay = self.net.ident
@@ -179,8 +180,10 @@ class Kernel:
         """A message on the TCP endpoint: from a key accepted now, or dropped."""
         entry = self.net.entry(key) if self.net is not None else None
         if entry is None:  # revoked since its handshake
-            log.warning("dropped a TCP message from a key no longer accepted (%s)",
-                        (key or "none")[:8])
+            if key not in self._warned:  # once a key: it may go on sending
+                self._warned.add(key)
+                log.warning("dropping TCP messages from a key no longer accepted (%s)",
+                            (key or "none")[:8])
             self.stats.drop("revoked_key")
             return
         self.on_client([conn, *frames], (entry, key or ""))
@@ -310,7 +313,7 @@ class Kernel:
     def sys_spawn(self, call: Call) -> Any:
         assert call.proc is not None
         a = call.args
-        node = self.nodes.place(a["node"])
+        node = self.nodes.place(a["node"], call.proc)
         if node != self.nodes.head:  # answered when the node's agent started it
             self.nodes.spawn(call, call.proc, node, a["argv"], a["uid"], a["cwd"], a["env"])
             return PARKED
@@ -550,9 +553,9 @@ class Kernel:
         self.nodes.shutdown()
         self.spawner.shutdown()
         self.supervisor.stop_all()
-        self.sock.close(0)
-        if self.net is not None:
+        if self.net is not None:  # first: its relay forwards what was sent last
             self.net.close()
+        self.sock.close(0)
         self.ctx.term()
         for name in ("kernel", "drivers"):
             Path(self.home.socket(name)[len("ipc://"):]).unlink(missing_ok=True)

@@ -67,6 +67,8 @@ class Listener:
         sock.curve_secretkey = secret.encode()
         sock.zap_domain = ZAP_DOMAIN.encode()
         host, _, port = address.rpartition(":")
+        if host.startswith("["):  # an IPv6 address, as [::1]:7700
+            sock.ipv6 = True
         try:
             sock.bind(f"tcp://{host}:{port}")
         except zmq.ZMQError:
@@ -157,9 +159,16 @@ class Listener:
                             tcp.send_multipart(frames, flags=zmq.NOBLOCK, copy=False)
                         except zmq.ZMQError:  # gone (ROUTER_MANDATORY) or full
                             self.unroutable += 1
+            # stopping: what the kernel sent last (its agents' rejoin orders) still goes
+            while kernel.poll(50):
+                try:
+                    tcp.send_multipart(kernel.recv_multipart(copy=False), flags=zmq.NOBLOCK,
+                                       copy=False)
+                except zmq.ZMQError:
+                    self.unroutable += 1
         finally:
             kernel.close(0)
-            tcp.close(0)
+            tcp.close(500)  # and has half a second to leave
 
     @staticmethod
     def unwrap(frames: list[bytes]) -> tuple[bytes, str | None, list[bytes]]:

@@ -14,6 +14,9 @@ its pending spawns fail EHOSTDOWN. Its agent, when heard again, is told to rejoi
 it kills every process of the old epoch before it does, so nothing of the old
 epoch is resurrected and a healed partition leaves no process twice. A heartbeat
 that names a pid the kernel does not hold running there is answered with a kill.
+Each heartbeat is acknowledged: an agent that hears nothing from the head for
+node_timeout_s ends its processes itself (fencing), since the head, on its side of
+a partition, has declared them lost by then.
 
 Pure bookkeeping over the process table plus the orders it sends through the
 outbox; the kernel routes the messages here and calls end_process back.
@@ -52,6 +55,7 @@ class Node:
     lost_at: float | None = None
     resources: dict[str, Any] = field(default_factory=dict)
     order: int = 0                    # join order, for pack placement
+    drained: bool = False             # drain asked: it rejoins draining
 
     def record(self, now: float, running: int) -> dict[str, Any]:
         return {"name": self.name, "state": self.state, "epoch": self.epoch,
@@ -67,6 +71,7 @@ class PendingSpawn:
     call: Call
     node: str
     deadline: float
+    kill: int | None = None  # a signal sent before the agent said it started it
 
 
 class Nodes:
@@ -98,9 +103,14 @@ class Nodes:
                 counts[p.node] = counts.get(p.node, 0) + 1
         return [n.record(now, counts.get(n.name, 0)) for n in self.nodes.values()]
 
-    def place(self, wanted: str | None) -> str:
-        """The node a spawn runs on: the one named (which must take work), or by the
-        placement setting."""
+    def place(self, wanted: str | None, parent: Process) -> str:
+        """The node a spawn runs on: the one named (which must take work); else the
+        parent's own node when the parent is a program llmos started there (a job's
+        workers stay with their job); else by the placement setting."""
+        if wanted is None and parent.spawned and parent.pid != INIT_PID:
+            home = self.nodes.get(parent.node)
+            if home is not None and home.state != "lost":
+                return home.name  # even draining: a running job's own processes go on
         if wanted is not None:
             node = self.nodes.get(wanted)
             if node is None:
@@ -114,6 +124,9 @@ class Nodes:
                                    "takes no new processes (llmos node resume)")
             return wanted
         if self.config.placement == "local":
+            if self.nodes[self.head].state == "draining":
+                raise SyscallError(Errno.EBUSY, f"spawn: the head ({self.head}) is "
+                                   "draining; name a node (llmos nodes)")
             return self.head
         ready = [n for n in self.nodes.values() if n.state == "ready"]
         if not ready:
@@ -169,6 +182,8 @@ class Nodes:
         if node is None or node.state == "lost" or node.conn is None:
             self.end_process(proc, -sig, "killed")
             return
+        if proc.pid in self.pending:  # not started yet: signalled as soon as it is
+            self.pending[proc.pid].kill = sig
         self._order(node, wire.node("kill", epoch=node.epoch, pid=proc.pid, sig=sig))
 
     def ended(self, proc: Process) -> None:
@@ -200,7 +215,10 @@ class Nodes:
             self.outbox.stats.drop("node_stale")
             return
         node.last_seen = time.monotonic()
-        if kind == "nhb":
+        if kind == "nhb":  # answered: an agent that hears nothing fences itself
+            n = head.get("n")
+            self.outbox.send(conn, encode(wire.node("ack", epoch=node.epoch,
+                                                    n=n if type(n) is int else None)))
             res = head.get("res")
             if type(res) is dict:
                 node.resources.update({k: res[k] for k in ("host", "cpus", "memory", "gpus")
@@ -210,6 +228,9 @@ class Nodes:
             self._on_spawned(node, head)
         elif kind == "exited":
             self._on_exited(node, head)
+        elif kind == "bye":  # llmos node leave: gone now, not at the timeout
+            log.info("node %s left (epoch %d)", node.name, node.epoch)
+            self._gone(node, "node left")
         else:
             self.outbox.stats.drop("node_malformed")
 
@@ -233,10 +254,12 @@ class Nodes:
             return
         self._joins += 1
         epoch = (node.epoch if node is not None else 0) + 1
+        drained = node is not None and node.drained
         res = head.get("res") if type(head.get("res")) is dict else {}
         self.nodes[name] = Node(name, key, epoch=epoch, conn=conn, order=self._joins,
                                 resources={k: res.get(k) for k in ("host", "cpus",
-                                                                   "memory", "gpus")})
+                                                                   "memory", "gpus")},
+                                state="draining" if drained else "ready", drained=drained)
         log.info("node %s joined (epoch %d, %s)", name, epoch, res.get("host"))
         self.outbox.send(conn, encode(wire.node(
             "joined", name=name, epoch=epoch, head=self.head,
@@ -271,6 +294,8 @@ class Nodes:
         proc = self.table.get(pid)
         if proc is not None and type(head.get("os_pid")) is int:
             proc.node_os_pid = head["os_pid"]
+        if p.kill is not None:
+            self._order(node, wire.node("kill", epoch=node.epoch, pid=pid, sig=p.kill))
         p.call.reply(pid)
 
     def _on_exited(self, node: Node, head: dict) -> None:
@@ -305,9 +330,11 @@ class Nodes:
         if node is None:
             raise SyscallError(Errno.ENOENT, f"node_ctl: no node {name!r}")
         if action == "drain":
+            node.drained = True  # kept when it is lost and rejoins
             if node.state == "ready":
                 node.state = "draining"
         elif action == "resume":
+            node.drained = False
             if node.state == "draining":
                 node.state = "ready"
         elif action == "remove":
@@ -351,11 +378,24 @@ class Nodes:
                 self._spawn_failed(pid, Errno.EHOSTDOWN, f"spawn: {why} ({name})")
 
     def revoked(self, accepted: Callable[[str], Any]) -> None:
-        """Keys were revoked: a node whose key is no longer accepted is lost now."""
-        now = time.monotonic()
-        for node in self.nodes.values():
-            if node.key is not None and node.state != "lost" and not accepted(node.key):
-                self._lost(node, now)
+        """Keys were revoked: a node whose key is no longer accepted is removed now,
+        and its agent told so (on the connection it still has)."""
+        for node in list(self.nodes.values()):
+            if node.key is not None and not accepted(node.key):
+                log.warning("node %s: its key was revoked; removed", node.name)
+                if node.state != "lost":
+                    self._order(node, wire.node("removed", epoch=node.epoch,
+                                                why="its key was revoked"))
+                self._gone(node, "key revoked")
+
+    def _gone(self, node: Node, why: str) -> None:
+        """node is no longer a node (it left, its key was revoked): its processes end
+        with reason why, its parked spawns fail, it leaves the table."""
+        node.state = "lost"  # so ending its processes sends it nothing more
+        self._fail_pending(node.name, why)
+        for proc in self.running_on(node.name):
+            self.end_process(proc, None, why)
+        self.nodes.pop(node.name, None)
 
     def stalled(self, lag: float) -> None:
         for node in self.nodes.values():

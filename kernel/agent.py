@@ -9,7 +9,9 @@ own LLMOS_HOME, log/proc/<pid>.log; it attaches back over TCP with the node key 
 its spawn token), signal one, stop everything. It heartbeats every
 node_heartbeat_s with the pids it runs and the node's resources, and reports each
 exit. Told to rejoin (it was declared lost, or the kernel restarted), it kills
-every process of the old epoch first, so none outlives its epoch. It exits on
+every process of the old epoch first, so none outlives its epoch; and when it hears
+nothing from the head (each heartbeat is acknowledged) for the head's node_timeout_s,
+it ends its processes itself, since the head has declared them lost. It exits on
 SIGTERM or SIGINT (its processes with it), or when the kernel removes the node.
 """
 from __future__ import annotations
@@ -29,7 +31,8 @@ import psutil
 import zmq
 
 from syscalls import (CredentialError, Errno, Home, SyscallError, WireError, curve_client,
-                      decode, encode, parse_sim_spec, read_credential, send_frames, wire)
+                      decode, encode, parse_sim_spec, read_credential, send_frames, wire,
+                      write_credential)
 
 from ._proctable import Process
 from ._spawn import PROJECT_ROOT, Spawner
@@ -42,13 +45,18 @@ POLL_MS = 50
 
 class Agent:
     def __init__(self, cred_path: Path, home: Home, sim_gpus: str,
-                 state: Path | None = None) -> None:
+                 state: Path | None = None, endpoint: str | None = None) -> None:
         self.state = state  # where it writes {name, epoch, pid} once joined
-        self.cred_path = cred_path.absolute()
         self.cred = read_credential(cred_path)
         if self.cred["kind"] != "node":
             raise CredentialError(f"{cred_path} is a {self.cred['kind']}'s credential, "
                                   "not a node's (llmos node token NAME makes one)")
+        self.cred_path = cred_path.absolute()
+        if endpoint is not None:  # the head at another address than the token says:
+            self.cred["endpoint"] = endpoint  # a copy of its own for its processes
+            home.run.mkdir(mode=0o700, parents=True, exist_ok=True)
+            self.cred_path = home.run / "node-credential.json"
+            write_credential(self.cred_path, self.cred)
         self.name = self.cred["name"]
         self.home = home
         self.sim_gpus = sim_gpus
@@ -56,7 +64,12 @@ class Agent:
         self.children: dict[int, subprocess.Popen] = {}  # llmos pid -> OS process
         self.epoch: int | None = None
         self.hb_s = 1.0
+        self.timeout_s = 5.0      # the head's node_timeout_s, from joined
+        self.heard = 0.0          # when the head last said anything
+        self.beats = 0            # heartbeats sent; the head's ack names the one it read
+        self.probe: int | None = None  # after a silence: the heartbeat an ack must name
         self.running = True
+        self.removed = False
         self.ctx = zmq.Context()
         self.sock = self._socket()
 
@@ -105,6 +118,9 @@ class Agent:
                 if kind == "joined":
                     self.epoch = head.get("epoch")
                     self.hb_s = float(head.get("heartbeat_s") or 1.0)
+                    self.timeout_s = float(head.get("timeout_s") or 5.0)
+                    self.heard = time.monotonic()
+                    self.probe = None
                     log.info("joined as node %s, epoch %s (head %s)", self.name, self.epoch,
                              head.get("head"))
                     if self.state is not None:
@@ -137,14 +153,32 @@ class Agent:
         next_hb = 0.0
         while self.running:
             now = time.monotonic()
+            if now - self.heard > self.timeout_s and self.probe is None:
+                # the head has declared us lost by now: fence, as it expects, and
+                # start nothing it asked before the silence until it answers again
+                if self.children:
+                    log.warning("no word from the head for %.1f s: ending this epoch's "
+                                "%d processes", now - self.heard, len(self.children))
+                    self.kill_all()
+                self.probe = self.beats + 1
+                next_hb = now
             if now >= next_hb:
                 next_hb = now + self.hb_s
+                self.beats += 1
                 self.send("nhb", epoch=self.epoch, res=self.resources(),
-                          pids=sorted(self.children))
+                          pids=sorted(self.children), n=self.beats)
             head = self.recv(POLL_MS)
             if head is not None:
+                self.heard = time.monotonic()
                 kind = head.get(wire.KIND)
-                if kind == "spawn" and head.get("epoch") == self.epoch:
+                if kind == "ack" and self.probe is not None and \
+                        type(head.get("n")) is int and head["n"] >= self.probe:
+                    self.probe = None  # the head read a heartbeat sent after the silence
+                elif kind == "spawn" and self.probe is not None:
+                    # sent before the silence: its caller was told EHOSTDOWN by now
+                    log.warning("not starting pid %s: ordered before a silence",
+                                head.get("pid"))
+                elif kind == "spawn" and head.get("epoch") == self.epoch:
                     self.spawn(head)
                 elif kind == "kill" and head.get("epoch") == self.epoch:
                     self.kill(head.get("pid"), head.get("sig"))
@@ -154,8 +188,10 @@ class Agent:
                         return 1
                     next_hb = 0.0
                 elif kind == "removed":
-                    log.warning("node %s was removed by the head", self.name)
+                    log.warning("node %s was removed by the head: %s", self.name,
+                                head.get("why") or "llmos node remove")
                     self.kill_all()
+                    self.removed = True
                     return 0
             self.reap()
         self.kill_all()
@@ -172,6 +208,7 @@ class Agent:
         env = {k: v for k, v in (order.get("env") or {}).items()
                if type(k) is str and type(v) is str}
         env.update(LLMOS_CREDENTIAL=str(self.cred_path), LLMOS_NODE=self.name)
+        env.pop("LLMOS_SPAWN_TOKEN", None)
         child = Process(pid=pid, ppid=0, uid=order.get("uid") or 0, argv=argv,
                         token=order.get("token"))
         try:
@@ -214,8 +251,13 @@ class Agent:
                 pass
         self.children.clear()
 
+    def leave(self) -> None:
+        """Tell the head this node goes (its processes end now, not at the timeout)."""
+        if self.epoch is not None:
+            self.send("bye", epoch=self.epoch)
+
     def close(self) -> None:
-        self.sock.close(0)
+        self.sock.close(200)  # the bye, if any, has a moment to leave
         self.ctx.term()
 
 
@@ -227,6 +269,8 @@ def main(argv: list[str] | None = None) -> int:
                    "$LLMOS_HOME or ~/.llmos)")
     p.add_argument("--sim-gpus", default="0x1GiB", metavar="NxSIZE",
                    help="simulated GPUs this node reports (default none)")
+    p.add_argument("--endpoint", metavar="tcp://HOST:PORT",
+                   help="the head's endpoint, if not the token's")
     p.add_argument("--state", metavar="FILE",
                    help="write {name, epoch, pid} there each time it joins")
     p.add_argument("-v", "--verbose", action="store_true")
@@ -244,7 +288,7 @@ def main(argv: list[str] | None = None) -> int:
                                                             os.environ.get("PYTHONPATH")]))
     try:
         agent = Agent(Path(a.token), home, a.sim_gpus,
-                      Path(a.state) if a.state else None)
+                      Path(a.state) if a.state else None, a.endpoint)
     except CredentialError as e:
         print(f"llmos: {e}", file=sys.stderr)
         return 2
@@ -255,7 +299,10 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
     try:
-        return agent.serve()
+        rc = agent.serve()
+        if rc == 0 and not agent.removed:
+            agent.leave()
+        return rc
     finally:
         agent.kill_all()
         agent.close()

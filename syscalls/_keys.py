@@ -105,10 +105,10 @@ class Keyring:
         assert kind in KINDS
         check_name(name)
         reg = self.load()
-        for entry in reg.values():
-            if entry["name"] == name and entry["kind"] == kind and not entry.get("revoked"):
-                raise CredentialError(f"{kind} {name} has a key already (revoke it first: "
-                                f"llmos access revoke {name})")
+        for entry in reg.values():  # one name, one live key, whatever its kind
+            if entry["name"] == name and not entry.get("revoked"):
+                raise CredentialError(f"{entry['kind']} {name} has a key already (llmos "
+                                      "access revoke, or llmos node remove, first)")
         server_public, _ = self.server_keys(create=True)
         public, secret = (k.decode() for k in zmq.curve_keypair())
         reg[public] = {"name": name, "kind": kind, "uid": uid, "revoked": False,

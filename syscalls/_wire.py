@@ -23,8 +23,8 @@ only by the constructors here, so that a key is spelt in one place:
   kernel -> driver     driver_request(id, number, args, pid, uid)  {t: req, i, n, a, c}
                        driver_heartbeat(), welcome(live), exit_notice(pid),
                        driver_cancel(id), stop()
-  node agent <-> kernel node(kind, **fields): join, nhb, spawned, exited; the orders
-                       joined, refused, spawn, kill, rejoin, removed (kernel/_nodes.py)
+  node agent <-> kernel node(kind, **fields): join, nhb, spawned, exited, bye; orders
+                       joined, refused, ack, spawn, kill, rejoin, removed (_nodes.py)
 """
 from __future__ import annotations
 
@@ -143,8 +143,9 @@ INFO = "info"     # a driver's heartbeat: its status summary
 HEARTBEAT, CANCEL, READY, REPLY, REQUEST = "hb", "cancel", "ready", "rep", "req"
 WELCOME, EXIT, STOP = "welcome", "exit", "stop"
 # node agent <-> kernel, over the TCP endpoint only (kernel/_nodes.py)
-NODE_KINDS = ("join", "nhb", "spawned", "exited")          # agent -> kernel
-NODE_ORDERS = ("joined", "refused", "spawn", "kill", "rejoin", "removed")  # kernel -> agent
+NODE_KINDS = ("join", "nhb", "spawned", "exited", "bye")   # agent -> kernel
+NODE_ORDERS = ("joined", "refused", "ack", "spawn", "kill", "rejoin",  # kernel -> agent
+               "removed")
 
 
 def request(seq: int, number: int, args: dict) -> dict:

@@ -40,7 +40,7 @@ MSGPACK_MAX_DEPTH = 1024  # msgpack's unpacker refuses deeper nesting
 
 def safe_args(call: Syscall) -> dict[str, Any]:
     """Valid arguments that do no harm should a kernel bug let a call through:
-    spawn names no program, kill no process, wait finds no child."""
+    spawn names no program, kill no process, wait finds no child, node_ctl no node."""
     return {"attach": {"os_pid": os.getpid(), "secret": "not-the-secret"},
             "spawn": {"argv": [NO_SUCH_PROGRAM]},
             "kill": {"pid": NO_SUCH_PID, "signal": "TERM"},
@@ -48,7 +48,8 @@ def safe_args(call: Syscall) -> dict[str, Any]:
             "echo": {"data": b"x"},
             "ticks": {"count": 1},
             "sleep": {"seconds": 0},
-            "report": {"info": {}}}.get(call.name, {})
+            "report": {"info": {}},
+            "node_ctl": {"name": "no-such-node", "action": "drain"}}.get(call.name, {})
 
 
 def deep_list(depth: int) -> bytes:
@@ -242,7 +243,7 @@ def test_deeply_nested_field_is_answered(kernel: Booted, raw: RawClient, field: 
     assert_still_serving(kernel)
 
 
-@pytest.mark.parametrize("number", [9999, -1, 11, 99, 199, 499, 2**63, -2**63, "1", "nop", 1.0,
+@pytest.mark.parametrize("number", [9999, -1, 13, 99, 199, 499, 2**63, -2**63, "1", "nop", 1.0,
                                     None, True, [1], {"n": 1}, b"\x01"])
 def test_unknown_syscall_is_enosys(kernel: Booted, raw: RawClient, number: Any) -> None:
     before = dropped(kernel).get("unknown_syscall", 0)

@@ -277,3 +277,99 @@ def test_placement_spreads_when_asked(tmp_path: Path) -> None:
         for pid in pids:
             osh.kill(pid, "KILL")
             osh.wait(pid, timeout=10)
+
+
+def test_an_agent_that_hears_nothing_from_the_head_fences_its_processes() -> None:
+    """The head stopped (as a partition looks from the node): after node_timeout_s
+    the agent ends its processes itself, and the head, back, reports them lost."""
+    with Booted(CONFIG, listen="127.0.0.1:0") as b, NodeAgent(b, "f1") as agent, \
+            b.connect(uid=0) as osh:
+        pid = osh.spawn(SLEEPER, node="f1")
+        assert wait_until(lambda: next(p for p in osh.ps() if p["pid"] == pid)["attached"],
+                          10)
+        os_pid = next(p for p in osh.ps() if p["pid"] == pid)["node_os_pid"]
+        os.kill(b.pid, signal.SIGSTOP)
+        try:
+            assert wait_until(lambda: not psutil.pid_exists(os_pid), 3 * TIMEOUT_S + 2)
+            time.sleep(1.5)  # a stall the kernel sees as one (STALL_S): it blames nobody
+        finally:
+            os.kill(b.pid, signal.SIGCONT)
+        rec = osh.wait(pid, timeout=10)
+        assert rec["reason"] == "lost", rec  # the agent's next heartbeat no longer has it
+        assert "no word from the head" in agent.agent_log()
+        assert node(osh, "f1")["state"] == "ready" and node(osh, "f1")["epoch"] == 1
+
+
+def test_a_spawn_ordered_before_a_silence_never_runs(head: Booted, tmp_path: Path) -> None:
+    """The caller was told EHOSTDOWN: the order, still queued for the stopped agent,
+    must not start the program once the agent runs again (at most once)."""
+    marker = tmp_path / "ran"
+    with NodeAgent(head, "n5") as agent, head.connect(uid=0) as osh:
+        os.kill(agent.proc.pid, signal.SIGSTOP)
+        try:
+            with pytest.raises(userland.SyscallError) as e:
+                osh.spawn(["sh", "-c", f"echo ran > {marker}"], node="n5")
+            assert e.value.errno == Errno.EHOSTDOWN
+        finally:
+            os.kill(agent.proc.pid, signal.SIGCONT)
+        agent.wait_joined(10, epoch=2)
+        time.sleep(0.5)
+        assert not marker.exists()
+        assert "ordered before a silence" in agent.agent_log()
+        pid = osh.spawn(["sh", "-c", f"echo ran > {marker}"], node="n5")
+        assert osh.wait(pid, timeout=10)["status"] == 0 and marker.exists()
+
+
+def test_leaving_drains_and_placement_follow_the_node(head: Booted) -> None:
+    with NodeAgent(head, "n6") as agent, head.connect(uid=0) as osh:
+        # a program on n6 spawns its own child on n6, not where placement would put it
+        pid = osh.spawn(["python", "-c", "from syscalls.client import connect\n"
+                         "o = connect()\nc = o.spawn(['true'])\n"
+                         "o.report({'child': c, 'rec': o.wait(c, timeout=20)['status']})"],
+                        node="n6")
+        info = osh.wait(pid, timeout=30)["info"]
+        assert info["rec"] == 0
+        child = next(p for p in osh.ps(all=True) if p["pid"] == info["child"])
+        assert child["node"] == "n6"
+        # a drain outlives the node being lost: it rejoins draining
+        osh.node_ctl("n6", "drain")
+        os.kill(agent.proc.pid, signal.SIGSTOP)
+        try:
+            assert wait_until(lambda: node(osh, "n6")["state"] == "lost", 5)
+        finally:
+            os.kill(agent.proc.pid, signal.SIGCONT)
+        agent.wait_joined(10, epoch=2)
+        assert wait_until(lambda: node(osh, "n6")["epoch"] == 2, 5)
+        assert node(osh, "n6")["state"] == "draining"
+        osh.node_ctl("n6", "resume")
+        # leaving tells the head: its processes end now, with the reason
+        pid = osh.spawn(SLEEPER, node="n6")
+        agent.stop()
+        assert osh.wait(pid, timeout=5)["reason"] == "node left"
+        assert "n6" not in {n["name"] for n in osh.nodes()}
+
+
+def test_names_and_kinds_of_keys(head: Booted) -> None:
+    ring = Keyring(head.root)
+    head.credential("node", "k1")
+    with pytest.raises(ValueError, match="has a key already"):
+        ring.issue("client", "k1", head.endpoint)
+    assert ring.revoke("k1", "client") == 0  # access revoke leaves a node's key alone
+    assert ring.revoke("k1", "node") == 1
+
+
+def test_commands_of_this_home_refuse_a_remote_credential(head: Booted) -> None:
+    import subprocess
+    import sys
+    cred = head.credential("client", "cli1", uid=1000)
+    env = dict(os.environ, LLMOS_HOME=str(head.root), LLMOS_CREDENTIAL=str(cred))
+    for argv in (["start"], ["stop"], ["status"], ["access"], ["node", "token", "x1"]):
+        r = subprocess.run([sys.executable, "-m", "userland.cli", *argv], env=env,
+                           capture_output=True, text=True, timeout=30)
+        assert r.returncode != 0 and "LLMOS_CREDENTIAL" in r.stderr, (argv, r.stderr)
+        assert "Traceback" not in r.stderr
+    r = subprocess.run([sys.executable, "-m", "userland.cli", "ps", "--json"], env=env,
+                       capture_output=True, text=True, timeout=30)
+    assert r.returncode == 0, r.stderr
+    assert any(p["node"] == "client:cli1" for p in __import__("json").loads(r.stdout))
+    assert head.home.kernel_pid() == head.pid  # no second kernel was started

@@ -32,11 +32,11 @@ def sim_gpus(text: str) -> str:
 
 
 def listen_arg(text: str) -> str:
-    host, sep, port = text.rpartition(":")
+    host, sep, port = text.removeprefix("tcp://").rpartition(":")
     if not sep or not host or not (port == "*" or port.isdigit() and int(port) < 65536):
         raise argparse.ArgumentTypeError(f"{text!r}: give HOST:PORT, e.g. 10.0.0.1:7700 "
                                          "(PORT 0: any free port)")
-    return text
+    return text.removeprefix("tcp://")
 
 
 LISTEN = arg("--listen", metavar="HOST:PORT", type=listen_arg,
@@ -53,6 +53,7 @@ SIM_GPUS = arg("--sim-gpus", metavar="NxSIZE", type=sim_gpus,
          scope="cli")
 def boot(s: Session, a: argparse.Namespace) -> NoReturn:
     """Become the kernel: exec, so that Ctrl-C reaches the kernel itself."""
+    kctl.local_only("boot")
     kctl.prepare_home(s.home)
     pid = kctl.running_kernel(s.home)
     if pid is not None:
@@ -71,6 +72,7 @@ def boot(s: Session, a: argparse.Namespace) -> NoReturn:
          details="A driver that dies before it is ever ready stops the start at once: "
                  "its log's end is shown and the kernel is stopped.")
 def start(s: Session, a: argparse.Namespace) -> None:
+    kctl.local_only("start")
     import subprocess
     home = s.home
     kctl.prepare_home(home)
@@ -154,6 +156,7 @@ def _drivers_failed(s: Session, kernel_pid: int, failed: list[dict[str, Any]],
              help="seconds to wait before SIGKILL"), scope="cli",
          details="Not running: it says so and exits 0, as systemctl stop does.")
 def stop(s: Session, a: argparse.Namespace) -> None:
+    kctl.local_only("stop")
     pid = kctl.running_kernel(s.home)
     if pid is None:
         s.line(f"llmos is not running on {s.home.root}")
@@ -186,6 +189,7 @@ def status_lines(info: dict[str, Any], s: Session, a: argparse.Namespace) -> lis
          json_keys="{running, home, kernel_pid, uptime_s, processes: {total, running, "
                    "zombie}, drivers: [{name, state, os_pid, restarts, ...}]}")
 def status(s: Session, a: argparse.Namespace) -> dict[str, Any]:
+    kctl.local_only("status")
     if kctl.running_kernel(s.home) is None:
         s.status = NOT_RUNNING
         return {"running": False, "home": str(s.home.root)}
@@ -208,9 +212,10 @@ def log_path(s: Session, target: str) -> Any:
     if target.isdigit():
         path = s.home.proc_log(int(target))
         if not path.exists():
-            raise SyscallError(Errno.ENOENT, f"logs: no log for pid {target}: only a "
-                               "process llmos spawned (llmos run, spawn) has one, in "
-                               f"{path.parent}")
+            raise SyscallError(Errno.ENOENT, f"logs: no log for pid {target} here: only "
+                               "a process llmos spawned (llmos run, spawn) has one, in "
+                               f"{path.parent} for this node's; a process on another "
+                               "node has it in that node's home (llmos ps shows NODE)")
         return path
     path = s.home.driver_log(target)
     if not path.exists():
@@ -232,6 +237,7 @@ def log_path(s: Session, target: str) -> Any:
                  "log/drivers/DRIVER.log. pids are never reused on a home, so a pid's "
                  "log is that one process's, whatever boot ran it.")
 def logs(s: Session, a: argparse.Namespace) -> None:
+    kctl.local_only("logs")
     path = log_path(s, a.target)
     size = path.stat().st_size
     text = kctl.log_tail(path, 0, a.lines)
@@ -264,6 +270,7 @@ def _ended(s: Session, pid: int) -> bool:
              help='commands separated by ";" or newlines, e.g. "ps; ls /"'),
          scope="cli")
 def shell(s: Session, a: argparse.Namespace) -> None:
+    kctl.local_only("shell")
     from .shell import main as shell_main
     s.status = shell_main(s.home, a.commands, s.uid)
 

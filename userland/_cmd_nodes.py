@@ -25,7 +25,8 @@ from syscalls import CredentialError, Keyring, check_name, read_credential, writ
 
 from . import _kernelctl as kctl
 from . import _views
-from ._argtypes import seconds
+from ._argtypes import seconds, uid_arg
+from ._base import os_error
 from ._command import CliError, Session, UsageError, arg, command, shows
 
 NODES_JSON = ("[{name, state, epoch, head, joined_at, heartbeat_age_s, lost_at, processes, "
@@ -38,27 +39,52 @@ shows("nodes", "nodes", "the nodes: the head and every node agent joined over TC
       "for node_timeout_s: its processes ended with reason node lost).")
 
 
+def tcp_endpoint(text: str) -> str:
+    """tcp://HOST:PORT, checked (argparse's type)."""
+    host, sep, port = text.removeprefix("tcp://").rpartition(":")
+    if not text.startswith("tcp://") or not sep or not host or not port.isdigit() \
+            or not 0 < int(port) < 65536:
+        raise argparse.ArgumentTypeError(f"{text!r} is not tcp://HOST:PORT")
+    return text
+
+
 def _endpoint(s: Session, given: str | None) -> str:
     if given:
         return given
     try:
-        return (s.home.run / "endpoint").read_text().strip()
+        endpoint = (s.home.run / "endpoint").read_text().strip()
     except OSError:
-        raise CliError(f"llmos: the kernel on {s.home.root} does not listen on TCP (llmos "
-                       "start --listen HOST:PORT), and no --endpoint was given") from None
+        raise CliError(f"llmos: ENOENT: the kernel on {s.home.root} does not listen on TCP "
+                       "(llmos start --listen HOST:PORT), and no --endpoint was given"
+                       ) from None
+    if endpoint.startswith(("tcp://0.0.0.0:", "tcp://[::]:")):
+        raise CliError(f"llmos: EINVAL: the kernel listens on {endpoint}, every address: "
+                       "say with --endpoint tcp://HOST:PORT which one the other host "
+                       "reaches")
+    return endpoint
 
 
 def _issue(s: Session, kind: str, name: str, endpoint: str | None, uid: int | None,
            out: str | None) -> dict[str, Any]:
     try:
-        cred = Keyring(s.home.root).issue(kind, name, _endpoint(s, endpoint), uid)
+        check_name(name)
     except CredentialError as e:
-        raise CliError(f"llmos: {e}") from None
+        raise CliError(f"llmos: EINVAL: {e}") from None
     path = Path(out or f"{name}.{kind}.json").absolute()
     if path.exists():
-        Keyring(s.home.root).revoke(name, kind)
-        raise CliError(f"llmos: {path} exists; not overwritten (the new key is revoked)")
-    write_credential(path, cred)
+        raise CliError(f"llmos: EEXIST: {path} exists; not overwritten")
+    if kind == "node" and name == s.home.config().node_name:
+        raise CliError(f"llmos: EINVAL: {name} is the head's own node name (node_name)")
+    ring = Keyring(s.home.root)
+    try:
+        cred = ring.issue(kind, name, _endpoint(s, endpoint), uid)
+    except CredentialError as e:
+        raise CliError(f"llmos: EEXIST: {e}") from None
+    try:
+        write_credential(path, cred)
+    except OSError as e:  # no key without its credential: revoked at once
+        ring.revoke(name, kind)
+        raise CliError(f"llmos: {os_error(e)} (the key made for it is revoked)") from None
     return {"name": name, "kind": kind, "uid": uid, "endpoint": cred["endpoint"],
             "public": cred["public"], "file": str(path)}
 
@@ -85,22 +111,25 @@ NODE_ACTIONS = ("token", "join", "leave", "drain", "resume", "remove")
              help="join: the node's token (llmos node token NAME made it)"),
          arg("--out", metavar="FILE", complete="local",
              help="token: where to write it (default NAME.node.json)"),
-         arg("--endpoint", metavar="tcp://HOST:PORT",
+         arg("--endpoint", metavar="tcp://HOST:PORT", type=tcp_endpoint,
              help="token: the endpoint nodes reach the head at (default: the one the "
                   "kernel listens on)"),
          arg("--sim-gpus", metavar="NxSIZE", default="0x1GiB",
-             help="join: simulated GPUs this node reports"),
+             help="join: simulated GPUs this node reports (default none)"),
          arg("--foreground", action="store_true",
              help="join: run the agent here, logging to the terminal, until Ctrl-C"),
          arg("--timeout", type=seconds, default=JOIN_TIMEOUT_S, metavar="S",
              help="join: seconds to wait until the node joined"),
          syscalls=("node_ctl",), json_keys="token: {name, kind, public, endpoint, file}; "
-         "join: {name, epoch, pid}; drain|resume|remove: the node's record",
+         "join: {name, epoch, pid, log}; leave: {pid}; drain|resume|remove: the node's "
+         "record",
          view=lambda r, s, a: _node_lines(r, s, a), scope="cli",
          details="token and join touch files on this host (the head's keys, the node's "
                  "agent), so they exist in the CLI only; the node's LLMOS_HOME (--home) "
                  "keeps the agent's pid and log and its processes' logs.")
 def node(s: Session, a: argparse.Namespace) -> Any:
+    if a.action in ("token", "join", "leave"):
+        kctl.local_only(f"node {a.action}")
     if a.action == "token":
         name = _need_name(a)
         return _issue(s, "node", name, a.endpoint, None, a.out)
@@ -152,14 +181,16 @@ def _join(s: Session, a: argparse.Namespace) -> dict[str, Any]:
     try:
         cred = read_credential(a.token)
     except CredentialError as e:
-        raise CliError(f"llmos: {e}") from None
+        raise CliError(f"llmos: EINVAL: {e}") from None
+    if cred["kind"] != "node":
+        raise CliError(f"llmos: EINVAL: {a.token} is a {cred['kind']}'s credential, not a "
+                       "node's (llmos node token NAME makes one)")
+    endpoint = []
     if a.target:
-        if not a.target.startswith("tcp://"):
-            raise UsageError(f"node join: {a.target!r} is not a tcp:// endpoint")
-        if a.target != cred["endpoint"]:
-            cred = {**cred, "endpoint": a.target}
-            path = Path(a.token).absolute()
-            write_credential(path, cred)
+        try:
+            endpoint = ["--endpoint", tcp_endpoint(a.target)]
+        except argparse.ArgumentTypeError as e:
+            raise UsageError(f"node join: {e}") from None
     kctl.prepare_home(s.home)
     pidfile, state, log = _agent_files(s)
     pid = _agent_pid(pidfile)
@@ -168,7 +199,7 @@ def _join(s: Session, a: argparse.Namespace) -> dict[str, Any]:
                        "llmos node leave stops it")
     argv = [sys.executable, "-m", "kernel.agent", "--token", str(Path(a.token).absolute()),
             "--home", str(s.home.root), "--sim-gpus", a.sim_gpus,
-            "--state", str(state)]
+            "--state", str(state), *endpoint]
     env = kctl.kernel_env(s.home)
     if a.foreground:
         sys.stdout.flush()
@@ -208,7 +239,7 @@ def _leave(s: Session) -> dict[str, Any]:
     pidfile, state, _ = _agent_files(s)
     pid = _agent_pid(pidfile)
     if pid is None:
-        raise CliError(f"llmos: no node agent runs for {s.home.root}")
+        raise CliError(f"llmos: ESRCH: no node agent runs for {s.home.root}")
     os.kill(pid, signal.SIGTERM)
     deadline = time.monotonic() + 10
     while time.monotonic() < deadline and _agent_pid(pidfile) is not None:
@@ -226,11 +257,11 @@ def _leave(s: Session) -> dict[str, Any]:
          "remote client's, revoke one",
          arg("action", choices=("list", "new", "revoke"), nargs="?", default="list"),
          arg("name", nargs="?", help="new, revoke: the key's name"),
-         arg("--key-uid", type=int, metavar="UID",
+         arg("--key-uid", type=uid_arg, metavar="UID",
              help="new: the uid the client's processes get (default: default_uid)"),
          arg("--out", metavar="FILE", complete="local",
              help="new: where to write the credential (default NAME.client.json)"),
-         arg("--endpoint", metavar="tcp://HOST:PORT",
+         arg("--endpoint", metavar="tcp://HOST:PORT", type=tcp_endpoint,
              help="new: the endpoint the client reaches the kernel at"),
          json_keys="list: [{name, kind, uid, public, revoked, added}]; new: {name, kind, "
          "uid, public, endpoint, file}; revoke: {name, revoked}",
@@ -239,6 +270,7 @@ def _leave(s: Session) -> dict[str, Any]:
                  "are refused and its open connections' messages dropped; the processes "
                  "it attached end (reason key revoked).")
 def access(s: Session, a: argparse.Namespace) -> Any:
+    kctl.local_only("access")
     ring = Keyring(s.home.root)
     if a.action == "list":
         return [{"public": k, **v} for k, v in sorted(ring.load().items(),
@@ -247,9 +279,10 @@ def access(s: Session, a: argparse.Namespace) -> Any:
         raise UsageError(f"access {a.action}: name the key")
     if a.action == "new":
         return _issue(s, "client", a.name, a.endpoint, a.key_uid, a.out)
-    n = ring.revoke(a.name)
+    n = ring.revoke(a.name, "client")  # a node's key goes with llmos node remove
     if not n:
-        raise CliError(f"llmos: no live key is named {a.name!r}")
+        raise CliError(f"llmos: ENOENT: no live client key is named {a.name!r} (a node's "
+                       "key is revoked by llmos node remove)")
     return {"name": a.name, "revoked": n}
 
 

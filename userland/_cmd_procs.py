@@ -181,8 +181,13 @@ def run(s: Session, a: argparse.Namespace) -> None:
         s.line(str(pid))
         return None
     sys.stdout.flush()
-    # a process on another node writes its log there: nothing to follow here
-    log = s.home.proc_log(pid) if a.node is None else Path(os.devnull)
+    # a process on another node, or on a kernel over TCP, writes its log there:
+    # nothing to follow here
+    remote = a.node is not None or bool(os.environ.get("LLMOS_CREDENTIAL"))
+    if remote:
+        s.note(f"pid {pid}: its output is in log/proc/{pid}.log of the LLMOS_HOME of "
+               f"{'node ' + a.node if a.node else 'the kernel'} it runs on")
+    log = Path(os.devnull) if remote else s.home.proc_log(pid)
     tail = LogTail(log, sys.stdout.buffer)
     with s.unbounded():
         try:
@@ -192,7 +197,7 @@ def run(s: Session, a: argparse.Namespace) -> None:
     if tail.broken:  # the reader left: keep Python from complaining at exit
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
     s.status = exit_status(record)
-    if s.status and s.shell:
+    if s.status and (s.shell or remote):
         s.note(_views.wait_line(record))
     return None
 

@@ -39,6 +39,14 @@ def running_kernel(home: Home) -> int | None:
     return pid if lock_held(home, unknown=True) else None
 
 
+def local_only(what: str) -> None:
+    """CliError when LLMOS_CREDENTIAL names a kernel over TCP: what works on this
+    host's LLMOS_HOME (its files, its processes) would act on the wrong kernel."""
+    if os.environ.get("LLMOS_CREDENTIAL"):
+        raise CliError(f"llmos: EINVAL: {what} works on this host's LLMOS_HOME, and "
+                       "LLMOS_CREDENTIAL names a kernel over TCP; unset it for this command")
+
+
 def require_running(home: Home) -> None:
     """CliError unless a kernel runs on home, or is starting there (connect() waits
     for one that is)."""
