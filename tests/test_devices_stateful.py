@@ -306,9 +306,9 @@ def _ps(kernel: Booted) -> list:
 FAST = settings(max_examples=examples(8), stateful_step_count=25, deadline=None,
                 phases=[Phase.explicit, Phase.generate],
                 suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much])
-# 40 examples took over 150 s of the 15 CI minutes (faulthandler dumped); 20 keep the
-# long run meaningful (800 steps) at half the cost
-LONG = settings(FAST, max_examples=examples(20), stateful_step_count=40)
+# 40 examples took over 150 s of the 15 CI minutes (faulthandler dumped); 16 keep the
+# long run meaningful (640 steps) in the 20 minutes the whole suite may take
+LONG = settings(FAST, max_examples=examples(16), stateful_step_count=40)
 
 
 @pytest.fixture(scope="module")

@@ -363,7 +363,7 @@ class ProcMachine(RuleBasedStateMachine):
 FAST = settings(max_examples=examples(30), stateful_step_count=20, deadline=None,
                 phases=[Phase.explicit, Phase.generate],
                 suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much])
-LONG = settings(FAST, max_examples=examples(120), stateful_step_count=25)
+LONG = settings(FAST, max_examples=examples(90), stateful_step_count=25)
 
 
 def _run(kernel: Booted, root: userland.Llmos, cfg: settings) -> None:
