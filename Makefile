@@ -63,7 +63,8 @@ chaos: $(STAMP)
 
 # the TCP endpoint and nodes against raw ZeroMQ (docs/scaling.md)
 net-bench: $(STAMP)
-	$(BIN)/python bench/net_bench.py
+	$(BIN)/python bench/net_bench.py --mib 256
+	$(BIN)/python bench/train_nodes_bench.py
 
 gen: $(STAMP)
 	$(BIN)/python -m syscalls.gen

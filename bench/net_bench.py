@@ -12,9 +12,12 @@ On loopback (the namespaces of `llmos cluster up` are docs/cluster.md's):
   spawn_local, spawn_node       spawn(["true"]) + wait, on the head and on a node agent;
   heartbeat                     the kernel's CPU time per node heartbeat (K agents'
                                 worth of messages sent as fast as they go);
-  read_ipc, read_tcp            a --mib MiB tensor loaded over ipc (/dev/shm) and over
-                                CURVE TCP (in the messages), against raw_bw_tcp and
-                                raw_bw_curve: 1 MiB messages through raw sockets.
+  read_ipc, read_tcp            a --mib MiB tensor loaded over ipc (/dev/shm) and by a
+                                remote client over TCP (a data channel: the grant over
+                                CURVE, the bytes over plain TCP), against raw_socket (a
+                                plain TCP socket sending --mib MiB from memory, read
+                                into one buffer or into a fresh one each time),
+                                raw_bw_tcp and raw_bw_curve (1 MiB ZeroMQ messages).
 Medians of the best of --rounds rounds. Timing never fails anything: it prints.
 Every process it starts is ended by pid.
 """
@@ -105,6 +108,39 @@ def bandwidth(c: RawClient, mib: int) -> float:
     return 2 * mib / (time.perf_counter() - t0)
 
 
+def sock_server(mib: int, ready: Any, port: Any) -> None:
+    """The raw floor for a data channel: a plain TCP socket that sends mib MiB from
+    memory to whoever connects (the same sendall the channel makes)."""
+    import socket
+    srv = socket.create_server(("127.0.0.1", 0))
+    port.value = srv.getsockname()[1]
+    ready.set()
+    data = bytes(mib << 20)
+    while True:
+        conn, _ = srv.accept()
+        with conn:
+            conn.sendall(data)
+
+
+def sock_bandwidth(port: int, mib: int, times: int = 3, fresh: bool = False) -> float:
+    """MiB/s of mib MiB received from sock_server with recv_into: into one buffer
+    reused, or (fresh) into a new one each time, as a read that makes a new tensor
+    must (its pages are faulted in as the bytes land)."""
+    import socket
+    buf = bytearray(mib << 20)
+    view = memoryview(buf)
+    t0 = time.perf_counter()
+    for _ in range(times):
+        if fresh:
+            buf = bytearray(mib << 20)
+            view = memoryview(buf)
+        with socket.create_connection(("127.0.0.1", port)) as s:
+            got = 0
+            while got < len(buf):
+                got += s.recv_into(view[got:], min(len(buf) - got, 1 << 22))
+    return times * mib / (time.perf_counter() - t0)
+
+
 def spawn_wait(osh: Any, node: str | None) -> None:
     osh.wait(osh.spawn(["true"], node=node), timeout=30)
 
@@ -168,6 +204,13 @@ def measure(n: int, rounds: int, mib: int, hb: int) -> dict[str, Any]:
                     for name, fn in targets.items():
                         runs.setdefault(name, []).append(summarize(time_calls(fn, n)))
                     log(f"round {rnd + 1} of {rounds}")
+                ready, port = mp.Event(), mp.Value("i", 0)
+                ps = mp.Process(target=sock_server, args=(mib, ready, port), daemon=True)
+                ps.start()
+                procs.append(ps)
+                ready.wait(10)
+                rates["raw_socket"] = sock_bandwidth(port.value, mib)
+                rates["raw_socket_fresh"] = sock_bandwidth(port.value, mib, fresh=True)
                 rates["raw_bw_tcp"] = bandwidth(raws["raw_tcp"], mib)
                 rates["raw_bw_curve"] = bandwidth(raws["raw_curve"], mib)
                 data = np.random.default_rng(0).standard_normal(mib << 18,
@@ -212,6 +255,8 @@ def ratios(res: dict[str, Any]) -> dict[str, float]:
         "spawn_node/spawn_local": lat["spawn_node"]["p50"] / lat["spawn_local"]["p50"],
         "read_tcp/raw_bw_curve": rates["read_tcp"] / rates["raw_bw_curve"],
         "read_tcp/raw_bw_tcp": rates["read_tcp"] / rates["raw_bw_tcp"],
+        "read_tcp/raw_socket (target >= 0.7)": rates["read_tcp"] / rates["raw_socket"],
+        "read_tcp/raw_socket_fresh": rates["read_tcp"] / rates["raw_socket_fresh"],
         "raw_bw_curve/raw_bw_tcp": rates["raw_bw_curve"] / rates["raw_bw_tcp"],
     }
     return {k: round(v, 2) for k, v in r.items()}
@@ -222,7 +267,8 @@ def render(res: dict[str, Any]) -> str:
     for name, s in res["latency_us"].items():
         out.append(f"  {name:16s} p50 {s['p50']:9.1f} us   p99 {s['p99']:9.1f} us")
     rates = res["rates"]
-    for name in ("raw_bw_tcp", "raw_bw_curve", "read_ipc", "read_tcp"):
+    for name in ("raw_socket", "raw_socket_fresh", "raw_bw_tcp", "raw_bw_curve", "read_ipc",
+                 "read_tcp"):
         out.append(f"  {name:16s} {rates[name]:9.1f} MiB/s")
     out.append(f"  heartbeat        {rates['heartbeat_us']:9.1f} us of kernel CPU each")
     out.append("ratios:")

@@ -105,8 +105,14 @@ class Kernel:
         if listen is not None:
             self.net = Listener(self.ctx, self.keyring, listen, self.sock)
             self.outbox.relay = self.net.ident
+            # tensorfs serves data channels on the same host (drivers/tensorfs/_channel.py)
+            host = listen.rpartition(":")[0].strip("[]")
+            self.supervisor.extra_env["LLMOS_NET_HOST"] = "0.0.0.0" if host == "*" else host
+        host = listen.rpartition(":")[0].strip("[]") if listen else ""
         self.nodes = Nodes(config, self.table, self.spawner, self.outbox, self.end_process,
-                           self._revoke_node)
+                           self._revoke_node,
+                           addr=host if host not in ("", "*", "0.0.0.0", "::") else
+                           "127.0.0.1")
         self.handlers: dict[str, Callable[[Call], Any]] = {
             "nop": self.sys_nop, "getpid": self.sys_getpid, "getppid": self.sys_getppid,
             "spawn": self.sys_spawn, "wait": self.sys_wait, "kill": self.sys_kill,

@@ -63,7 +63,8 @@ class Node:
                 "heartbeat_age_s": None if self.key is None else round(
                     now - self.last_seen, 3),
                 "lost_at": self.lost_at, "processes": running, **{
-                    k: self.resources.get(k) for k in ("host", "cpus", "memory", "gpus")}}
+                    k: self.resources.get(k) for k in ("host", "addr", "cpus", "memory",
+                                                       "gpus")}}
 
 
 @dataclass
@@ -77,15 +78,15 @@ class PendingSpawn:
 class Nodes:
     def __init__(self, config: Config, table: ProcessTable, spawner: Spawner,
                  outbox: Outbox, end_process: Callable[[Process, int | None, str], None],
-                 revoke: Callable[[str], None]) -> None:
+                 revoke: Callable[[str], None], addr: str = "127.0.0.1") -> None:
         self.config, self.table, self.spawner, self.outbox = config, table, spawner, outbox
         self.end_process = end_process
         self.revoke = revoke  # revoke a node's key in the registry
         self.head = config.node_name
         mem = psutil.virtual_memory().total
         self.nodes: dict[str, Node] = {self.head: Node(self.head, None, epoch=1, resources={
-            "host": os.uname().nodename, "cpus": os.cpu_count() or 1, "memory": mem,
-            "gpus": None})}
+            "host": os.uname().nodename, "addr": addr, "cpus": os.cpu_count() or 1,
+            "memory": mem, "gpus": None})}
         self.pending: dict[int, PendingSpawn] = {}
         self._joins = 0
 
@@ -221,8 +222,8 @@ class Nodes:
                                                     n=n if type(n) is int else None)))
             res = head.get("res")
             if type(res) is dict:
-                node.resources.update({k: res[k] for k in ("host", "cpus", "memory", "gpus")
-                                       if k in res})
+                node.resources.update({k: res[k] for k in ("host", "addr", "cpus",
+                                                           "memory", "gpus") if k in res})
             self._reconcile(node, head.get("pids"))
         elif kind == "spawned":
             self._on_spawned(node, head)
@@ -257,7 +258,7 @@ class Nodes:
         drained = node is not None and node.drained
         res = head.get("res") if type(head.get("res")) is dict else {}
         self.nodes[name] = Node(name, key, epoch=epoch, conn=conn, order=self._joins,
-                                resources={k: res.get(k) for k in ("host", "cpus",
+                                resources={k: res.get(k) for k in ("host", "addr", "cpus",
                                                                    "memory", "gpus")},
                                 state="draining" if drained else "ready", drained=drained)
         log.info("node %s joined (epoch %d, %s)", name, epoch, res.get("host"))

@@ -101,6 +101,7 @@ class Supervisor:
         self.next_id = 1
         self.next_hb = 0.0
         self.stopping = False
+        self.extra_env: dict[str, str] = {}  # for every driver (LLMOS_NET_HOST)
 
     # -- starting and stopping ------------------------------------------------------
 
@@ -114,7 +115,7 @@ class Supervisor:
         # unguessable: drivers and clients share the kernel's socket, and a client
         # must not be able to connect under a driver's routing id
         d.ident = f"{d.name}.{d.epoch}.{secrets.token_hex(8)}".encode()
-        env = dict(os.environ)
+        env = dict(os.environ, **self.extra_env)
         env.update(LLMOS_HOME=str(self.home.root), LLMOS_DRIVER_ID=d.ident.decode(),
                    LLMOS_DRIVER_TOKEN=d.token, LLMOS_KERNEL_PID=str(os.getpid()),
                    PYTHONPATH=os.pathsep.join(filter(None, [_project_root(),

@@ -21,6 +21,7 @@ import json
 import logging
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -68,6 +69,7 @@ class Agent:
         self.heard = 0.0          # when the head last said anything
         self.beats = 0            # heartbeats sent; the head's ack names the one it read
         self.probe: int | None = None  # after a silence: the heartbeat an ack must name
+        self.addr, self.iface = self._address()
         self.running = True
         self.removed = False
         self.ctx = zmq.Context()
@@ -85,7 +87,23 @@ class Agent:
         count, size = parse_sim_spec(self.sim_gpus)
         gpus = [{"index": i, "name": "simulated", "memory": size} for i in range(count)]
         return {"host": os.uname().nodename, "cpus": os.cpu_count() or 1,
-                "memory": psutil.virtual_memory().total, "gpus": gpus}
+                "memory": psutil.virtual_memory().total, "gpus": gpus, "addr": self.addr}
+
+    def _address(self) -> tuple[str, str | None]:
+        """This node's address as the head sees it (the one its route to the head
+        leaves from) and that interface's name, for torch.distributed's gloo."""
+        host, _, port = self.cred["endpoint"].removeprefix("tcp://").rpartition(":")
+        try:
+            with socket.socket(socket.AF_INET6 if ":" in host.strip("[]")
+                               else socket.AF_INET, socket.SOCK_DGRAM) as s:
+                s.connect((host.strip("[]"), int(port)))
+                addr = s.getsockname()[0]
+        except OSError:
+            return "127.0.0.1", None
+        for name, addrs in psutil.net_if_addrs().items():
+            if any(a.address == addr for a in addrs):
+                return addr, name
+        return addr, None
 
     def send(self, kind: str, **fields: Any) -> bool:
         """Send to the head; False when no connection is up (the head is down or
@@ -153,14 +171,7 @@ class Agent:
         next_hb = 0.0
         while self.running:
             now = time.monotonic()
-            if now - self.heard > self.timeout_s and self.probe is None:
-                # the head has declared us lost by now: fence, as it expects, and
-                # start nothing it asked before the silence until it answers again
-                if self.children:
-                    log.warning("no word from the head for %.1f s: ending this epoch's "
-                                "%d processes", now - self.heard, len(self.children))
-                    self.kill_all()
-                self.probe = self.beats + 1
+            if self.silent(now):
                 next_hb = now
             if now >= next_hb:
                 next_hb = now + self.hb_s
@@ -169,6 +180,9 @@ class Agent:
                           pids=sorted(self.children), n=self.beats)
             head = self.recv(POLL_MS)
             if head is not None:
+                # a message that ends a silence (this agent stopped, or partitioned,
+                # while it waited here) is judged after the silence, not before
+                self.silent(time.monotonic())
                 self.heard = time.monotonic()
                 kind = head.get(wire.KIND)
                 if kind == "ack" and self.probe is not None and \
@@ -197,6 +211,20 @@ class Agent:
         self.kill_all()
         return 0
 
+    def silent(self, now: float) -> bool:
+        """Whether the head has been silent past its node_timeout_s (and this is news):
+        it has declared us lost by now, so fence (end this epoch's processes) and start
+        nothing it ordered before the silence, until it acknowledges a heartbeat sent
+        after it."""
+        if now - self.heard <= self.timeout_s or self.probe is not None:
+            return False
+        if self.children:
+            log.warning("no word from the head for %.1f s: ending this epoch's %d "
+                        "processes", now - self.heard, len(self.children))
+            self.kill_all()
+        self.probe = self.beats + 1
+        return True
+
     def spawn(self, order: dict) -> None:
         pid, argv = order.get("pid"), order.get("argv")
         if type(pid) is not int or type(argv) is not list or not argv:
@@ -207,7 +235,10 @@ class Agent:
             cwd = str(self.home.root)  # the caller's directory is not on this host
         env = {k: v for k, v in (order.get("env") or {}).items()
                if type(k) is str and type(v) is str}
-        env.update(LLMOS_CREDENTIAL=str(self.cred_path), LLMOS_NODE=self.name)
+        env.update(LLMOS_CREDENTIAL=str(self.cred_path), LLMOS_NODE=self.name,
+                   LLMOS_NODE_ADDR=self.addr)
+        if self.iface:  # gloo binds where this node is reached, not where its name is
+            env["GLOO_SOCKET_IFNAME"] = self.iface
         env.pop("LLMOS_SPAWN_TOKEN", None)
         child = Process(pid=pid, ppid=0, uid=order.get("uid") or 0, argv=argv,
                         token=order.get("token"))

@@ -227,7 +227,7 @@ TABLE: tuple[Syscall, ...] = (
         doc="Publish a running process's progress: ps and jobs show its info, and "
             "wait returns the last one with the exit status."),
     Syscall(11, "nodes", "kernel", returns="list of {name, state, epoch, head, joined_at, "
-            "heartbeat_age_s, lost_at, processes, host, cpus, memory, gpus}",
+            "heartbeat_age_s, lost_at, processes, host, addr, cpus, memory, gpus}",
             idempotent=True,
             doc="The nodes: the head (this kernel's own) and every node agent that "
                 "joined over TCP, with its state (ready, draining, lost), heartbeat age "
@@ -379,8 +379,12 @@ TABLE += (
         Arg("member", "str", default=None, nullable=True, max_len=MAX_STR,
             doc="of a group: this tensor; None: the group's data as uint8 bytes (the "
                 "member, for a descriptor opened as PATH[name])"),
+        Arg("channel", "bool", default=False,
+            doc="the data by a data channel, for a caller on another host: a single-use "
+                "grant {host, port, token} to fetch it over plain TCP (docs/scaling.md)"),
     ), idempotent=True, returns="{dtype, shape, data (bytes) or shm (a segment path) and "
-                                "offset (where the data starts in the segment)}",
+                                "offset (where the data starts in the segment) or channel "
+                                "({host, port, token})}",
         errors=(
             ("EBADF", "fd is not an open descriptor of the caller, or is open for writing "
                       "only (w, x)"),
@@ -389,6 +393,7 @@ TABLE += (
                        "not a group"),
             ("ENOENT", "the group has no member of that name"),
             ("EIO", "the tensor's data fails its checksum (damaged on disk)"),
+            ("ENOTSUP", "channel, and the kernel does not listen on TCP (no data channels)"),
         ),
         doc="Read a tensor, or a slice of it, in C order. Checksums are verified."),
     Syscall(302, "write_tensor", "tensorfs", (

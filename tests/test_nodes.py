@@ -373,3 +373,25 @@ def test_commands_of_this_home_refuse_a_remote_credential(head: Booted) -> None:
     assert r.returncode == 0, r.stderr
     assert any(p["node"] == "client:cli1" for p in __import__("json").loads(r.stdout))
     assert head.home.kernel_pid() == head.pid  # no second kernel was started
+
+
+def test_tensors_over_tcp_come_by_a_data_channel_granted_once(head: Booted) -> None:
+    import numpy as np
+    cred = head.credential("client", "carol", uid=1000)
+    data = np.random.default_rng(1).standard_normal(1 << 20, dtype=np.float32)  # 4 MiB
+    with userland.connect(credential=cred, timeout=10) as r:
+        r.save_tensor("/carol.t", data)
+        assert np.array_equal(r.load_tensor("/carol.t").numpy(), data)  # by a channel
+        fd = r.open_tensor("/carol.t", "r")["fd"]
+        grant = r.read_tensor(fd, channel=True)["channel"]
+        forged = {**grant, "token": os.urandom(32).hex()}
+        assert errno_of(r._fetch, forged) == Errno.EIO  # a token nobody granted
+        later = r.read_tensor(fd, channel=True)["channel"]
+        assert bytes(r._fetch(grant)) == data.tobytes()
+        r.close_tensor(fd)
+        pid = r.pid
+    # the process that was granted it ended: its grant is worth nothing now
+    with head.connect(uid=0) as osh:
+        assert wait_until(lambda: all(p["pid"] != pid for p in osh.ps()), 5)
+    with userland.connect(credential=cred, timeout=10) as r2:
+        assert errno_of(r2._fetch, later) == Errno.EIO

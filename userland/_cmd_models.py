@@ -101,6 +101,9 @@ PATH_KEYS = ("out", "dataset", "base", "tokenizer", "teacher")  # resolved again
          arg("--teacher", metavar="PATH", complete="tensor",
              help="distill: the student also learns this Hugging Face model's softened "
                   "distribution (--alpha, --temperature; docs/compression.md)"),
+         arg("--nodes", metavar="A,B",
+             help="run the workers on these nodes, round robin (llmos nodes; "
+                  "docs/scaling.md)"),
          arg("--resume", action="store_true", help="go on from the last checkpoint"),
          arg("--alloc", metavar="ID", complete="alloc",
              help="train on this session's GPU allocation (a prefix will do)"),
@@ -124,6 +127,8 @@ def train(s: Session, a: argparse.Namespace) -> Any:
             config[key] = s.resolve(getattr(a, key))
     if a.resume:
         config["resume"] = True
+    if a.nodes:
+        config["nodes"] = a.nodes
     for key, value in key_values(a.settings).items():
         config[key] = s.resolve(value) if key in PATH_KEYS else scalar(value)
     pid, record = run_job(

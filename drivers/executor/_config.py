@@ -73,6 +73,14 @@ def _arch(v: str) -> str | None:
     return None
 
 
+def _nodes(v: str) -> str | None:
+    names = v.split(",")
+    if not 1 <= len(names) <= 16 or not all(0 < len(n) <= 64 and n.strip() == n
+                                            for n in names):
+        return "must be 1-16 node names, comma-separated (llmos nodes lists them)"
+    return None
+
+
 def _devices(v: list) -> str | None:
     if not all(isinstance(d, (int, str)) and not isinstance(d, bool) for d in v):
         return "must be a list of GPU indexes (int) or ids (str)"
@@ -102,6 +110,9 @@ SPEC: dict[str, tuple[type, Any, _Check | None]] = {
     "log_every": (int, 10, _in(1, _MAX_INT)),
     "timeout_s": (float, 3600.0, _over_at_most(0.0, 1e7)),
     "gpus": (int, 0, _in(0, 16)),
+    # the nodes the workers run on ("a,b"), rank r on the r-th; a lost one is left out
+    # of the next attempt (docs/scaling.md, Training across nodes)
+    "nodes": (str, None, _nodes),
     # Hugging Face models (docs/executor.md, "Training Hugging Face models")
     "base": (str, None, _path),
     "arch": (str, None, _arch),

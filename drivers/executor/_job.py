@@ -43,6 +43,11 @@ EXIT_TERMINATED = 128 + signal.SIGTERM
 WORKER_ARGV = ["python", "-m", "drivers.executor.train", "--worker"]
 
 
+def _signalled(ended: dict[str, Any]) -> bool:
+    """A worker killed by a signal, or lost with its node (no status at all)."""
+    return ended["status"] is None or ended["status"] < 0
+
+
 class JobFailed(Exception):
     """The job cannot go on; the message says why, for its final report."""
 
@@ -138,9 +143,26 @@ class Job:
                     remove_tree(self.osh, entry["path"])
         return ""
 
-    def worker_env(self, rank: int, port: int, resume: str) -> dict[str, str]:
+    def placement(self) -> list[dict[str, Any] | None]:
+        """The node record each rank runs on (None: with the job): with `nodes`,
+        rank r on the r-th ready one of them, round robin; a node lost since the last
+        attempt is left out (its workers' ranks go to the others)."""
+        if not self.cfg.get("nodes"):
+            return [None] * self.cfg["workers"]
+        names = self.cfg["nodes"].split(",")
+        known = {n["name"]: n for n in self.osh.nodes()}
+        unknown = [n for n in names if n not in known]
+        if unknown:
+            raise JobFailed(f"no node {', '.join(unknown)} (llmos nodes lists them)")
+        ready = [known[n] for n in names if known[n]["state"] == "ready"]
+        if not ready:
+            raise JobFailed(f"none of the nodes {self.cfg['nodes']} is ready")
+        return [ready[r % len(ready)] for r in range(self.cfg["workers"])]
+
+    def worker_env(self, rank: int, port: int, resume: str,
+                   master: str = "127.0.0.1") -> dict[str, str]:
         env = {"RANK": str(rank), "LOCAL_RANK": str(rank),
-               "WORLD_SIZE": str(self.cfg["workers"]), "MASTER_ADDR": "127.0.0.1",
+               "WORLD_SIZE": str(self.cfg["workers"]), "MASTER_ADDR": master,
                "MASTER_PORT": str(port), CONFIG_ENV: json.dumps(self.cfg),
                RESUME_ENV: resume, "CUDA_DEVICE_ORDER": "PCI_BUS_ID",
                JOB_ENV: str(self.osh.pid)}
@@ -156,9 +178,17 @@ class Job:
             return "stopped (a signal) before its workers started"
         port = free_port()
         pids: dict[int, int] = {}  # llmos pid -> rank
+        where = self.placement()
+        # rank 0 serves the rendezvous: at its node's address when it has its own
+        master = where[0]["addr"] if where[0] is not None and where[0].get("addr") \
+            else "127.0.0.1"
+        if where[0] is not None:
+            self.say({"nodes": ",".join(sorted({w["name"] for w in where if w}))})
         try:
             for rank in range(self.cfg["workers"]):
-                pid = self.osh.spawn(WORKER_ARGV, env=self.worker_env(rank, port, resume))
+                node = where[rank]["name"] if where[rank] is not None else None
+                pid = self.osh.spawn(WORKER_ARGV, node=node,
+                                     env=self.worker_env(rank, port, resume, master))
                 pids[pid] = rank
             return self.supervise(pids)
         finally:
@@ -205,16 +235,17 @@ class Job:
         (status < 0), if any, is the one named."""
         failed = [(rank, ended)]
         deadline = time.monotonic() + BLAME_GRACE_S
-        while pids and ended["status"] > 0 and time.monotonic() < deadline:
+        while pids and not _signalled(ended) and time.monotonic() < deadline:
             other = self.reap(0.2)
             if other is None:
                 continue
             r = pids.pop(other["pid"], None)
             if r is not None and other["status"] != 0:
                 failed.append((r, other))
-                if other["status"] < 0:
+                if _signalled(other):
                     break
-        rank, ended = min(failed, key=lambda f: f[1]["status"] >= 0)  # a signal first
+        # a signal (or a lost node: no status) first
+        rank, ended = min(failed, key=lambda f: not _signalled(f[1]))
         why = self.worker_error()
         return (f"worker rank {rank} (pid {ended['pid']}) ended with status "
                 f"{ended['status']} ({ended.get('reason', '?')}){why}; its log: "

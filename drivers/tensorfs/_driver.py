@@ -30,6 +30,7 @@ from syscalls import Errno, SyscallError, format_size
 
 from . import _format, _shm
 from ._cache import Cache, FileKey, Loaded, file_key
+from ._channel import Channels
 from ._commit import DIRECT_ALIGN, Store, UsageNotReady
 from ._format import DTYPES, FormatError, TensorMeta
 from ._namespace import NamespaceCalls
@@ -77,6 +78,9 @@ class TensorFS(NamespaceCalls, Service):
         self.store = Store(self.ns, cfg.tensor_max_size, dict(cfg.tensor_quota), tag)
         self.cache = Cache(self.pfx, cfg.tensor_cache)
         self.segments = Segments(self.pfx, cfg.tensor_shm_threshold)
+        # the kernel listens on TCP: reads for other hosts go by data channels
+        host = os.environ.get("LLMOS_NET_HOST")
+        self.channels = Channels(host) if host else None
         self.max_open = cfg.tensor_max_open
         self.fds: dict[str, Open] = {}
         self.after_scan: list[tuple[Request, Callable[..., Any], dict[str, Any]]] = []
@@ -250,7 +254,11 @@ class TensorFS(NamespaceCalls, Service):
                    if o.mode != "r" and o.meta.owner == owner)
 
     def read_tensor(self, req: Request, fd: str, slice: list[list[int]] | None,
-                    shm: bool, member: str | None = None) -> dict[str, Any]:
+                    shm: bool, member: str | None = None,
+                    channel: bool = False) -> dict[str, Any]:
+        if channel and self.channels is None:
+            raise SyscallError(Errno.ENOTSUP, "read_tensor: no data channels: the kernel "
+                               "does not listen on TCP (llmos start --listen)")
         o = self.get_fd(req, fd, "read_tensor")
         m = o.meta
         if o.mode == "r":
@@ -274,7 +282,13 @@ class TensorFS(NamespaceCalls, Service):
             shape, data = full, None
         out = {"dtype": dtype, "shape": shape, "data": None, "shm": None, "offset": 0}
         size = _format.nbytes(dtype, shape)
-        if shm and size >= self.segments.threshold:
+        if channel and self.channels is not None:
+            # the cache's segment, sent from the file (held open: an eviction may
+            # unlink it first); else a copy, the buffer may go before the caller comes
+            what: Any = (src.segment, at, size) if data is None and src.segment else \
+                data.tobytes() if data is not None else bytes(buf[:size])
+            out["channel"] = self.channels.grant(req.pid, what)
+        elif shm and size >= self.segments.threshold:
             # zero-copy: the client maps the cache's pages; a group's member is at
             # offset in them (the caller may read the whole file anyway)
             linked = data is None and src.segment is not None
@@ -335,6 +349,8 @@ class TensorFS(NamespaceCalls, Service):
         for o in mine:
             self.drop(o, keep_spare=False)  # uncommitted writes are discarded
         self.segments.end(pid)
+        if self.channels is not None:
+            self.channels.revoke(pid)
         for w in [w for w in self.after_scan if w[0].pid == pid]:
             self.after_scan.remove(w)
             w[0].fail(Errno.ECANCELED, f"process {pid} ended")

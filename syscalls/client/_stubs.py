@@ -87,9 +87,9 @@ class SyscallMethods:
         "Open a tensor. Writes are staged and become visible, durably, at close_tensor; the descriptor is this process's only. PATH[name] opens member name of the group at PATH (mode r only): the reply and read_tensor without member are that member's."
         return self._call(300, {'path': path, 'mode': mode, 'dtype': dtype, 'shape': shape, 'perm': perm, 'shm': shm, 'whole': whole, 'members': members, 'key': key})
 
-    def read_tensor(self, fd: str, slice: list[list[int]] | None = None, shm: bool = False, member: str | None = None) -> Any:
+    def read_tensor(self, fd: str, slice: list[list[int]] | None = None, shm: bool = False, member: str | None = None, channel: bool = False) -> Any:
         'Read a tensor, or a slice of it, in C order. Checksums are verified.'
-        return self._call(301, {'fd': fd, 'slice': slice, 'shm': shm, 'member': member})
+        return self._call(301, {'fd': fd, 'slice': slice, 'shm': shm, 'member': member, 'channel': channel})
 
     def write_tensor(self, fd: str, data: bytes, slice: list[list[int]] | None = None, member: str | None = None) -> Any:
         "Write the whole staged tensor or a slice of it; data must be exactly the region's size."

@@ -74,3 +74,32 @@ def test_spawn_on_a_node_that_is_missing_draining_or_lost(
             os.kill(agent.proc.pid, signal.SIGCONT)
         agent.wait_joined(10, epoch=2)
         assert wait_until(lambda: osh.nodes()[1]["state"] == "ready", 5)
+
+
+def test_a_data_channel_needs_a_kernel_listening_on_tcp(system: Booted) -> None:
+    with system.connect() as osh:
+        osh.save_tensor("/conf-channel.t", __import__("numpy").zeros(4, "float32"))
+        try:
+            fd = osh.open_tensor("/conf-channel.t", "r")["fd"]
+            assert errno_of(osh.read_tensor, fd, channel=True) == Errno.ENOTSUP
+            osh.close_tensor(fd)
+        finally:
+            osh.unlink("/conf-channel.t")
+
+
+def test_a_data_channel_grant_reads_once(cluster: tuple[Booted, NodeAgent]) -> None:
+    import numpy as np
+
+    import userland
+    head, _ = cluster
+    cred = head.credential("client", "conf-ch", uid=1000)
+    with userland.connect(credential=cred, timeout=10) as r:
+        data = np.arange(1 << 18, dtype=np.float32)
+        r.save_tensor("/conf-ch.t", data)
+        fd = r.open_tensor("/conf-ch.t", "r")["fd"]
+        rep = r.read_tensor(fd, channel=True)
+        assert rep["data"] is None and set(rep["channel"]) == {"host", "port", "token"}
+        assert bytes(r._fetch(rep["channel"])) == data.tobytes()
+        assert errno_of(r._fetch, rep["channel"]) == Errno.EIO  # used once
+        r.close_tensor(fd)
+        r.unlink("/conf-ch.t")
