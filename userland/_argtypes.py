@@ -37,6 +37,16 @@ def home_arg(text: str) -> str:
     return text
 
 
+def sim_gpus(text: str) -> str:
+    """A simulated GPUs spec, COUNTxSIZE (4x24GiB), checked."""
+    from syscalls import parse_sim_spec
+    try:
+        parse_sim_spec(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    return text
+
+
 def sized(value: str) -> int:
     """An argparse type: bytes from "2GiB", "512MiB" or "4096"."""
     from syscalls import parse_size

@@ -43,11 +43,11 @@ from pathlib import Path
 from typing import Any
 
 from syscalls import (CredentialError, Home, Keyring, SyscallError, check_name,
-                      parse_sim_spec, write_credential)
+                      write_credential)
 
 from . import _kernelctl as kctl
 from . import _views
-from ._argtypes import seconds
+from ._argtypes import seconds, sim_gpus
 from ._base import call_timeout, os_error
 from ._command import CliError, Session, UsageError, arg, command
 
@@ -97,14 +97,6 @@ def _loss_arg(text: str) -> float:
     return v
 
 
-def _sim_gpus_arg(text: str) -> str:
-    try:
-        parse_sim_spec(text)
-    except ValueError as e:
-        raise argparse.ArgumentTypeError(str(e)) from None
-    return text
-
-
 def _prefix_arg(text: str) -> str:
     try:
         check_name(text + "1")
@@ -125,7 +117,7 @@ def _prefix_arg(text: str) -> str:
              help="up: how many nodes"),
          arg("--prefix", type=_prefix_arg, default="n",
              help="up: the nodes are named PREFIX1..PREFIXN"),
-         arg("--sim-gpus", type=_sim_gpus_arg, default="2x8GiB", metavar="NxSIZE",
+         arg("--sim-gpus", type=sim_gpus, default="2x8GiB", metavar="NxSIZE",
              help="up: the simulated GPUs each node reports"),
          arg("--delay-ms", type=_ms_arg, metavar="MS",
              help="up, set: added delay each way, per link (up: 0)"),

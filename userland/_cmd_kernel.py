@@ -13,22 +13,14 @@ import sys
 import time
 from typing import Any, NoReturn
 
-from syscalls import Errno, SyscallError, parse_sim_spec
+from syscalls import Errno, SyscallError
 
 from . import _kernelctl as kctl
 from . import _views
-from ._argtypes import count_arg, seconds
+from ._argtypes import count_arg, seconds, sim_gpus
 from ._command import CliError, Session, arg, command, shows
 
 NOT_RUNNING = 3  # status's exit status when no kernel runs (as systemctl's)
-
-
-def sim_gpus(text: str) -> str:
-    try:
-        parse_sim_spec(text)
-    except ValueError as e:
-        raise argparse.ArgumentTypeError(str(e)) from None
-    return text
 
 
 def listen_arg(text: str) -> str:

@@ -25,7 +25,7 @@ from syscalls import CredentialError, Keyring, check_name, read_credential, writ
 
 from . import _kernelctl as kctl
 from . import _views
-from ._argtypes import seconds, uid_arg
+from ._argtypes import seconds, sim_gpus, uid_arg
 from ._base import os_error
 from ._command import CliError, Session, UsageError, arg, command, shows
 
@@ -114,7 +114,7 @@ NODE_ACTIONS = ("token", "join", "leave", "drain", "resume", "remove")
          arg("--endpoint", metavar="tcp://HOST:PORT", type=tcp_endpoint,
              help="token: the endpoint nodes reach the head at (default: the one the "
                   "kernel listens on)"),
-         arg("--sim-gpus", metavar="NxSIZE", default="0x1GiB",
+         arg("--sim-gpus", metavar="NxSIZE", default="0x1GiB", type=sim_gpus,
              help="join: simulated GPUs this node reports (default none)"),
          arg("--foreground", action="store_true",
              help="join: run the agent here, logging to the terminal, until Ctrl-C"),
